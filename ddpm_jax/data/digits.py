@@ -44,8 +44,6 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
     RELEASE_NOTES = {
         "1.0.0": "First version: uint8 round(v * 255 / 16), train = first 1,500, test = last 297."
     }
-    # Keep scikit-learn's row order in the files, so example i of a split is row i of that split.
-    disable_shuffling = True
 
     def _info(self) -> tfds.core.DatasetInfo:
         """Features: image uint8 [8, 8, 1] and label in 0..9."""
@@ -58,6 +56,8 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
                 }
             ),
             supervised_keys=("image", "label"),
+            # Keep scikit-learn's row order in the files, so example i of a split is row i of that split.
+            disable_shuffling=True,
             homepage="https://scikit-learn.org/stable/datasets/toy_dataset.html#digits-dataset",
         )
 

@@ -1,0 +1,304 @@
+"""Data: digits builder vs scikit-learn, (seed, step) determinism, flips, scaling, shards, 2-D sets, tfds."""
+
+import time
+
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from ddpm_jax.data import (
+    DATASETS,
+    TOY_SETS,
+    ArrayDataset,
+    load_split,
+    make_dataset,
+    resize_images,
+    sample_toy,
+    uint8_to_float,
+)
+from ddpm_jax.data import images as images_module
+
+
+def data_config(**fields) -> ml_collections.ConfigDict:
+    """A config.data group with the given fields."""
+    return ml_collections.ConfigDict(fields)
+
+
+@pytest.fixture(scope="module")
+def digits_dir(tmp_path_factory) -> str:
+    """A data dir with the digits set prepared once for the module."""
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    load_split(data_config(dataset="digits", image_size=8, num_channels=1), "test", data_dir=data_dir)
+    return data_dir
+
+
+def asymmetric_images(num: int, size: int = 6) -> np.ndarray:
+    """uint8 [num, size, size, 1] images, each distinct and none equal to its mirror image."""
+    rng = np.random.default_rng(123)
+    images = rng.integers(0, 256, size=(num, size, size, 1), dtype=np.uint8)
+    images[:, 0, 0, 0] = np.arange(num) % 256  # row-ids in a corner
+    images[:, 0, -1, 0] = 255 - images[:, 0, 0, 0]  # so the mirror differs from the original
+    images[:, 1, 0, 0] = np.arange(num) // 256
+    return images
+
+
+def test_digits_builder_matches_sklearn(digits_dir):
+    from sklearn.datasets import load_digits
+
+    config = data_config(dataset="digits", image_size=8, num_channels=1)
+    train_images, train_labels = load_split(config, "train", data_dir=digits_dir)
+    test_images, test_labels = load_split(config, "test", data_dir=digits_dir)
+    assert (len(train_images), len(test_images)) == (1500, 297)
+    assert train_images.dtype == np.uint8 and train_images.shape[1:] == (8, 8, 1)
+    digits = load_digits()
+    expected = np.round(digits.images.astype(np.float64) * 255.0 / 16.0).astype(np.uint8)[..., None]
+    np.testing.assert_array_equal(np.concatenate([train_images, test_images]), expected)
+    np.testing.assert_array_equal(np.concatenate([train_labels, test_labels]), digits.target)
+
+
+def test_digits_upsampled_to_16_by_pixel_repetition(digits_dir):
+    small, _ = load_split(
+        data_config(dataset="digits", image_size=8, num_channels=1), "test", data_dir=digits_dir
+    )
+    large, _ = load_split(
+        data_config(dataset="digits", image_size=16, num_channels=1), "test", data_dir=digits_dir
+    )
+    assert large.shape == (297, 16, 16, 1)
+    blocks = large.reshape(297, 8, 2, 8, 2, 1)
+    for i in range(2):
+        for j in range(2):
+            np.testing.assert_array_equal(blocks[:, :, i, :, j], small)
+
+
+def test_digits_dataset_batches_in_range(digits_dir):
+    config = data_config(dataset="digits", image_size=16, num_channels=1, random_flip=False)
+    ds = make_dataset(config, "train", batch_size=100, seed=0, data_dir=digits_dir)
+    batch = ds.batch(3)
+    assert batch["image"].shape == (100, 16, 16, 1) and batch["image"].dtype == np.float32
+    assert batch["label"].dtype == np.int32 and set(batch["label"]) <= set(range(10))
+    assert batch["image"].min() == -1.0 and batch["image"].max() == 1.0
+    assert ds.steps_per_epoch == 15
+
+
+def test_uint8_to_float_is_exact():
+    pixels = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    scaled = uint8_to_float(pixels)
+    assert scaled.dtype == np.float32
+    np.testing.assert_array_equal(scaled, (pixels.astype(np.float64) / 127.5 - 1.0).astype(np.float32))
+    assert scaled[0, 0] == -1.0 and scaled[-1, -1] == 1.0
+
+
+def test_batches_depend_only_on_seed_and_step():
+    images = asymmetric_images(60)
+    labels = np.arange(60) % 10
+    make = lambda seed: ArrayDataset(images, labels, batch_size=12, seed=seed)
+    ds = make(7)
+    epoch_ids = [ds.global_indices(step) for step in range(5)]
+    # Every example once per epoch (60 = 5 x 12).
+    np.testing.assert_array_equal(np.sort(np.concatenate(epoch_ids)), np.arange(60))
+    # A fresh dataset (a resumed run) jumping straight to step 13 sees what the first saw at step 13.
+    later = ds.batch(13)
+    np.testing.assert_array_equal(make(7).batch(13)["image"], later["image"])
+    np.testing.assert_array_equal(make(7).batch(13)["label"], later["label"])
+    # The batch carries the right examples, scaled.
+    ids = ds.global_indices(13)
+    np.testing.assert_array_equal(later["image"], uint8_to_float(images[ids]))
+    np.testing.assert_array_equal(later["label"], labels[ids])
+    assert not np.array_equal(ds.global_indices(0), ds.global_indices(1))
+    # The next epoch is another permutation; another seed another order.
+    assert not np.array_equal(
+        np.concatenate(epoch_ids), np.concatenate([ds.global_indices(s) for s in range(5, 10)])
+    )
+    assert not np.array_equal(make(8).global_indices(0), ds.global_indices(0))
+
+
+def test_partial_last_batch_is_dropped_each_epoch():
+    ds = ArrayDataset(asymmetric_images(50), np.zeros(50), batch_size=16, seed=0)
+    assert ds.steps_per_epoch == 3
+    seen = np.concatenate([ds.global_indices(step) for step in range(3)])
+    assert len(np.unique(seen)) == 48
+
+
+def test_flips_only_when_configured_and_only_mirrors():
+    images = asymmetric_images(64)
+    ids_plain = ArrayDataset(images, np.zeros(64), batch_size=32, seed=1).global_indices(2)
+    plain = ArrayDataset(images, np.zeros(64), batch_size=32, seed=1).batch(2)["image"]
+    np.testing.assert_array_equal(plain, uint8_to_float(images[ids_plain]))
+
+    flipping = ArrayDataset(images, np.zeros(64), batch_size=32, seed=1, random_flip=True)
+    flipped_counts = []
+    for step in range(4):
+        batch = flipping.batch(step)["image"]
+        originals = uint8_to_float(images[flipping.global_indices(step)])
+        is_original = np.all(batch == originals, axis=(1, 2, 3))
+        is_mirror = np.all(batch == originals[:, :, ::-1], axis=(1, 2, 3))
+        assert np.all(is_original ^ is_mirror)
+        flipped_counts.append(int(is_mirror.sum()))
+        again = ArrayDataset(images, np.zeros(64), batch_size=32, seed=1, random_flip=True).batch(step)[
+            "image"
+        ]
+        np.testing.assert_array_equal(again, batch)
+    # About half flipped (binomial(32, 0.5) stays within 4..28 with probability 1 - 1e-5 per step).
+    assert all(4 <= count <= 28 for count in flipped_counts)
+
+
+def test_random_flip_is_rejected_for_points_and_eval_split_is_unflipped(digits_dir):
+    points = np.zeros((10, 2), np.float32)
+    with pytest.raises(ValueError, match="random_flip"):
+        ArrayDataset(points, np.zeros(10), batch_size=5, seed=0, random_flip=True)
+    config = data_config(dataset="digits", image_size=8, num_channels=1, random_flip=True)
+    assert make_dataset(config, "train", batch_size=10, seed=0, data_dir=digits_dir).random_flip
+    assert not make_dataset(config, "test", batch_size=10, seed=0, data_dir=digits_dir).random_flip
+
+
+@pytest.mark.parametrize("process_count", [2, 4])
+def test_process_shards_are_disjoint_and_make_the_global_batch(process_count):
+    images = asymmetric_images(96)
+    labels = np.arange(96) % 10
+    whole = ArrayDataset(images, labels, batch_size=24, seed=5, random_flip=True)
+    shards = [
+        ArrayDataset(
+            images,
+            labels,
+            batch_size=24,
+            seed=5,
+            random_flip=True,
+            process_index=p,
+            process_count=process_count,
+        )
+        for p in range(process_count)
+    ]
+    for step in (0, 3, 11):
+        parts = [shard.batch(step) for shard in shards]
+        assert all(part["image"].shape[0] == 24 // process_count for part in parts)
+        global_batch = whole.batch(step)
+        np.testing.assert_array_equal(np.concatenate([p["image"] for p in parts]), global_batch["image"])
+        np.testing.assert_array_equal(np.concatenate([p["label"] for p in parts]), global_batch["label"])
+        # Disjoint: the corner pixel holds the example id, and no id appears in two shards.
+        ids = [set(np.round((p["image"][:, 0, 0, 0] + 1) * 127.5).astype(int)) for p in parts]
+        assert sum(len(s) for s in ids) == len(set.union(*ids)) == 24
+    ordered = [list(shard.ordered_batches(batch_size=24, num_examples=50)) for shard in shards]
+    assert all(len(batches) == 2 for batches in ordered)
+    for k, global_ordered in enumerate(whole.ordered_batches(batch_size=24, num_examples=50)):
+        np.testing.assert_array_equal(
+            np.concatenate([o[k]["image"] for o in ordered]), global_ordered["image"]
+        )
+        np.testing.assert_array_equal(global_ordered["image"], uint8_to_float(images[24 * k : 24 * (k + 1)]))
+
+
+def test_bad_batching_arguments_raise():
+    images = asymmetric_images(20)
+    with pytest.raises(ValueError, match="divisible"):
+        ArrayDataset(images, np.zeros(20), batch_size=10, seed=0, process_count=3)
+    with pytest.raises(ValueError, match="batch size"):
+        ArrayDataset(images, np.zeros(20), batch_size=21, seed=0)
+    with pytest.raises(ValueError, match="process_index"):
+        ArrayDataset(images, np.zeros(20), batch_size=10, seed=0, process_index=2, process_count=2)
+
+
+@pytest.mark.parametrize("name", sorted(TOY_SETS))
+def test_toy_sets_are_centred_unit_variance_and_seeded(name):
+    points = sample_toy(name, 200_000, np.random.default_rng(0))
+    assert points.shape == (200_000, 2) and points.dtype == np.float32 and np.all(np.isfinite(points))
+    # Scaled so the mean per-axis variance is 1 (within 3%, far above the Monte-Carlo error here).
+    assert abs(points.var(axis=0).mean() - 1.0) < 0.03
+    assert np.all(np.abs(points.mean(axis=0)) < 0.05)
+    np.testing.assert_array_equal(
+        sample_toy(name, 100, np.random.default_rng(3)), sample_toy(name, 100, np.random.default_rng(3))
+    )
+
+
+def test_toy_set_geometry():
+    # 8 gaussians: every point near one of 8 centres on a circle of radius sqrt(2 * 0.99).
+    points = sample_toy("8gaussians", 10_000, np.random.default_rng(1)).astype(np.float64)
+    angles = np.arange(8) * np.pi / 4
+    centres = np.sqrt(1.98) * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    nearest = np.min(np.linalg.norm(points[:, None] - centres[None], axis=-1), axis=1)
+    assert np.quantile(nearest, 0.999) < 0.5
+    # Checkerboard: (unscaled) cells (column, row) with column + row even only.
+    cells = np.floor(sample_toy("checkerboard", 10_000, np.random.default_rng(2)) * np.sqrt(4.0 / 3.0))
+    assert np.all((cells.sum(axis=1) % 2) == 0) and len(np.unique(cells, axis=0)) == 8
+
+
+def test_toy_splits_and_unknown_names():
+    config = data_config(dataset="moons", num_train=500)
+    train, labels = load_split(config, "train")
+    test, _ = load_split(config, "test")
+    assert train.shape == (500, 2) and labels.shape == (500,) and test.shape == (10_000, 2)
+    np.testing.assert_array_equal(load_split(config, "train")[0], train)
+    assert not np.array_equal(train, test[:500])
+    batch = make_dataset(config, "train", batch_size=50, seed=0).batch(0)
+    assert batch["image"].shape == (50, 2) and batch["image"].dtype == np.float32
+    with pytest.raises(ValueError, match="swissroll"):
+        sample_toy("spiral", 10, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="cifar10"):
+        load_split(data_config(dataset="imagenet"), "train")
+    assert DATASETS["cifar10"].shape == (32, 32, 3) and DATASETS["moons"].kind == "toy"
+
+
+def test_mocked_tfds_mnist_pipeline():
+    config = data_config(dataset="mnist", image_size=28, num_channels=1, random_flip=False)
+    with tfds.testing.mock_data(num_examples=40):
+        source = tfds.data_source("mnist", split="train")
+        expected = np.stack([np.asarray(source[i]["image"]) for i in range(40)])
+        expected_labels = np.array([source[i]["label"] for i in range(40)])
+        ds = make_dataset(config, "train", batch_size=8, seed=0, download=False)
+        ds32 = make_dataset(
+            data_config(dataset="mnist", image_size=32, num_channels=1), "test", batch_size=8, seed=0
+        )
+    np.testing.assert_array_equal(ds.examples, expected)
+    np.testing.assert_array_equal(ds.labels, expected_labels)
+    batch = ds.batch(4)
+    np.testing.assert_array_equal(batch["image"], uint8_to_float(expected[ds.global_indices(4)]))
+    assert batch["image"].shape == (8, 28, 28, 1)
+    assert ds32.batch(0)["image"].shape == (8, 32, 32, 1)
+
+
+def test_mocked_celeba_is_cropped_and_resized():
+    config = data_config(dataset="celeba64", image_size=64, num_channels=3)
+    with tfds.testing.mock_data(num_examples=3):
+        images, labels = load_split(config, "train", download=False)
+        source = tfds.data_source("celeb_a", split="train")
+        first = np.asarray(source[0]["image"])
+    assert images.shape == (3, 64, 64, 3) and images.dtype == np.uint8 and np.all(labels == 0)
+    crop = first[39:179, 19:159]
+    np.testing.assert_array_equal(images[0], resize_images(crop[None], 64)[0])
+
+
+def test_channel_mismatch_raises(digits_dir):
+    with pytest.raises(ValueError, match="num_channels"):
+        load_split(data_config(dataset="digits", image_size=8, num_channels=3), "train", data_dir=digits_dir)
+
+
+def test_unprepared_set_without_download_fails_fast_and_clearly(tmp_path):
+    start = time.perf_counter()
+    with pytest.raises(ValueError) as error:
+        load_split(
+            data_config(dataset="cifar10", image_size=32, num_channels=3),
+            "train",
+            data_dir=str(tmp_path),
+            download=False,
+        )
+    assert time.perf_counter() - start < 10.0
+    message = str(error.value)
+    assert "'cifar10'" in message and "not prepared" in message and "download_and_prepare" in message
+    assert str(tmp_path) in message
+
+
+def test_unreachable_download_fails_fast_without_retries(tmp_path, monkeypatch):
+    monkeypatch.setattr(images_module, "_PROBE_ADDRESS", ("tfds-probe.invalid", 443))
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("download_and_prepare must not start when the probe fails")
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", no_download)
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="fashion_mnist.*unreachable"):
+        load_split(
+            data_config(dataset="fashion_mnist", image_size=28, num_channels=1),
+            "train",
+            data_dir=str(tmp_path),
+            download=True,
+        )
+    assert time.perf_counter() - start < 10.0
