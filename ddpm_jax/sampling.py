@@ -1,0 +1,177 @@
+"""Samplers: the ancestral chain of DDPM (Algorithm 2) and DDIM (Song et al. 2021), each one `lax.scan`.
+
+The whole chain is a single scan, so compile time does not grow with the number of steps. The step key of
+timestep t is ``fold_in(step_key, t)``: a chain is reproducible from its key, and a Python loop over `p_sample`
+with the same keys gives the same samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddpm_jax.diffusion import (
+    MEAN_TYPES,
+    ModelFn,
+    check_choice,
+    extract,
+    p_sample,
+    predict_eps_from_v,
+    predict_eps_from_x0,
+    predict_x0_from_eps,
+    predict_x0_from_v,
+    split_model_output,
+)
+from ddpm_jax.schedules import Schedule
+
+
+class Trajectory(NamedTuple):
+    x: jnp.ndarray  # [records, *shape]: x_{t-1} after each recorded step; the last record is the sample
+    pred_x0: jnp.ndarray  # [records, *shape]: the model's x_0 prediction at that step
+    timesteps: jnp.ndarray  # [records]: the t of each recorded step
+
+
+def chain_keys(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(key for x_T, key folded with t for each step's noise)."""
+    init_key, step_key = jax.random.split(key)
+    return init_key, step_key
+
+
+def _run_chain(
+    step: Callable[[jnp.ndarray, dict], tuple[jnp.ndarray, jnp.ndarray]],
+    x_init: jnp.ndarray,
+    per_step: dict[str, np.ndarray],
+    trajectory_every: int | None,
+):
+    """Scan ``step(x, inputs) -> (x, pred_x0)`` over the rows of ``per_step``; record every k-th step if asked."""
+    num_steps = len(per_step["t"])
+    if trajectory_every is None:
+        x, _ = jax.lax.scan(lambda x, inp: (step(x, inp)[0], None), x_init, per_step)
+        return x
+    k = int(trajectory_every)
+    if not 1 <= k <= num_steps:
+        raise ValueError(f"trajectory_every must be in [1, {num_steps}], got {trajectory_every}")
+    # The first num_steps % k steps run unrecorded, then chunks of k steps each record their last step,
+    # so the final sample is always the last record.
+    head = num_steps % k
+    x = x_init
+    if head:
+        x, _ = jax.lax.scan(lambda x, inp: (step(x, inp)[0], None), x, {n: v[:head] for n, v in per_step.items()})
+    chunks = {n: v[head:].reshape(-1, k) for n, v in per_step.items()}
+
+    def chunk(x, inp):
+        def inner(carry, one):
+            x, _ = carry
+            return step(x, one), None
+
+        (x, pred_x0), _ = jax.lax.scan(inner, (x, jnp.zeros_like(x)), inp)
+        return x, (x, pred_x0, inp["t"][-1])
+
+    x, (xs, pred_x0s, ts) = jax.lax.scan(chunk, x, chunks)
+    return x, Trajectory(xs, pred_x0s, ts)
+
+
+def ddpm_sample(
+    model_fn: ModelFn,
+    schedule: Schedule,
+    key: jax.Array,
+    shape: tuple[int, ...],
+    *,
+    mean_type: str = "eps",
+    var_type: str = "fixedlarge",
+    clip_denoised: bool = True,
+    trajectory_every: int | None = None,
+):
+    """Ancestral sampling x_T ~ N(0, I), x_{t-1} ~ p_theta(x_{t-1} | x_t) for t = T..1 (Algorithm 2).
+
+    Returns samples of ``shape``; with ``trajectory_every=k`` also a `Trajectory` of every k-th step.
+    """
+    init_key, step_key = chain_keys(key)
+    x_init = jax.random.normal(init_key, shape, jnp.float32)
+    batch = shape[0]
+
+    def step(x, inp):
+        t = jnp.full((batch,), inp["t"], dtype=jnp.int32)
+        return p_sample(
+            schedule,
+            model_fn,
+            x,
+            t,
+            jax.random.fold_in(step_key, inp["t"]),
+            mean_type=mean_type,
+            var_type=var_type,
+            clip_denoised=clip_denoised,
+        )
+
+    timesteps = np.arange(schedule.num_timesteps - 1, -1, -1, dtype=np.int32)
+    return _run_chain(step, x_init, {"t": timesteps}, trajectory_every)
+
+
+def ddim_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
+    """Evenly spaced subsequence of [0, T-1] of length ``num_steps``, from T-1 down to 0."""
+    if not 1 <= num_steps <= num_timesteps:
+        raise ValueError(f"num_steps must be in [1, {num_timesteps}] (the schedule's T), got {num_steps}")
+    return np.round(np.linspace(num_timesteps - 1, 0, num_steps)).astype(np.int32)
+
+
+def ddim_sample(
+    model_fn: ModelFn,
+    schedule: Schedule,
+    key: jax.Array,
+    shape: tuple[int, ...],
+    num_steps: int,
+    eta: float = 0.0,
+    *,
+    mean_type: str = "eps",
+    var_type: str = "fixedlarge",
+    clip_denoised: bool = True,
+    trajectory_every: int | None = None,
+):
+    """DDIM (Song et al. 2021, Eq. 12) over a strided subsequence of timesteps; eta = 0 is deterministic.
+
+    x_s = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma^2) eps_hat + sigma z, with
+    sigma = eta sqrt((1 - abar_s)/(1 - abar_t)) sqrt(1 - abar_t/abar_s). With eta = 1 and all T steps
+    this is the ancestral sampler with the posterior variance (fixedsmall).
+    """
+    check_choice("mean_type", mean_type, MEAN_TYPES)
+    if mean_type == "xprev":
+        raise ValueError("ddim_sample needs an x_0, eps or v prediction; mean_type 'xprev' works only with ddpm_sample")
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    timesteps = ddim_timesteps(schedule.num_timesteps, num_steps)
+    prev_timesteps = np.append(timesteps[1:], -1).astype(np.int32)
+    init_key, step_key = chain_keys(key)
+    x_init = jax.random.normal(init_key, shape, jnp.float32)
+    batch = shape[0]
+    # alpha_bar at "timestep -1" is 1: the last step returns the predicted x_0.
+    alphas_cumprod_prev_step = jnp.append(schedule.alphas_cumprod, 1.0)
+
+    def step(x, inp):
+        t = jnp.full((batch,), inp["t"], dtype=jnp.int32)
+        mean_out, _ = split_model_output(model_fn(x, t), var_type)
+        if mean_type == "eps":
+            pred_x0, eps = predict_x0_from_eps(schedule, x, t, mean_out), mean_out
+        elif mean_type == "x0":
+            pred_x0 = mean_out
+            eps = predict_eps_from_x0(schedule, x, t, pred_x0)
+        else:
+            pred_x0, eps = predict_x0_from_v(schedule, x, t, mean_out), predict_eps_from_v(schedule, x, t, mean_out)
+        if clip_denoised:
+            pred_x0 = jnp.clip(pred_x0, -1.0, 1.0)
+            eps = predict_eps_from_x0(schedule, x, t, pred_x0)
+        abar_t = extract(schedule.alphas_cumprod, t, x.ndim)
+        abar_s = extract(alphas_cumprod_prev_step, jnp.full((batch,), inp["s"], jnp.int32), x.ndim)
+        sigma = eta * jnp.sqrt((1.0 - abar_s) / (1.0 - abar_t) * (1.0 - abar_t / abar_s))
+        noise = jax.random.normal(jax.random.fold_in(step_key, inp["t"]), x.shape, x.dtype)
+        x_prev = (
+            jnp.sqrt(abar_s) * pred_x0
+            + jnp.sqrt(jnp.maximum(1.0 - abar_s - jnp.square(sigma), 0.0)) * eps
+            + sigma * noise
+        )
+        return x_prev, pred_x0
+
+    return _run_chain(step, x_init, {"t": timesteps, "s": prev_timesteps}, trajectory_every)

@@ -1,0 +1,137 @@
+"""Variance schedules beta_1..beta_T and every quantity derived from them (Ho et al. 2020, Sec. 2).
+
+Arrays are computed in float64 with NumPy and stored as float32, so that cumulative products over 1000 steps
+do not accumulate float32 rounding. Index ``t`` in [0, T-1] stands for the paper's timestep t + 1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax
+import jax.numpy as jnp
+import numpy as np
+
+SCHEDULES = ("linear", "quadratic", "cosine", "sigmoid", "constant", "jsd")
+
+
+@flax.struct.dataclass
+class Schedule:
+    """Precomputed diffusion coefficients, each a float32 array of shape [T]."""
+
+    betas: jnp.ndarray
+    alphas: jnp.ndarray
+    alphas_cumprod: jnp.ndarray
+    alphas_cumprod_prev: jnp.ndarray
+    sqrt_alphas_cumprod: jnp.ndarray
+    sqrt_one_minus_alphas_cumprod: jnp.ndarray
+    log_one_minus_alphas_cumprod: jnp.ndarray
+    sqrt_recip_alphas_cumprod: jnp.ndarray
+    sqrt_recipm1_alphas_cumprod: jnp.ndarray
+    posterior_variance: jnp.ndarray
+    posterior_log_variance_clipped: jnp.ndarray
+    posterior_mean_coef1: jnp.ndarray
+    posterior_mean_coef2: jnp.ndarray
+    num_timesteps: int = flax.struct.field(pytree_node=False)
+
+
+def _check_num_timesteps(num_timesteps) -> int:
+    if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, (int, np.integer)):
+        raise ValueError(f"num_timesteps must be an integer, got {num_timesteps!r}")
+    if num_timesteps < 1:
+        raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
+    return int(num_timesteps)
+
+
+def _cosine_betas(num_timesteps: int, s: float, max_beta: float) -> np.ndarray:
+    """Improved DDPM Eq. 17: alpha_bar(t) = f(t)/f(0), f(t) = cos^2(((t/T + s)/(1 + s)) * pi/2)."""
+    steps = np.arange(num_timesteps + 1, dtype=np.float64) / num_timesteps
+    f = np.cos((steps + s) / (1.0 + s) * math.pi / 2.0) ** 2
+    alphas_cumprod = f / f[0]
+    return np.minimum(1.0 - alphas_cumprod[1:] / alphas_cumprod[:-1], max_beta)
+
+
+def beta_schedule(name: str, num_timesteps: int, **kwargs) -> np.ndarray:
+    """float64 betas [T] of a named schedule.
+
+    linear/quadratic/constant/jsd follow the DDPM code (beta_start=1e-4, beta_end=0.02); cosine is Improved
+    DDPM's (s=0.008, betas clipped at max_beta=0.999); sigmoid spaces betas along sigmoid(-6..6).
+    """
+    num_timesteps = _check_num_timesteps(num_timesteps)
+    allowed = {
+        "linear": {"beta_start", "beta_end"},
+        "quadratic": {"beta_start", "beta_end"},
+        "sigmoid": {"beta_start", "beta_end"},
+        "constant": {"beta_end"},
+        "cosine": {"s", "max_beta"},
+        "jsd": {"max_beta"},
+    }
+    if name not in allowed:
+        raise ValueError(f"unknown beta schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
+    unknown = set(kwargs) - allowed[name]
+    if unknown:
+        raise ValueError(f"schedule {name!r} takes {sorted(allowed[name])}, got unexpected {sorted(unknown)}")
+    beta_start = float(kwargs.get("beta_start", 1e-4))
+    beta_end = float(kwargs.get("beta_end", 0.02))
+    max_beta = float(kwargs.get("max_beta", 0.999))
+    if name == "linear":
+        return np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
+    if name == "quadratic":
+        return np.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=np.float64) ** 2
+    if name == "sigmoid":
+        sig = 1.0 / (1.0 + np.exp(-np.linspace(-6.0, 6.0, num_timesteps, dtype=np.float64)))
+        return sig * (beta_end - beta_start) + beta_start
+    if name == "constant":
+        return np.full(num_timesteps, beta_end, dtype=np.float64)
+    if name == "cosine":
+        return _cosine_betas(num_timesteps, float(kwargs.get("s", 0.008)), max_beta)
+    # jsd: 1/T, 1/(T-1), ..., 1; the last beta = 1 makes q(x_T|x_0) = N(0, I) exactly but leaves
+    # x_0 unrecoverable from eps at t = T, so it is clipped at max_beta like the cosine schedule.
+    return np.minimum(1.0 / np.linspace(num_timesteps, 1, num_timesteps, dtype=np.float64), max_beta)
+
+
+def make_schedule_from_betas(betas) -> Schedule:
+    """All coefficients of Ho et al. 2020 Eqs. 4, 6-7 from betas [T], computed in float64."""
+    betas = np.asarray(betas, dtype=np.float64)
+    if betas.ndim != 1 or betas.shape[0] < 1:
+        raise ValueError(f"betas must be a non-empty 1-D array, got shape {betas.shape}")
+    if not np.all(np.isfinite(betas)):
+        raise ValueError("betas contain non-finite values (nan or inf)")
+    if np.any(betas <= 0.0) or np.any(betas >= 1.0):
+        bad = betas[(betas <= 0.0) | (betas >= 1.0)]
+        raise ValueError(f"betas must lie in the open interval (0, 1); found {bad[:5].tolist()}")
+
+    alphas = 1.0 - betas
+    alphas_cumprod = np.cumprod(alphas)
+    alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
+    posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+    # posterior_variance[0] is 0 (x_0 is known given x_1); its log is clipped to the next value as in the
+    # DDPM code, which only matters for the learned_range interpolation at t = 0.
+    clipped = np.append(posterior_variance[1], posterior_variance[1:]) if betas.shape[0] > 1 else betas
+    arrays = dict(
+        betas=betas,
+        alphas=alphas,
+        alphas_cumprod=alphas_cumprod,
+        alphas_cumprod_prev=alphas_cumprod_prev,
+        sqrt_alphas_cumprod=np.sqrt(alphas_cumprod),
+        sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - alphas_cumprod),
+        log_one_minus_alphas_cumprod=np.log(1.0 - alphas_cumprod),
+        sqrt_recip_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod),
+        sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod - 1.0),
+        posterior_variance=posterior_variance,
+        posterior_log_variance_clipped=np.log(clipped),
+        posterior_mean_coef1=betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
+        posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod),
+    )
+    for key, value in arrays.items():
+        if not np.all(np.isfinite(value)):
+            raise ValueError(f"schedule quantity {key} is not finite; check the betas")
+    return Schedule(
+        **{k: jnp.asarray(v, dtype=jnp.float32) for k, v in arrays.items()},
+        num_timesteps=int(betas.shape[0]),
+    )
+
+
+def make_schedule(name: str, num_timesteps: int, **kwargs) -> Schedule:
+    """Schedule for a named beta schedule (see `beta_schedule`)."""
+    return make_schedule_from_betas(beta_schedule(name, num_timesteps, **kwargs))
