@@ -1,0 +1,211 @@
+"""Denoising networks: parameter count, time embedding, shapes, dropout, bf16, blocks vs NumPy, errors."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ddpm_jax.models import MLP, UNet, count_params, timestep_embedding
+from ddpm_jax.models.layers import AttnBlock, Downsample, Upsample
+
+# A tiny U-Net used wherever values are compared: 2 levels, attention at the 4x4 level, heavy dropout.
+TINY = dict(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.5, num_groups=4)
+
+
+def _random_params(model, *inputs, seed=0, scale=0.3):
+    """Random float32 parameters for model(*inputs), drawn with NumPy: the paper's init zeroes the last convs,
+    which would hide most paths, and NumPy avoids compiling an init function."""
+    shapes = jax.eval_shape(model.init, jax.random.key(0), *inputs)
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: (scale * rng.standard_normal(s.shape)).astype(np.float32), shapes)
+
+
+def _output_shape(model, shape):
+    x = jax.ShapeDtypeStruct(shape, jnp.float32)
+    t = jax.ShapeDtypeStruct(shape[:1], jnp.int32)
+    out, _ = jax.eval_shape(lambda x, t: model.init_with_output(jax.random.key(0), x, t), x, t)
+    return out.shape, out.dtype
+
+
+def test_cifar10_unet_has_the_papers_parameter_count():
+    assert count_params(UNet(), (1, 32, 32, 3)) == 35_746_307
+    # Learned variances double the output channels: only conv_out grows, by 3 * (3*3*128 + 1).
+    assert count_params(UNet(out_channels=6), (1, 32, 32, 3)) == 35_746_307 + 3 * (9 * 128 + 1)
+
+
+@pytest.mark.parametrize("dim", [128, 7])
+def test_timestep_embedding_matches_numpy_formula(dim):
+    t = np.array([0, 1, 17, 500, 999])
+    half = dim // 2
+    freqs = np.exp(-math.log(10000.0) * np.arange(half, dtype=np.float64) / (half - 1))
+    args = t[:, None].astype(np.float64) * freqs[None, :]
+    expected = np.concatenate([np.sin(args), np.cos(args), np.zeros((len(t), dim % 2))], axis=1)
+    got = np.asarray(timestep_embedding(jnp.asarray(t, jnp.int32), dim))
+    assert got.shape == (len(t), dim) and got.dtype == np.float32
+    # float32 rounding of t * w (|t w| <= 999) limits agreement to ~1e-4.
+    np.testing.assert_allclose(got, expected, atol=2e-4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, shape, out_channels",
+    [
+        (dict(ch=16, ch_mult=(1, 2), attn_resolutions=(4,), num_groups=4), (2, 8, 8, 1), 1),
+        (dict(ch=32, ch_mult=(1, 2, 2), attn_resolutions=(8,), num_groups=8), (3, 16, 16, 1), 2),
+        (dict(ch=16, ch_mult=(1, 2, 2), attn_resolutions=(14,), num_groups=4), (2, 28, 28, 1), 1),
+        (dict(ch=16, ch_mult=(1, 2, 2, 2), attn_resolutions=(16,), num_groups=8), (1, 32, 32, 3), 6),
+        (
+            dict(ch=16, ch_mult=(1, 1, 2), attn_resolutions=(), num_groups=4, resamp_with_conv=False),
+            (2, 16, 8, 3),
+            3,
+        ),
+    ],
+)
+def test_unet_output_shapes(kwargs, shape, out_channels):
+    model = UNet(**kwargs, out_channels=out_channels)
+    # The output is float32 even when computing in bfloat16.
+    expected = ((*shape[:3], out_channels), jnp.float32)
+    assert _output_shape(model, shape) == expected
+    assert _output_shape(model.clone(dtype=jnp.bfloat16), shape) == expected
+
+
+@pytest.fixture(scope="module")
+def tiny_outputs():
+    """Tiny U-Net outputs in eval mode (f32, bf16) and in train mode under two dropout keys."""
+    model = UNet(**TINY)
+    x = jnp.broadcast_to(jax.random.normal(jax.random.key(1), (1, 8, 8, 1)), (2, 8, 8, 1))
+    t = jnp.array([3, 900], jnp.int32)
+    params = _random_params(model, x, t)
+    eval_f32 = jax.jit(model.apply)(params, x, t)
+    eval_bf16 = jax.jit(model.clone(dtype=jnp.bfloat16).apply)(params, x, t)
+    train = jax.jit(lambda params, key: model.apply(params, x, t, True, rngs={"dropout": key}))
+    keys = [jax.random.key(k) for k in (7, 7, 8)]
+    return [np.asarray(o) for o in (eval_f32, eval_bf16, *(train(params, k) for k in keys))]
+
+
+def test_dropout_only_in_training_and_reproducible_from_the_rng(tiny_outputs):
+    eval_out, _, train_a, train_a_again, train_b = tiny_outputs
+    assert np.array_equal(train_a, train_a_again)  # same key, same mask
+    assert not np.allclose(train_a, train_b, atol=1e-3)  # another key, another mask
+    assert not np.allclose(train_a, eval_out, atol=1e-3)  # dropout acts only with train=True
+    assert np.all(np.isfinite(eval_out))
+
+
+def test_bf16_output_close_to_float32(tiny_outputs):
+    f32, bf16 = tiny_outputs[0], tiny_outputs[1]
+    assert bf16.dtype == np.float32
+    # bfloat16 keeps 8 mantissa bits (~0.4% per rounding); a few layers deep the relative error stays < 5%.
+    relative = np.linalg.norm(bf16 - f32) / np.linalg.norm(f32)
+    assert 0 < relative < 0.05
+
+
+def test_time_changes_the_output(tiny_outputs):
+    eval_out = tiny_outputs[0]
+    # Both batch rows hold the same image; only their timesteps (3 and 900) differ.
+    assert not np.allclose(eval_out[0], eval_out[1], atol=1e-3)
+
+
+def _group_norm(x, groups, eps, scale, bias):
+    b, h, w, c = x.shape
+    g = x.reshape(b, h * w, groups, c // groups)
+    g = (g - g.mean(axis=(1, 3), keepdims=True)) / np.sqrt(g.var(axis=(1, 3), keepdims=True) + eps)
+    return g.reshape(b, h, w, c) * scale + bias
+
+
+def test_attention_block_matches_numpy():
+    block = AttnBlock(num_groups=4, norm_eps=1e-6)
+    x = np.random.default_rng(0).normal(size=(2, 4, 4, 8)).astype(np.float32)
+    params = _random_params(block, x)
+    got = np.asarray(block.apply(params, x))
+
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params["params"])
+    h = _group_norm(x.astype(np.float64), 4, 1e-6, p["norm"]["scale"], p["norm"]["bias"]).reshape(2, 16, 8)
+    q, k, v = (h @ p[n]["kernel"] + p[n]["bias"] for n in ("q", "k", "v"))
+    logits = q @ k.transpose(0, 2, 1) / np.sqrt(8)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    expected = x + ((weights @ v) @ p["proj_out"]["kernel"] + p["proj_out"]["bias"]).reshape(x.shape)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_resampling_layers():
+    x = np.arange(2 * 4 * 6 * 3, dtype=np.float32).reshape(2, 4, 6, 3)
+    up = Upsample(with_conv=False).apply({}, x)
+    np.testing.assert_array_equal(up, x.repeat(2, axis=1).repeat(2, axis=2))
+    pooled = Downsample(with_conv=False).apply({}, x)
+    np.testing.assert_allclose(pooled, x.reshape(2, 2, 2, 3, 2, 3).mean(axis=(2, 4)), rtol=1e-6)
+
+    # A kernel with only its top-left tap set copies x[2i, 2j]: the stride-2 conv pads (0, 1) like TF 'SAME'
+    # (and diffusers with downsample_padding=0); a symmetric (1, 1) pad would copy x[2i-1, 2j-1].
+    down = Downsample(with_conv=True)
+    params = down.init(jax.random.key(0), x)
+    kernel = np.zeros((3, 3, 3, 3), np.float32)
+    kernel[0, 0] = np.eye(3)
+    params = {"params": {"conv": {"kernel": kernel, "bias": np.zeros(3, np.float32)}}}
+    np.testing.assert_array_equal(down.apply(params, x), x[:, ::2, ::2])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(ch=30, num_groups=8), r"num_groups=8 must divide every channel count"),
+        (dict(ch=16, ch_mult=(2, 3), num_groups=32), r"\[16, 32, 48\] \(not \[16, 48\]\)"),
+        (dict(ch_mult=()), r"ch_mult must be a non-empty"),
+        (dict(num_res_blocks=0), r"num_res_blocks must be >= 1"),
+        (dict(dropout=1.0), r"dropout must be in \[0, 1\)"),
+        (dict(out_channels=0), r"out_channels must be >= 1"),
+    ],
+)
+def test_invalid_unet_configs_are_rejected(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        UNet(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, shape, match",
+    [
+        (dict(ch_mult=(1, 2, 2), attn_resolutions=()), (1, 30, 30, 1), r"30x30 must be divisible by .* = 4"),
+        (dict(ch_mult=(1, 2), attn_resolutions=()), (1, 16, 9, 1), r"16x9 must be divisible by .* = 2"),
+        (dict(ch_mult=(1, 2, 2), attn_resolutions=(16,)), (1, 28, 28, 1), r"\[16\] never occur.*\[28, 14, 7"),
+    ],
+)
+def test_unsupported_resolutions_are_rejected_before_tracing(kwargs, shape, match):
+    model = UNet(ch=16, num_groups=4, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        model.check_resolution(*shape[1:3])
+    with pytest.raises(ValueError, match=match):
+        _output_shape(model, shape)
+
+
+def test_mlp_shapes_time_dependence_and_variance_head():
+    x = jax.random.normal(jax.random.key(0), (5, 2))
+    t = jnp.array([0, 10, 100, 500, 999], jnp.int32)
+    assert _output_shape(MLP(hidden=32, num_layers=2), (5, 2)) == ((5, 2), jnp.float32)
+    assert _output_shape(MLP(hidden=32, num_layers=2, out_dim=3), (5, 2)) == ((5, 3), jnp.float32)
+
+    both = MLP(hidden=32, num_layers=2, learned_variance=True)
+    params = _random_params(both, x, t)
+    out = np.asarray(both.apply(params, x, t))
+    assert out.shape == (5, 4)
+    # The first half is the plain network's output with the shared weights; the variance head is the second.
+    plain_params = {"params": {k: v for k, v in params["params"].items() if k != "variance_out"}}
+    np.testing.assert_allclose(out[:, :2], MLP(hidden=32, num_layers=2).apply(plain_params, x, t), rtol=1e-6)
+    # Same input at two different times gives different outputs.
+    same_x = jnp.broadcast_to(x[:1], (5, 2))
+    by_time = np.asarray(both.apply(params, same_x, t))
+    assert np.all(np.abs(np.diff(by_time, axis=0)).max(axis=1) > 1e-3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [(dict(num_layers=0), r"num_layers must be >= 1"), (dict(hidden=2), r"hidden must be >= 4")],
+)
+def test_invalid_mlp_configs_are_rejected(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MLP(**kwargs)
+
+
+def test_mlp_rejects_images():
+    with pytest.raises(ValueError, match=r"expects vectors \[batch, dim\]"):
+        _output_shape(MLP(), (2, 4, 4, 1))
