@@ -1,0 +1,191 @@
+"""Distances between sample sets: sliced Wasserstein, MMD (RBF), Fréchet distance of Gaussian fits.
+
+Every metric here is only meaningful beside its data-vs-data baseline (two disjoint draws of real data of the
+same size), because all of them are biased upwards at finite sample size; `lowdim_metrics` and
+`data_baseline` return that baseline next to the model's value.
+"""
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.linalg
+
+__all__ = [
+    "data_baseline",
+    "frechet_distance",
+    "gaussian_stats",
+    "lowdim_metrics",
+    "mmd_rbf",
+    "sliced_wasserstein",
+    "split_disjoint",
+]
+
+
+def _as_key(key_or_seed) -> jax.Array:
+    """A PRNG key from an int seed or an existing key."""
+    if isinstance(key_or_seed, int | np.integer):
+        return jax.random.key(int(key_or_seed))
+    return key_or_seed
+
+
+def _check_vectors(x, y) -> tuple[jax.Array, jax.Array]:
+    """Both sets as float32 [n, dim] arrays with the same dim."""
+    x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
+    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
+        raise ValueError(f"expected two [n, dim] arrays with the same dim, got {x.shape} and {y.shape}")
+    if x.shape[0] < 2 or y.shape[0] < 2:
+        raise ValueError(f"need at least 2 points per set, got {x.shape[0]} and {y.shape[0]}")
+    return x, y
+
+
+def _quantiles(sorted_values: jax.Array, num_levels: int) -> jax.Array:
+    """Empirical quantile function of each column of sorted [n, p] values at levels (i + 0.5) / num_levels."""
+    n = sorted_values.shape[0]
+    levels = (jnp.arange(num_levels) + 0.5) / num_levels
+    # Point i of n sits at level (i + 0.5) / n; interpolate linearly between those positions.
+    positions = jnp.clip(levels * n - 0.5, 0.0, n - 1.0)
+    lower = jnp.floor(positions).astype(jnp.int32)
+    upper = jnp.minimum(lower + 1, n - 1)
+    weight = (positions - lower)[:, None]
+    return (1.0 - weight) * sorted_values[lower] + weight * sorted_values[upper]
+
+
+@functools.partial(jax.jit, static_argnames="num_projections")
+def _sliced_wasserstein(x: jax.Array, y: jax.Array, key: jax.Array, num_projections: int) -> jax.Array:
+    directions = jax.random.normal(key, (x.shape[1], num_projections))
+    directions = directions / jnp.linalg.norm(directions, axis=0, keepdims=True)
+    x_proj = jnp.sort(x @ directions, axis=0)
+    y_proj = jnp.sort(y @ directions, axis=0)
+    if x.shape[0] != y.shape[0]:
+        num_levels = max(x.shape[0], y.shape[0])
+        x_proj, y_proj = _quantiles(x_proj, num_levels), _quantiles(y_proj, num_levels)
+    return jnp.sqrt(jnp.mean((x_proj - y_proj) ** 2))
+
+
+def sliced_wasserstein(x, y, key_or_seed, num_projections: int = 256) -> float:
+    """Sliced 2-Wasserstein distance sqrt(E_u W_2^2(u.x, u.y)) between [n, d] and [m, d] point sets.
+
+    Directions u are uniform on the unit sphere. Equal sizes: 1-D W_2 pairs sorted projections exactly.
+    Unequal sizes: both empirical quantile functions are linearly interpolated on max(n, m) levels.
+    For y = x + m (a shift) the exact value is |m| / sqrt(d) in expectation over u.
+    """
+    x, y = _check_vectors(x, y)
+    return float(_sliced_wasserstein(x, y, _as_key(key_or_seed), num_projections))
+
+
+@jax.jit
+def _median_distance(z: jax.Array) -> jax.Array:
+    rows, cols = np.triu_indices(z.shape[0], k=1)
+    return jnp.sqrt(jnp.median(jnp.sum((z[rows] - z[cols]) ** 2, axis=-1)))
+
+
+def _median_heuristic(pooled) -> float:
+    """Median pairwise distance of pooled [n, d] points, on at most 2,000 evenly spaced ones (O(2000^2))."""
+    pooled = jnp.asarray(pooled, jnp.float32)
+    if pooled.shape[0] > 2000:
+        pooled = pooled[np.linspace(0, pooled.shape[0] - 1, 2000).astype(np.int64)]
+    return float(_median_distance(pooled))
+
+
+@jax.jit
+def _mmd_rbf(x: jax.Array, y: jax.Array, bandwidth: jax.Array) -> jax.Array:
+    def kernel(a, b):
+        sq = jnp.sum(a * a, 1)[:, None] + jnp.sum(b * b, 1)[None, :] - 2.0 * a @ b.T
+        return jnp.exp(-jnp.maximum(sq, 0.0) / (2.0 * bandwidth**2))
+
+    n, m = x.shape[0], y.shape[0]
+    k_xx, k_yy, k_xy = kernel(x, x), kernel(y, y), kernel(x, y)
+    # Unbiased U-statistic (Gretton et al. 2012, eq. 3): drop the i == j terms, whose kernel value is 1.
+    term_xx = (jnp.sum(k_xx) - jnp.trace(k_xx)) / (n * (n - 1))
+    term_yy = (jnp.sum(k_yy) - jnp.trace(k_yy)) / (m * (m - 1))
+    return term_xx + term_yy - 2.0 * jnp.mean(k_xy)
+
+
+def mmd_rbf(x, y, bandwidth: float | None = None) -> float:
+    """Unbiased squared MMD with kernel exp(-|a - b|^2 / (2 h^2)) between [n, d] and [m, d] sets.
+
+    bandwidth None: the median heuristic, h = median pairwise distance of the pooled set (computed on at most
+    2,000 pooled points). Unbiased, so it can be slightly negative when both sets come from one distribution.
+    Memory is O((n + m)^2).
+    """
+    x, y = _check_vectors(x, y)
+    if bandwidth is None:
+        bandwidth = _median_heuristic(jnp.concatenate([x, y]))
+    if not bandwidth > 0:
+        raise ValueError(f"bandwidth must be positive, got {bandwidth}")
+    return float(_mmd_rbf(x, y, jnp.float32(bandwidth)))
+
+
+def gaussian_stats(features) -> tuple[np.ndarray, np.ndarray]:
+    """Mean [d] and unbiased covariance [d, d] (float64) of [n, d] features, as pytorch-fid computes them."""
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2 or features.shape[0] < 2:
+        raise ValueError(f"expected [n >= 2, dim] features, got shape {features.shape}")
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+    """Fréchet distance |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) of two Gaussians (Dowson & Landau 1982).
+
+    Float64 SciPy `sqrtm`, as pytorch-fid: when the product is singular (non-finite root) both covariances
+    get eps * I added; a complex root whose diagonal imaginary parts exceed 1e-3 is an error, smaller
+    imaginary parts (numerical noise) are dropped.
+    """
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+        raise ValueError(
+            f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}"
+        )
+    diff = mu1 - mu2
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        max_imag = np.max(np.abs(np.diagonal(covmean).imag))
+        if max_imag > 1e-3:
+            raise ValueError(f"matrix square root has imaginary part {max_imag:.3g}: covariances are degenerate")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+
+
+def split_disjoint(data, num_samples: int, key_or_seed) -> tuple[np.ndarray, np.ndarray]:
+    """Two disjoint random draws of num_samples rows each from data [N, ...] (needs N >= 2 * num_samples)."""
+    data = np.asarray(data)
+    if data.shape[0] < 2 * num_samples:
+        raise ValueError(
+            f"need at least 2 * {num_samples} data points for two disjoint draws, got {data.shape[0]}: "
+            "lower the number of samples or pass more data"
+        )
+    order = np.asarray(jax.random.permutation(_as_key(key_or_seed), data.shape[0]))
+    return data[order[:num_samples]], data[order[num_samples : 2 * num_samples]]
+
+
+def data_baseline(metric: Callable, data, num_samples: int, key_or_seed) -> float:
+    """metric(a, b) between two disjoint draws of num_samples real points: the value a perfect model gets."""
+    first, second = split_disjoint(data, num_samples, key_or_seed)
+    return metric(first, second)
+
+
+def lowdim_metrics(samples, data, key_or_seed=0, num_projections: int = 256) -> dict[str, float]:
+    """SWD and MMD of samples [n, d] vs n held-out data points, beside the same metrics data-vs-data.
+
+    data needs at least 2n points: draw A is the reference for both rows, draw B plays a perfect model.
+    Returns swd, swd_data, mmd, mmd_data (mmd is the unbiased squared MMD, median-heuristic bandwidth
+    fixed from the reference and draw B so both rows use the same kernel).
+    """
+    samples = np.asarray(samples, np.float32)
+    key = _as_key(key_or_seed)
+    split_key, projection_key = jax.random.split(key)
+    reference, data_draw = split_disjoint(data, samples.shape[0], split_key)
+    bandwidth = _median_heuristic(np.concatenate([reference, data_draw]))
+    return {
+        "swd": sliced_wasserstein(samples, reference, projection_key, num_projections),
+        "swd_data": sliced_wasserstein(data_draw, reference, projection_key, num_projections),
+        "mmd": mmd_rbf(samples, reference, bandwidth),
+        "mmd_data": mmd_rbf(data_draw, reference, bandwidth),
+    }
