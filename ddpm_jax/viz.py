@@ -1,0 +1,276 @@
+"""Pictures: image grids, reverse-chain strips and GIFs, forward-process strips, 2-D scatter plots.
+
+Every picture is first a pure function returning a uint8 array ([H, W, C], C = 1 or 3); the ``save_*`` functions
+only write it with Pillow (PNG, or GIF for animations) and create missing parent directories. Timestep labels
+are the code's indices t in [0, T-1]; index t is the paper's timestep t + 1.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import jax
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from ddpm_jax.diffusion import q_sample
+from ddpm_jax.schedules import Schedule
+
+DATA_COLOR = (150, 150, 150)
+SAMPLE_COLOR = (31, 119, 180)
+_FONT = ImageFont.load_default()
+_LABEL_HEIGHT = _FONT.getbbox("0Ag")[3] + 4  # one line of text plus a small margin
+_BLOCK_GAP = 4  # pixels between the x_t and predicted-x_0 blocks, so they read as two pictures
+
+
+def to_uint8(images) -> np.ndarray:
+    """Floats in [-1, 1] -> uint8 via round((x + 1) * 127.5), clipped to [0, 255]; uint8 passes through."""
+    images = np.asarray(images)
+    if images.dtype == np.uint8:
+        return images
+    return np.clip(np.rint((images.astype(np.float64) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def _auto_scale(height: int) -> int:
+    """Integer upscale that makes a tile at least ~32 px tall (8x8 digits -> 4x), so labels fit above it."""
+    return max(1, 32 // height)
+
+
+def image_grid(images, ncols: int | None = None, padding: int = 1, pad_value: int = 255, scale: int = 1):
+    """[N, H, W, C] (C = 1 or 3, floats in [-1, 1] or uint8) -> uint8 [H', W', C] grid, row-major.
+
+    ``ncols`` defaults to ceil(sqrt(N)); tiles are upscaled ``scale`` times (nearest neighbour) and separated
+    and framed by ``padding`` pixels of ``pad_value``. Empty cells of the last row are ``pad_value``.
+    """
+    images = to_uint8(images)
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(f"image_grid needs images [N, H, W, C] with C = 1 or 3, got shape {images.shape}")
+    if scale < 1 or padding < 0:
+        raise ValueError(f"scale must be >= 1 and padding >= 0, got scale={scale}, padding={padding}")
+    num, height, width, channels = images.shape
+    ncols = min(num, ncols or math.ceil(math.sqrt(num)))
+    nrows = math.ceil(num / ncols)
+    images = images.repeat(scale, axis=1).repeat(scale, axis=2)
+    tile_h, tile_w = height * scale + padding, width * scale + padding
+    grid = np.full((nrows * tile_h + padding, ncols * tile_w + padding, channels), pad_value, np.uint8)
+    for index, image in enumerate(images):
+        top, left = padding + (index // ncols) * tile_h, padding + (index % ncols) * tile_w
+        grid[top : top + height * scale, left : left + width * scale] = image
+    return grid
+
+
+def _to_pil(image: np.ndarray) -> Image.Image:
+    return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+
+
+def _text_fill(pad_value: int, channels: int):
+    """Black text on a light background, white on a dark one, in the image's colour mode."""
+    value = 0 if pad_value >= 128 else 255
+    return value if channels == 1 else (value,) * 3
+
+
+def _add_labels(grid: np.ndarray, pad_value: int, top=(), left=()) -> np.ndarray:
+    """Prepend a header band (if ``top``) and a left band (if ``left``) of ``pad_value`` and write labels in them.
+
+    ``top``: (x centre in ``grid``, text) pairs; ``left``: (y centre in ``grid``, text) pairs.
+    """
+    band_h = _LABEL_HEIGHT if top else 0
+    band_w = max((int(_FONT.getlength(text)) + 6 for _, text in left), default=0)
+    height, width, channels = grid.shape
+    out = np.full((band_h + height, band_w + width, channels), pad_value, np.uint8)
+    out[band_h:, band_w:] = grid
+    canvas = _to_pil(out)
+    draw = ImageDraw.Draw(canvas)
+    fill = _text_fill(pad_value, channels)
+    for x, text in top:
+        draw.text((band_w + x, band_h / 2), text, fill=fill, font=_FONT, anchor="mm")
+    for y, text in left:
+        draw.text((3, band_h + y), text, fill=fill, font=_FONT, anchor="lm")
+    return np.asarray(canvas).reshape(out.shape)
+
+
+def _column_centres(num_cols: int, tile_width: int, padding: int) -> list[float]:
+    return [padding + j * (tile_width + padding) + tile_width / 2 for j in range(num_cols)]
+
+
+def chain_strip(
+    traj_x,
+    traj_pred_x0=None,
+    timesteps=None,
+    num_examples: int = 8,
+    scale: int | None = None,
+    padding: int = 1,
+    pad_value: int = 255,
+) -> np.ndarray:
+    """Reverse chain as a picture: [R, N, H, W, C] records -> uint8, rows = examples, columns = records.
+
+    A block of x_t, and below it a block of predicted x_0 when ``traj_pred_x0`` is given; the blocks are named
+    in a left band and the columns labelled with ``timesteps`` in a header band. ``scale`` None -> tiles ~32 px.
+    """
+    traj_x = to_uint8(traj_x)
+    num_records, _, height, width, channels = traj_x.shape
+    num_examples = min(num_examples, traj_x.shape[1])
+    scale = scale or _auto_scale(height)
+    blocks = [("x_t", traj_x)] + ([("x0_hat", to_uint8(traj_pred_x0))] if traj_pred_x0 is not None else [])
+    grids, left_labels, top = [], [], 0
+    for name, traj in blocks:
+        tiles = np.swapaxes(traj[:, :num_examples], 0, 1).reshape(-1, height, width, channels)
+        grid = image_grid(tiles, ncols=num_records, padding=padding, pad_value=pad_value, scale=scale)
+        left_labels.append((top + grid.shape[0] / 2, name))
+        grids += [grid, np.full((_BLOCK_GAP,) + grid.shape[1:], pad_value, np.uint8)]
+        top += grid.shape[0] + _BLOCK_GAP
+    top_labels = ()
+    if timesteps is not None:
+        centres = _column_centres(num_records, width * scale, padding)
+        top_labels = [(x, str(int(t))) for x, t in zip(centres, np.asarray(timesteps), strict=True)]
+    return _add_labels(np.concatenate(grids[:-1]), pad_value, top=top_labels, left=left_labels)
+
+
+def chain_frames(
+    traj_x,
+    traj_pred_x0=None,
+    timesteps=None,
+    num_examples: int = 16,
+    scale: int | None = None,
+    padding: int = 1,
+    pad_value: int = 255,
+) -> np.ndarray:
+    """Animation frames uint8 [R, H', W', C]: at each record a grid of x_t, beside it a grid of predicted x_0."""
+    traj_x = to_uint8(traj_x)
+    num_records, num, height = traj_x.shape[:3]
+    num_examples = min(num_examples, num)
+    grid_kw = dict(padding=padding, pad_value=pad_value, scale=scale or _auto_scale(height))
+    frames = []
+    for r in range(num_records):
+        t_text = "" if timesteps is None else f", t={int(np.asarray(timesteps)[r])}"
+        panels = [image_grid(traj_x[r, :num_examples], **grid_kw)]
+        labels = [(panels[0].shape[1] / 2, "x_t" + t_text)]
+        if traj_pred_x0 is not None:
+            gap = np.full((panels[0].shape[0], _BLOCK_GAP * 2, traj_x.shape[-1]), pad_value, np.uint8)
+            panels += [gap, image_grid(to_uint8(traj_pred_x0)[r, :num_examples], **grid_kw)]
+            labels.append((panels[0].shape[1] + gap.shape[1] + panels[2].shape[1] / 2, "x0_hat"))
+        frames.append(_add_labels(np.concatenate(panels, axis=1), pad_value, top=labels))
+    return np.stack(frames)
+
+
+def forward_process_strip(
+    schedule: Schedule,
+    image,
+    key: jax.Array,
+    timesteps=None,
+    scale: int | None = None,
+    padding: int = 1,
+    pad_value: int = 255,
+) -> np.ndarray:
+    """x_t ~ q(x_t | x_0) (Eq. 4) of ``image`` [H, W, C] or [N, H, W, C] in [-1, 1] at ``timesteps``, one row each.
+
+    One noise draw eps ~ N(0, I) from ``key`` is shared by all t, so the row shows the same image gradually
+    drowned. ``timesteps`` default: 0, T/10, 2T/10, ..., T-1 (index t is the paper's t + 1).
+    """
+    images = np.asarray(image, np.float32)
+    images = images[None] if images.ndim == 3 else images
+    if timesteps is None:
+        last = schedule.num_timesteps - 1
+        timesteps = np.unique(np.append(np.arange(0, last, max(1, schedule.num_timesteps // 10)), last))
+    timesteps = np.asarray(timesteps, np.int32)
+    noise = jax.random.normal(key, images.shape, np.float32)
+    x_t = [q_sample(schedule, images, np.full(len(images), t, np.int32), noise) for t in timesteps]
+    return chain_strip(np.stack(x_t), None, timesteps, len(images), scale, padding, pad_value)
+
+
+def _fit_extent(*point_sets) -> tuple[float, float, float, float]:
+    """Square (xmin, xmax, ymin, ymax) holding all finite points with a 5% margin, so shapes are not distorted."""
+    points = np.concatenate([np.asarray(p, np.float64).reshape(-1, 2) for p in point_sets])
+    points = points[np.isfinite(points).all(axis=1)]
+    if len(points) == 0:
+        return (-1.0, 1.0, -1.0, 1.0)
+    centre = (points.min(axis=0) + points.max(axis=0)) / 2
+    half = max(float((points.max(axis=0) - points.min(axis=0)).max()) / 2 * 1.05, 1e-6)
+    return (centre[0] - half, centre[0] + half, centre[1] - half, centre[1] + half)
+
+
+def _to_pixels(points, extent, size: int) -> np.ndarray:
+    """[N, 2] data coordinates -> [K, 2] (column, row) pixels of a size x size panel, y up; drops non-finite."""
+    points = np.asarray(points, np.float64).reshape(-1, 2)
+    points = points[np.isfinite(points).all(axis=1)]
+    xmin, xmax, ymin, ymax = extent
+    cols = (points[:, 0] - xmin) / (xmax - xmin) * (size - 1)
+    rows = (ymax - points[:, 1]) / (ymax - ymin) * (size - 1)
+    return np.rint(np.stack([cols, rows], axis=1)).astype(np.int64)
+
+
+def _scatter_panel(points, extent, size: int, color, name: str, radius: int) -> np.ndarray:
+    """One size x size RGB panel of dots with a light frame, ``name`` in a header band above it."""
+    canvas = Image.new("RGB", (size, size), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    draw.rectangle((0, 0, size - 1, size - 1), outline=(210, 210, 210))
+    for col, row in _to_pixels(points, extent, size):
+        draw.rectangle((col - radius, row - radius, col + radius, row + radius), fill=color)
+    return _add_labels(np.asarray(canvas), 255, top=[(size / 2, name)])
+
+
+def _side_by_side(panels: list[np.ndarray], title: str | None) -> np.ndarray:
+    """Panels left to right with white gaps, under a title line when ``title`` is given."""
+    gap = np.full((panels[0].shape[0], 8, 3), 255, np.uint8)
+    row = np.concatenate([part for panel in panels for part in (panel, gap)][:-1], axis=1)
+    return _add_labels(row, 255, top=[(row.shape[1] / 2, title)]) if title else row
+
+
+def scatter_plot(samples, data=None, size: int = 512, extent=None, title: str | None = None, radius: int = 1):
+    """2-D point clouds -> uint8 RGB: panel "data" (grey, if given) beside panel "samples" (blue).
+
+    Both panels share ``extent`` = (xmin, xmax, ymin, ymax), by default a square fitted to both sets; each point is
+    a (2 radius + 1)-pixel square, points outside the extent or not finite are not drawn.
+    """
+    extent = extent or (_fit_extent(samples) if data is None else _fit_extent(samples, data))
+    panels = [] if data is None else [_scatter_panel(data, extent, size, DATA_COLOR, "data", radius)]
+    panels.append(_scatter_panel(samples, extent, size, SAMPLE_COLOR, "samples", radius))
+    return _side_by_side(panels, title)
+
+
+def scatter_trajectory_strip(traj_x, timesteps=None, size: int = 160, extent=None, radius: int = 0):
+    """Reverse chain of 2-D points [R, N, 2] -> uint8 RGB: one panel per record, labelled with its timestep.
+
+    The default ``extent`` fits all records, so the panels show the cloud contracting onto the data.
+    """
+    traj_x = np.asarray(traj_x)
+    extent = extent or _fit_extent(traj_x)
+    names = [""] * len(traj_x) if timesteps is None else [f"t={int(t)}" for t in np.asarray(timesteps)]
+    panels = [_scatter_panel(x, extent, size, SAMPLE_COLOR, n, radius) for x, n in zip(traj_x, names, strict=True)]
+    return _side_by_side(panels, None)
+
+
+def save_png(path, image: np.ndarray) -> Path:
+    """Write a uint8 [H, W, C] picture as PNG (grayscale when C = 1), creating parent directories."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _to_pil(np.asarray(image, np.uint8)).save(path)
+    return path
+
+
+def save_image_grid(path, images, **grid_kw) -> Path:
+    """`image_grid` written as PNG."""
+    return save_png(path, image_grid(images, **grid_kw))
+
+
+def save_scatter(path, samples, data=None, **scatter_kw) -> Path:
+    """`scatter_plot` written as PNG."""
+    return save_png(path, scatter_plot(samples, data, **scatter_kw))
+
+
+def save_forward_process(path, schedule: Schedule, image, key: jax.Array, **strip_kw) -> Path:
+    """`forward_process_strip` written as PNG."""
+    return save_png(path, forward_process_strip(schedule, image, key, **strip_kw))
+
+
+def save_chain_gif(
+    path, traj_x, traj_pred_x0=None, timesteps=None, duration_ms: int = 120, final_hold_ms: int = 2000, **frame_kw
+) -> Path:
+    """`chain_frames` written as a looping GIF, the last frame (the samples) held for ``final_hold_ms``."""
+    frames = [_to_pil(f) for f in chain_frames(traj_x, traj_pred_x0, timesteps, **frame_kw)]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    durations = [duration_ms] * (len(frames) - 1) + [final_hold_ms]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations, loop=0)
+    return path
