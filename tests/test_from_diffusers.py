@@ -1,0 +1,178 @@
+"""Loading diffusers UNet2DModel weights: config translation, safetensors parsing, output parity with PyTorch."""
+
+import json
+import struct
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ddpm_jax.models import (
+    UNet,
+    convert_diffusers_state_dict,
+    count_params,
+    load_diffusers_unet,
+    read_safetensors,
+    unet_kwargs_from_diffusers_config,
+)
+
+# google/ddpm-cifar10-32's config.json (the DDPM authors' CIFAR-10 network as diffusers distributes it).
+CIFAR10_CONFIG = {
+    "_class_name": "UNet2DModel",
+    "act_fn": "silu",
+    "attention_head_dim": None,
+    "block_out_channels": [128, 256, 256, 256],
+    "center_input_sample": False,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+    "downsample_padding": 0,
+    "flip_sin_to_cos": False,
+    "freq_shift": 1,
+    "in_channels": 3,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-06,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 32,
+    "time_embedding_type": "positional",
+    "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+}
+
+
+def test_cifar10_config_gives_the_papers_unet():
+    kwargs = unet_kwargs_from_diffusers_config(CIFAR10_CONFIG)
+    paper = UNet()
+    for name in ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "out_channels", "num_groups", "norm_eps"):
+        assert kwargs[name] == getattr(paper, name), name
+    assert kwargs["dropout"] == 0.0  # inference weights; the paper trained with 0.1
+    assert count_params(UNet(**kwargs), (1, 32, 32, 3)) == 35_746_307
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"flip_sin_to_cos": True}, r"flip_sin_to_cos=True"),
+        ({"freq_shift": 0}, r"freq_shift=0"),
+        ({"downsample_padding": 1}, r"downsample_padding=1"),
+        ({"attention_head_dim": 8}, r"attention_head_dim=8 gives several heads"),
+        ({"num_class_embeds": 10}, r"num_class_embeds=10"),
+        ({"resnet_time_scale_shift": "scale_shift"}, r"resnet_time_scale_shift='scale_shift'"),
+        ({"up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"]}, r"level 1: blocks"),
+        ({"block_out_channels": [128, 192, 256, 256]}, r"multiples of the first"),
+        ({"down_block_types": ["DownBlock2D"] * 3}, r"one down and one up block per entry"),
+    ],
+)
+def test_unsupported_diffusers_configs_are_rejected(change, match):
+    with pytest.raises(ValueError, match=match):
+        unet_kwargs_from_diffusers_config({**CIFAR10_CONFIG, **change})
+
+
+def _write_safetensors(path, header: dict, payload: bytes):
+    encoded = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + payload)
+
+
+def test_read_safetensors_parses_the_format_and_rejects_broken_files(tmp_path):
+    a = np.arange(6, dtype="<f4").reshape(2, 3)
+    b = np.array([1.5, -2.0], dtype="<f2")
+    # bfloat16 words of 1.0, -3.5 and 2**-10: the high 16 bits of the float32 patterns.
+    c = np.array([0x3F80, 0xC060, 0x3A80], dtype="<u2")
+    header = {
+        "__metadata__": {"format": "pt"},
+        "a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]},
+        "b": {"dtype": "F16", "shape": [2], "data_offsets": [24, 28]},
+        "c": {"dtype": "BF16", "shape": [3, 1], "data_offsets": [28, 34]},
+    }
+    path = tmp_path / "ok.safetensors"
+    _write_safetensors(path, header, a.tobytes() + b.tobytes() + c.tobytes())
+    tensors = read_safetensors(str(path))
+    assert sorted(tensors) == ["a", "b", "c"]
+    np.testing.assert_array_equal(tensors["a"], a)
+    np.testing.assert_array_equal(tensors["b"], [1.5, -2.0])
+    np.testing.assert_array_equal(tensors["c"], [[1.0], [-3.5], [2.0**-10]])
+    assert all(t.dtype == np.float32 for t in tensors.values())
+
+    _write_safetensors(path, {"a": {"dtype": "I64", "shape": [1], "data_offsets": [0, 8]}}, bytes(8))
+    with pytest.raises(ValueError, match="dtype I64"):
+        read_safetensors(str(path))
+    _write_safetensors(path, {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, bytes(8))
+    with pytest.raises(ValueError, match="truncated"):
+        read_safetensors(str(path))
+    path.write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00hello")
+    with pytest.raises(ValueError, match="header is not JSON"):
+        read_safetensors(str(path))
+
+
+def _layout(block_out_channels, attn_levels, **overrides):
+    """A diffusers UNet2DModel config in the DDPM layout, attention at the given levels."""
+    down = ["AttnDownBlock2D" if i in attn_levels else "DownBlock2D" for i in range(len(block_out_channels))]
+    up = [name.replace("Down", "Up") for name in reversed(down)]
+    return {
+        **CIFAR10_CONFIG,
+        "block_out_channels": list(block_out_channels),
+        "down_block_types": down,
+        "up_block_types": up,
+        **overrides,
+    }
+
+
+def _saved_random_diffusers_unet(config, directory, seed=0):
+    """Save a diffusers UNet2DModel with every weight random (GroupNorm affine too, which starts at 1/0)."""
+    torch = pytest.importorskip("torch", reason="the parity tests need the [torch] extra (torch==2.13.0)")
+    diffusers = pytest.importorskip("diffusers", reason="the parity tests need the [torch] extra (diffusers)")
+    torch.manual_seed(seed)
+    kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
+    model = diffusers.UNet2DModel(**kwargs).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.normal_(0.0, 0.05)
+            if "norm" in name and name.endswith("weight"):
+                param.add_(1.0)
+    model.save_pretrained(str(directory), safe_serialization=True)
+    return model, torch
+
+
+def test_converted_small_unet_matches_diffusers(tmp_path):
+    config = _layout((32, 64, 64), attn_levels={1}, norm_num_groups=8, sample_size=16, in_channels=1, out_channels=2)
+    model, torch = _saved_random_diffusers_unet(config, tmp_path)
+    kwargs, params = load_diffusers_unet(str(tmp_path))
+    assert kwargs["attn_resolutions"] == (8,) and kwargs["ch_mult"] == (1, 2, 2)
+
+    x = np.random.default_rng(1).standard_normal((3, 1, 16, 16)).astype(np.float32)
+    t = np.array([0, 417, 999])
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x), torch.from_numpy(t)).sample.numpy()
+    ours = jax.jit(UNet(**kwargs).apply)({"params": params}, x.transpose(0, 2, 3, 1), jnp.asarray(t, jnp.int32))
+    got = np.asarray(ours).transpose(0, 3, 1, 2)
+    assert np.abs(expected).max() > 0.1  # the comparison is not between two near-zero outputs
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+
+    # Checkpoints saved before diffusers renamed the attention projections load to the same parameters.
+    legacy_names = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    state = read_safetensors(str(tmp_path / "diffusion_pytorch_model.safetensors"))
+    legacy = {}
+    for key, value in state.items():
+        for new, old in legacy_names.items():
+            key = key.replace(f".{new}.", f".{old}.")
+        legacy[key] = value
+    assert legacy.keys() != state.keys()
+    legacy_params = convert_diffusers_state_dict(legacy, config)
+    jax.tree.map(np.testing.assert_array_equal, legacy_params, params)
+
+    del state["conv_out.bias"]
+    with pytest.raises(ValueError, match=r"missing \['conv_out'\]\['bias'\]"):
+        convert_diffusers_state_dict(state, config)
+
+
+def test_converted_cifar10_unet_matches_diffusers(tmp_path):
+    model, torch = _saved_random_diffusers_unet(CIFAR10_CONFIG, tmp_path)
+    kwargs, params = load_diffusers_unet(str(tmp_path / "diffusion_pytorch_model.safetensors"))
+    assert sum(p.size for p in jax.tree.leaves(params)) == 35_746_307
+
+    x = np.random.default_rng(2).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    t = np.array([250])
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x), torch.from_numpy(t)).sample.numpy()
+    ours = jax.jit(UNet(**kwargs).apply)({"params": params}, x.transpose(0, 2, 3, 1), jnp.asarray(t, jnp.int32))
+    np.testing.assert_allclose(np.asarray(ours).transpose(0, 3, 1, 2), expected, rtol=0, atol=1e-4)
