@@ -83,10 +83,11 @@ def _add_labels(grid: np.ndarray, pad_value: int, top=(), left=()) -> np.ndarray
     canvas = _to_pil(out)
     draw = ImageDraw.Draw(canvas)
     fill = _text_fill(pad_value, channels)
+    # Positions from the text's width and the fixed line height (no `anchor`: bitmap fonts do not support it).
     for x, text in top:
-        draw.text((band_w + x, band_h / 2), text, fill=fill, font=_FONT, anchor="mm")
+        draw.text((band_w + x - _FONT.getlength(text) / 2, 1), text, fill=fill, font=_FONT)
     for y, text in left:
-        draw.text((3, band_h + y), text, fill=fill, font=_FONT, anchor="lm")
+        draw.text((3, band_h + y - _LABEL_HEIGHT / 2), text, fill=fill, font=_FONT)
     return np.asarray(canvas).reshape(out.shape)
 
 

@@ -1,0 +1,170 @@
+"""Pictures: exact pixel layout of grids and strips, value mapping, scatter pixel positions, GIF read-back."""
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+import ddpm_jax as dj
+from ddpm_jax import viz
+
+
+def upscaled(tile: np.ndarray, scale: int) -> np.ndarray:
+    """Nearest-neighbour upscale by a Kronecker product with a block of ones (independent of np.repeat)."""
+    return np.kron(tile, np.ones((scale, scale, 1), np.uint8)).astype(np.uint8)
+
+
+def test_to_uint8_maps_clips_and_rounds():
+    x = np.array([-1.0, 1.0, 0.0, -3.0, 2.5, 10.4 / 127.5 - 1, 10.6 / 127.5 - 1])
+    np.testing.assert_array_equal(viz.to_uint8(x), [0, 255, 128, 0, 255, 10, 11])
+    assert viz.to_uint8(x).dtype == np.uint8
+    already = np.arange(256, dtype=np.uint8)
+    np.testing.assert_array_equal(viz.to_uint8(already), already)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_image_grid_places_tiles_padding_and_scale(channels):
+    num, height, width, scale, padding, pad_value = 5, 2, 3, 2, 1, 7
+    values = 40 * (1 + np.arange(num * channels)).reshape(num, 1, 1, channels)  # distinct, never pad_value
+    images = np.broadcast_to(values, (num, height, width, channels)).astype(np.uint8)
+    grid = viz.image_grid(images, padding=padding, pad_value=pad_value, scale=scale)
+    ncols, nrows = 3, 2  # ceil(sqrt(5)) columns
+    tile_h, tile_w = height * scale, width * scale
+    assert grid.shape == (nrows * (tile_h + padding) + padding, ncols * (tile_w + padding) + padding, channels)
+    assert grid.dtype == np.uint8
+    background = np.ones(grid.shape[:2], bool)
+    for k in range(num):
+        top = padding + (k // ncols) * (tile_h + padding)
+        left = padding + (k % ncols) * (tile_w + padding)
+        np.testing.assert_array_equal(grid[top : top + tile_h, left : left + tile_w], upscaled(images[k], scale))
+        background[top : top + tile_h, left : left + tile_w] = False
+    # Everything outside the tiles (padding and the empty sixth cell) is pad_value.
+    assert (grid[background] == pad_value).all()
+
+
+def test_image_grid_upscales_pixels_in_order_and_honours_ncols():
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, size=(4, 3, 2, 3)).astype(np.float32)
+    grid = viz.image_grid(images, ncols=4, padding=0, scale=3)
+    expected = np.concatenate([upscaled(viz.to_uint8(im), 3) for im in images], axis=1)
+    np.testing.assert_array_equal(grid, expected)
+
+
+def test_image_grid_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="C = 1 or 3"):
+        viz.image_grid(np.zeros((2, 4, 4, 2)))
+    with pytest.raises(ValueError, match="scale"):
+        viz.image_grid(np.zeros((2, 4, 4, 1)), scale=0)
+
+
+def test_chain_strip_tile_at_row_i_col_j_is_record_j_of_example_i():
+    rng = np.random.default_rng(1)
+    records, num, height, width, scale, padding = 3, 4, 2, 3, 2, 1
+    traj_x = rng.uniform(-1, 1, size=(records, num, height, width, 1))
+    traj_pred_x0 = rng.uniform(-1, 1, size=traj_x.shape)
+    timesteps = np.array([20, 10, 0])
+    strip = viz.chain_strip(traj_x, traj_pred_x0, timesteps, num_examples=2, scale=scale, padding=padding)
+    tile_h, tile_w = height * scale, width * scale
+    block_h, block_w = 2 * (tile_h + padding) + padding, records * (tile_w + padding) + padding
+    # Blocks are right-aligned after the name band; x_t on top, then a gap, then predicted x_0 at the bottom.
+    left = strip.shape[1] - block_w
+    block_tops = {"x": strip.shape[0] - 2 * block_h - viz._BLOCK_GAP, "pred": strip.shape[0] - block_h}
+    for name, traj in (("x", traj_x), ("pred", traj_pred_x0)):
+        for i in range(2):
+            for j in range(records):
+                top = block_tops[name] + padding + i * (tile_h + padding)
+                col = left + padding + j * (tile_w + padding)
+                tile = strip[top : top + tile_h, col : col + tile_w]
+                np.testing.assert_array_equal(tile, upscaled(viz.to_uint8(traj[j, i]), scale))
+    # The timestep header is a band of its own with text in it; without timesteps it is absent.
+    unlabelled = viz.chain_strip(traj_x, traj_pred_x0, None, num_examples=2, scale=scale, padding=padding)
+    assert strip.shape[0] - unlabelled.shape[0] == viz._LABEL_HEIGHT
+    assert (strip[: viz._LABEL_HEIGHT, left:] < 128).any()
+
+
+def test_save_chain_gif_has_one_frame_per_record_and_holds_the_last(tmp_path):
+    records = 4
+    # Distinct records: Pillow merges identical consecutive GIF frames.
+    traj_x = np.linspace(-1, 1, records)[:, None, None, None, None] * np.ones((records, 3, 4, 4, 1))
+    path = viz.save_chain_gif(
+        tmp_path / "sub" / "chain.gif", traj_x, -traj_x, np.arange(records)[::-1], duration_ms=50, final_hold_ms=900
+    )
+    frames = viz.chain_frames(traj_x, -traj_x, np.arange(records)[::-1])
+    with Image.open(path) as gif:
+        assert gif.n_frames == records
+        durations = []
+        for r in range(records):
+            gif.seek(r)
+            durations.append(gif.info["duration"])
+            # Grayscale GIF frames are lossless: the read-back frame is the computed one.
+            np.testing.assert_array_equal(np.asarray(gif.convert("L")), frames[r][..., 0])
+    assert durations == [50, 50, 50, 900]
+
+
+def colour_mask(image, colour):
+    return (image == np.array(colour, np.uint8)).all(axis=-1)
+
+
+def test_scatter_points_land_on_their_pixels_and_data_differs_in_colour():
+    size = 101
+    samples = np.array([[0.0, 0.0], [1.0, -1.0], [-0.5, 0.5], [np.nan, 0.0]])
+    data = np.array([[0.5, 0.0]])
+    image = viz.scatter_plot(samples, data, size=size, extent=(-1, 1, -1, 1), radius=0)
+    assert image.dtype == np.uint8 and image.shape[-1] == 3
+    assert viz.DATA_COLOR != viz.SAMPLE_COLOR
+    header = image.shape[0] - size
+    data_panel = image[header:, :size]
+    sample_panel = image[header:, -size:]
+    # (x, y) -> (column, row) = ((x + 1) / 2 * 100, (1 - y) / 2 * 100): y points up; the NaN point is dropped.
+    assert list(zip(*np.nonzero(colour_mask(sample_panel, viz.SAMPLE_COLOR)), strict=True)) == [
+        (25, 25),
+        (50, 50),
+        (100, 100),
+    ]
+    assert list(zip(*np.nonzero(colour_mask(data_panel, viz.DATA_COLOR)), strict=True)) == [(50, 75)]
+    assert not colour_mask(image, viz.SAMPLE_COLOR)[:, : image.shape[1] - size].any()
+
+
+def test_scatter_default_extent_holds_all_points_with_equal_axis_scales():
+    size = 200
+    samples = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 5.0]])
+    image = viz.scatter_plot(samples, size=size, radius=0, title="a title")
+    rows, cols = np.nonzero(colour_mask(image, viz.SAMPLE_COLOR))
+    assert len(rows) == 3
+    assert abs(np.ptp(cols) - 2 * np.ptp(rows)) <= 1  # 10 units in x take twice the pixels of 5 units in y
+    assert np.ptp(cols) > 0.8 * size  # the fitted extent is tight around the points
+
+
+def test_scatter_trajectory_strip_has_one_panel_per_record():
+    rng = np.random.default_rng(2)
+    traj = rng.normal(size=(3, 50, 2)) * np.array([3.0, 2.0, 1.0])[:, None, None]
+    strip = viz.scatter_trajectory_strip(traj, np.array([20, 10, 0]), size=60)
+    assert strip.shape[1] == 3 * 60 + 2 * 8
+    starts = [0, 68, 136]
+    panels = [colour_mask(strip[:, s : s + 60], viz.SAMPLE_COLOR) for s in starts]
+    # A shared extent: the shrinking cloud covers fewer pixels from record to record.
+    spans = [np.ptp(np.nonzero(p)[1]) for p in panels]
+    assert spans[0] > spans[1] > spans[2] > 0
+
+
+def test_forward_process_strip_is_q_sample_with_one_shared_noise(tmp_path):
+    betas = np.linspace(0.01, 0.3, 25)
+    schedule = dj.make_schedule_from_betas(betas)
+    rng = np.random.default_rng(3)
+    image = rng.uniform(-1, 1, size=(1, 3, 2, 1))
+    key = jax.random.PRNGKey(7)
+    timesteps = [0, 5, 11]
+    strip = viz.forward_process_strip(schedule, image, key, timesteps=timesteps, scale=2)
+    noise = np.asarray(jax.random.normal(key, image.shape), np.float64)[0]
+    abar = np.cumprod(1 - betas)
+    tile_h, tile_w = 6, 4
+    top = strip.shape[0] - (tile_h + 1)
+    left = strip.shape[1] - (len(timesteps) * (tile_w + 1) + 1)
+    for j, t in enumerate(timesteps):
+        expected = viz.to_uint8(np.sqrt(abar[t]) * image[0] + np.sqrt(1 - abar[t]) * noise)  # Eq. 4, float64
+        col = left + 1 + j * (tile_w + 1)
+        tile = strip[top : top + tile_h, col : col + tile_w].astype(int)
+        assert np.abs(tile - upscaled(expected, 2)).max() <= 1  # float32 vs float64 rounding at .5
+    default = viz.save_forward_process(tmp_path / "fwd.png", schedule, image[0], key, scale=2)
+    explicit = viz.forward_process_strip(schedule, image[0], key, timesteps=np.append(np.arange(0, 24, 2), 24), scale=2)
+    np.testing.assert_array_equal(np.asarray(Image.open(default))[..., None], explicit)
