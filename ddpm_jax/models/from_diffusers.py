@@ -68,15 +68,11 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
             continue
         dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
         if dtype not in _STORED_DTYPES:
-            raise ValueError(
-                f"{path}: tensor {name!r} has dtype {dtype}; only F64/F32/F16/BF16 are supported."
-            )
+            raise ValueError(f"{path}: tensor {name!r} has dtype {dtype}; only F64/F32/F16/BF16 are supported.")
         stored = np.dtype(_STORED_DTYPES[dtype])
         count = math.prod(shape)
         if end - begin != count * stored.itemsize or start + end > len(data):
-            raise ValueError(
-                f"{path}: tensor {name!r} has a byte range that does not match its shape (truncated?)."
-            )
+            raise ValueError(f"{path}: tensor {name!r} has a byte range that does not match its shape (truncated?).")
         array = np.frombuffer(data, stored, count, start + begin)
         if dtype == "BF16":
             # bfloat16 is the top half of a float32: widen the bits and reinterpret.
@@ -94,9 +90,7 @@ def _require(config: dict, key: str, default, allowed, hint: str) -> None:
 def unet_kwargs_from_diffusers_config(config: dict) -> dict:
     """UNet keyword arguments equivalent to a diffusers `UNet2DModel` config; ValueError if there is none."""
     _require(config, "_class_name", "UNet2DModel", ("UNet2DModel",), "only UNet2DModel is supported.")
-    _require(
-        config, "time_embedding_type", "positional", ("positional",), "only sinusoidal embeddings exist here."
-    )
+    _require(config, "time_embedding_type", "positional", ("positional",), "only sinusoidal embeddings exist here.")
     # diffusers' defaults are flip_sin_to_cos=True, freq_shift=0; the DDPM formula ([sin, cos], i/(half-1)) is
     # flip_sin_to_cos=False with freq_shift=1.
     _require(config, "flip_sin_to_cos", True, (False,), "the DDPM embedding is [sin, cos] (False).")
@@ -227,9 +221,7 @@ def convert_diffusers_state_dict(state: dict[str, np.ndarray], config: dict) -> 
     have = {jax.tree_util.keystr(p): v.shape for p, v in jax.tree_util.tree_leaves_with_path(params)}
     problems = [f"missing {k}" for k in want.keys() - have.keys()]
     problems += [f"unexpected {k}" for k in have.keys() - want.keys()]
-    problems += [
-        f"{k}: shape {have[k]} != {want[k]}" for k in want.keys() & have.keys() if have[k] != want[k]
-    ]
+    problems += [f"{k}: shape {have[k]} != {want[k]}" for k in want.keys() & have.keys() if have[k] != want[k]]
     if problems:
         raise ValueError("diffusers weights do not match their config: " + "; ".join(sorted(problems)[:10]))
     return params

@@ -73,17 +73,17 @@ class AttnBlock(nn.Module):
     num_groups: int = 32
     norm_eps: float = 1e-6
     dtype: Dtype = jnp.float32
+    implementation: str | None = None  # jax.nn.dot_product_attention's: None (XLA) or "cudnn" (GPU, bf16)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         b, height, width, c = x.shape
         h = nn.GroupNorm(self.num_groups, epsilon=self.norm_eps, dtype=self.dtype, name="norm")(x)
-        dense = lambda name, scale=1.0: nn.Dense(
-            c, dtype=self.dtype, kernel_init=default_init(scale), name=name
-        )
+        dense = lambda name, scale=1.0: nn.Dense(c, dtype=self.dtype, kernel_init=default_init(scale), name=name)
         # [B, HW, heads=1, C] is the layout dot_product_attention (and cuDNN) expects; its softmax is float32.
         q, k, v = (dense(name)(h).reshape(b, height * width, 1, c) for name in ("q", "k", "v"))
-        h = jax.nn.dot_product_attention(q, k, v, scale=c**-0.5).reshape(b, height, width, c)
+        h = jax.nn.dot_product_attention(q, k, v, scale=c**-0.5, implementation=self.implementation)
+        h = h.reshape(b, height, width, c)
         return x + dense("proj_out", scale=1e-10)(h)
 
 
@@ -120,7 +120,7 @@ class Upsample(nn.Module):
         x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, height, 2, width, 2, c))
         x = x.reshape(b, 2 * height, 2 * width, c)
         if self.with_conv:
-            x = nn.Conv(
-                x.shape[-1], (3, 3), padding="SAME", dtype=self.dtype, kernel_init=default_init(), name="conv"
-            )(x)
+            x = nn.Conv(x.shape[-1], (3, 3), padding="SAME", dtype=self.dtype, kernel_init=default_init(), name="conv")(
+                x
+            )
         return x

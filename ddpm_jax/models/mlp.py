@@ -34,12 +34,8 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, t: jax.Array, train: bool = False) -> jax.Array:
         if x.ndim != 2:
-            raise ValueError(
-                f"MLP expects vectors [batch, dim], got shape {x.shape}; use the UNet for images."
-            )
-        dense = lambda features, name: nn.Dense(
-            features, dtype=self.dtype, kernel_init=default_init(), name=name
-        )
+            raise ValueError(f"MLP expects vectors [batch, dim], got shape {x.shape}; use the UNet for images.")
+        dense = lambda features, name: nn.Dense(features, dtype=self.dtype, kernel_init=default_init(), name=name)
         temb = timestep_embedding(t, self.hidden)
         temb = dense(self.hidden, "temb_dense_1")(nn.swish(dense(self.hidden, "temb_dense_0")(temb)))
         h = x.astype(self.dtype)

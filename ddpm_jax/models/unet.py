@@ -18,11 +18,12 @@ from ddpm_jax.models.layers import (
 
 
 class UNet(nn.Module):
-    """eps-prediction U-Net: x [B, H, W, C] (NHWC) and int t [B] -> float32 [B, H, W, out_channels].
+    """Denoising U-Net: x [B, H, W, C] (NHWC) and int t [B] -> float32 [B, H, W, out_channels].
 
     Defaults are the paper's CIFAR-10 network (35,746,307 parameters). `dtype` is the computation dtype
     (e.g. bfloat16 on accelerators); parameters stay float32 and GroupNorm statistics and the attention
     softmax are computed in float32. `attn_resolutions` are image heights at which attention is applied.
+    `attn_implementation` is passed to jax.nn.dot_product_attention: None (XLA) or "cudnn" (GPU, 16-bit).
     """
 
     ch: int = 128
@@ -36,6 +37,7 @@ class UNet(nn.Module):
     norm_eps: float = 1e-6
     conv_shortcut: bool = False
     dtype: Dtype = jnp.float32
+    attn_implementation: str | None = None
 
     def __post_init__(self):
         # Configs hand over lists; tuples keep the module hashable.
@@ -87,18 +89,14 @@ class UNet(nn.Module):
         resnet = lambda out_ch, name: ResnetBlock(
             out_ch, self.dropout, self.num_groups, self.norm_eps, self.conv_shortcut, self.dtype, name=name
         )
-        attn = lambda name: AttnBlock(self.num_groups, self.norm_eps, self.dtype, name=name)
-        dense = lambda features, name: nn.Dense(
-            features, dtype=self.dtype, kernel_init=default_init(), name=name
-        )
+        attn = lambda name: AttnBlock(self.num_groups, self.norm_eps, self.dtype, self.attn_implementation, name=name)
+        dense = lambda features, name: nn.Dense(features, dtype=self.dtype, kernel_init=default_init(), name=name)
 
         temb = timestep_embedding(t, self.ch)
         temb = dense(4 * self.ch, "temb_dense_1")(nn.swish(dense(4 * self.ch, "temb_dense_0")(temb)))
 
         x = x.astype(self.dtype)
-        conv_in = nn.Conv(
-            self.ch, (3, 3), padding="SAME", dtype=self.dtype, kernel_init=default_init(), name="conv_in"
-        )
+        conv_in = nn.Conv(self.ch, (3, 3), padding="SAME", dtype=self.dtype, kernel_init=default_init(), name="conv_in")
         skips = [conv_in(x)]
         for level, mult in enumerate(self.ch_mult):
             for i in range(self.num_res_blocks):
@@ -107,9 +105,7 @@ class UNet(nn.Module):
                     h = attn(f"down_{level}_attn_{i}")(h)
                 skips.append(h)
             if level != num_levels - 1:
-                skips.append(
-                    Downsample(self.resamp_with_conv, self.dtype, name=f"down_{level}_downsample")(h)
-                )
+                skips.append(Downsample(self.resamp_with_conv, self.dtype, name=f"down_{level}_downsample")(h))
 
         h = skips[-1]
         h = resnet(h.shape[-1], "mid_block_0")(h, temb, train)
