@@ -1,0 +1,1 @@
+"""Experiment configs (ml_collections), selected with ``--config=configs/NAME.py``."""

@@ -1,0 +1,18 @@
+"""CIFAR-10 32x32 with the DDPM paper's exact settings (Ho et al. 2020, Sec. 4 and Appendix B)."""
+
+from configs.base import get_base_config
+
+
+def get_config():
+    config = get_base_config()
+    config.data.dataset = "cifar10"
+    config.data.image_size = 32
+    config.data.num_channels = 3
+    config.data.random_flip = True
+    # model: base values are the paper's 35.7M-parameter network (ch 128, ch_mult (1,2,2,2), attn 16, dropout 0.1)
+    config.training.num_steps = 800_000
+    config.training.checkpoint_every = 10_000
+    config.training.sample_every = 20_000
+    config.eval.bpd_every = 50_000
+    config.eval.num_bpd_examples = 256
+    return config

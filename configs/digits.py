@@ -1,0 +1,32 @@
+"""The default: scikit-learn's 8x8 handwritten digits (1,797 images, no download) and a small U-Net.
+
+Sized to train on 2 CPU cores in about 10 minutes.
+"""
+
+from configs.base import get_base_config
+
+
+def get_config():
+    config = get_base_config()
+    config.data.dataset = "digits"
+    config.data.image_size = 8
+    config.data.num_channels = 1
+    config.model.ch = 32
+    config.model.ch_mult = (1, 2)
+    config.model.num_res_blocks = 2
+    config.model.attn_resolutions = (4,)
+    config.model.num_groups = 8
+    config.model.dropout = 0.0
+    config.training.batch_size = 128
+    config.training.num_steps = 1000
+    config.training.lr = 1e-3
+    config.training.warmup_steps = 100
+    config.training.ema_decay = 0.999
+    config.training.ema_warmup = True
+    config.training.steps_per_call = 1
+    config.training.log_every = 50
+    config.training.checkpoint_every = 250
+    config.training.sample_every = 0
+    config.sampling.num_samples = 100
+    config.eval.batch_size = 128
+    return config

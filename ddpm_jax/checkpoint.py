@@ -1,0 +1,83 @@
+"""Orbax checkpoints of the whole TrainState in ``workdir/checkpoints``: save every N steps, resume the latest.
+
+Saves are atomic (Orbax writes to a temporary directory and renames it), so a run killed mid-save leaves the
+previous checkpoint intact; the config the run was started with is kept beside them in ``config.json`` and
+a resumed run must agree with it on everything that shapes the parameters or the process being learned.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+# Config groups whose change makes a checkpoint incompatible (parameter shapes or the learned process).
+_COMPATIBILITY_KEYS = ("model", "diffusion", ("data", "dataset"), ("data", "image_size"), ("data", "num_channels"))
+
+
+def _compatibility_view(config_dict: dict) -> dict:
+    view = {}
+    for key in _COMPATIBILITY_KEYS:
+        if isinstance(key, tuple):
+            view[".".join(key)] = config_dict.get(key[0], {}).get(key[1])
+        else:
+            view[key] = config_dict.get(key)
+    return view
+
+
+class Checkpointer:
+    """Save/restore a TrainState pytree under ``workdir/checkpoints``, keeping the last ``keep`` steps."""
+
+    def __init__(self, workdir: str, keep: int = 3, *, read_only: bool = False):
+        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.config_path = os.path.join(os.path.abspath(workdir), "config.json")
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def check_config(self, config_dict: dict) -> None:
+        """Record the run's config, or raise ValueError if it conflicts with the one the checkpoints came from."""
+        if os.path.exists(self.config_path):
+            with open(self.config_path) as f:
+                saved = json.load(f)
+            old, new = _compatibility_view(saved), _compatibility_view(config_dict)
+            diff = [k for k in old if old[k] != new[k]]
+            if diff and self.latest_step() is not None:
+                details = "; ".join(f"{k}: checkpoint {old[k]} vs now {new[k]}" for k in diff)
+                raise ValueError(
+                    f"the checkpoints in {self.directory} were written with a different config ({details}); "
+                    "use a new --workdir or the original config"
+                )
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(self.config_path), exist_ok=True)
+            with open(self.config_path, "w") as f:
+                json.dump(config_dict, f, indent=2, sort_keys=True, default=str)
+
+    def save(self, step: int, state: Any, *, force: bool = False) -> None:
+        self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
+
+    def restore(self, state_like: Any, step: int | None = None) -> Any:
+        """Restore ``step`` (default: latest) into the structure, shapes and shardings of ``state_like``."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise ValueError(f"no checkpoint found in {self.directory}")
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_like)
+        try:
+            return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        except Exception as err:  # Orbax raises many types for unreadable or mismatched trees
+            raise ValueError(
+                f"cannot restore checkpoint step {step} from {self.directory}: {type(err).__name__}: {err}. "
+                "It is unreadable or was written by an incompatible model/config; it has not been modified. "
+                "Use another --workdir to start afresh."
+            ) from err
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()

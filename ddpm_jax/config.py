@@ -1,0 +1,178 @@
+"""Reading an experiment config (ml_collections, groups data/model/diffusion/training/sampling/eval).
+
+`validate_config` checks everything a run needs before any work, so a bad value stops it with one message
+that lists every problem; `build_model` and `schedule_from_config` turn a valid config into objects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from ddpm_jax.data import DATASETS
+from ddpm_jax.diffusion import LOSS_TYPES, MEAN_TYPES, VAR_TYPES
+from ddpm_jax.models import MLP, UNet
+from ddpm_jax.schedules import SCHEDULES, Schedule, make_schedule
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+SAMPLERS = ("ddpm", "ddim")
+OPTIMIZERS = ("adam", "adamw")
+
+
+def schedule_from_config(diffusion: Mapping[str, Any]) -> Schedule:
+    """The beta schedule named by `config.diffusion`."""
+    name = diffusion["beta_schedule"]
+    kwargs = {}
+    if name in ("linear", "quadratic", "sigmoid"):
+        kwargs = {"beta_start": diffusion["beta_start"], "beta_end": diffusion["beta_end"]}
+    elif name == "constant":
+        kwargs = {"beta_end": diffusion["beta_end"]}
+    return make_schedule(name, diffusion["num_timesteps"], **kwargs)
+
+
+def is_learned_variance(config) -> bool:
+    return config.diffusion.var_type in ("learned", "learned_range")
+
+
+def build_model(config) -> nn.Module:
+    """The denoiser named by `config.model`, with output channels doubled for learned variances."""
+    m = config.model
+    dtype = DTYPES[m.dtype]
+    if m.name == "mlp":
+        return MLP(
+            hidden=m.mlp_hidden, num_layers=m.mlp_layers, learned_variance=is_learned_variance(config), dtype=dtype
+        )
+    channels = config.data.num_channels
+    return UNet(
+        ch=m.ch,
+        ch_mult=tuple(m.ch_mult),
+        num_res_blocks=m.num_res_blocks,
+        attn_resolutions=tuple(m.attn_resolutions),
+        dropout=m.dropout,
+        resamp_with_conv=m.resamp_with_conv,
+        out_channels=2 * channels if is_learned_variance(config) else channels,
+        num_groups=m.num_groups,
+        dtype=dtype,
+    )
+
+
+def data_shape(config) -> tuple[int, ...]:
+    """Shape of one example: (H, W, C) for images, (dim,) for vectors."""
+    if DATASETS[config.data.dataset].kind == "toy":
+        return (config.data.dim,)
+    return (config.data.image_size, config.data.image_size, config.data.num_channels)
+
+
+def validate_config(config, *, num_devices: int = 1, process_count: int = 1) -> None:
+    """Raise one ValueError listing every problem of ``config`` for a run on ``num_devices`` devices."""
+    problems: list[str] = []
+
+    def choice(path: str, value, choices):
+        if value not in choices:
+            problems.append(f"{path}={value!r} is not one of {', '.join(map(str, choices))}")
+
+    def positive(path: str, value, allow_zero=False):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
+            problems.append(f"{path}={value!r} must be an integer >= {0 if allow_zero else 1}")
+
+    d, m, df, tr, s, ev = config.data, config.model, config.diffusion, config.training, config.sampling, config.eval
+    choice("data.dataset", d.dataset, sorted(DATASETS))
+    choice("model.name", m.name, ("unet", "mlp"))
+    choice("model.dtype", m.dtype, tuple(DTYPES))
+    choice("diffusion.beta_schedule", df.beta_schedule, SCHEDULES)
+    choice("diffusion.mean_type", df.mean_type, MEAN_TYPES)
+    choice("diffusion.var_type", df.var_type, VAR_TYPES)
+    choice("diffusion.loss_type", df.loss_type, LOSS_TYPES)
+    choice("training.optimizer", tr.optimizer, OPTIMIZERS)
+    choice("sampling.sampler", s.sampler, SAMPLERS)
+    for path, value in [
+        ("diffusion.num_timesteps", df.num_timesteps),
+        ("training.batch_size", tr.batch_size),
+        ("training.num_steps", tr.num_steps),
+        ("training.steps_per_call", tr.steps_per_call),
+        ("training.log_every", tr.log_every),
+        ("training.checkpoint_every", tr.checkpoint_every),
+        ("training.keep_checkpoints", tr.keep_checkpoints),
+        ("training.max_skipped_steps", tr.max_skipped_steps),
+        ("sampling.num_samples", s.num_samples),
+        ("eval.batch_size", ev.batch_size),
+        ("eval.num_bpd_examples", ev.num_bpd_examples),
+    ]:
+        positive(path, value)
+    for path, value in [
+        ("training.warmup_steps", tr.warmup_steps),
+        ("training.sample_every", tr.sample_every),
+        ("eval.bpd_every", ev.bpd_every),
+        ("eval.metrics_every", ev.metrics_every),
+        ("sampling.num_steps", s.num_steps),
+        ("sampling.trajectory_every", s.trajectory_every),
+    ]:
+        positive(path, value, allow_zero=True)
+    if not 0.0 < tr.lr < 1.0:
+        problems.append(f"training.lr={tr.lr} must be in (0, 1)")
+    if not 0.0 <= tr.ema_decay < 1.0:
+        problems.append(f"training.ema_decay={tr.ema_decay} must be in [0, 1)")
+    if tr.grad_clip <= 0:
+        problems.append(f"training.grad_clip={tr.grad_clip} must be > 0")
+    if s.eta < 0:
+        problems.append(f"sampling.eta={s.eta} must be >= 0")
+
+    if isinstance(tr.batch_size, int) and tr.batch_size > 0:
+        if tr.batch_size % num_devices:
+            problems.append(
+                f"training.batch_size={tr.batch_size} is not divisible by the {num_devices} devices; "
+                f"use a multiple of {num_devices}"
+            )
+        if tr.batch_size % process_count:
+            problems.append(f"training.batch_size={tr.batch_size} is not divisible by the {process_count} hosts")
+    if isinstance(tr.steps_per_call, int) and tr.steps_per_call > 0:
+        for path, value in [
+            ("training.log_every", tr.log_every),
+            ("training.checkpoint_every", tr.checkpoint_every),
+            ("training.sample_every", tr.sample_every),
+            ("eval.bpd_every", ev.bpd_every),
+            ("eval.metrics_every", ev.metrics_every),
+        ]:
+            if isinstance(value, int) and value % tr.steps_per_call:
+                problems.append(f"{path}={value} must be a multiple of training.steps_per_call={tr.steps_per_call}")
+
+    if df.var_type in ("learned", "learned_range") and df.loss_type in ("mse", "l1", "huber"):
+        problems.append(f"diffusion.var_type={df.var_type!r} needs diffusion.loss_type 'hybrid' or 'kl'")
+    if df.loss_type == "hybrid" and df.var_type not in ("learned", "learned_range"):
+        problems.append("diffusion.loss_type='hybrid' needs diffusion.var_type 'learned' or 'learned_range'")
+    if s.sampler == "ddim" and df.mean_type == "xprev":
+        problems.append("sampling.sampler='ddim' needs diffusion.mean_type eps, x0 or v (not xprev)")
+    if isinstance(df.num_timesteps, int) and isinstance(s.num_steps, int) and s.num_steps > df.num_timesteps:
+        problems.append(f"sampling.num_steps={s.num_steps} exceeds diffusion.num_timesteps={df.num_timesteps}")
+
+    if d.dataset in DATASETS:
+        spec = DATASETS[d.dataset]
+        if spec.kind == "toy":
+            if m.name != "mlp":
+                problems.append(f"data.dataset={d.dataset!r} is 2-D: use model.name='mlp'")
+            if d.dim != spec.shape[0]:
+                problems.append(f"data.dim={d.dim} but {d.dataset!r} has {spec.shape[0]} dimensions")
+            if d.random_flip:
+                problems.append("data.random_flip applies to images only")
+        else:
+            if m.name != "unet":
+                problems.append(f"data.dataset={d.dataset!r} holds images: use model.name='unet'")
+            if d.num_channels != spec.num_channels:
+                problems.append(f"data.num_channels={d.num_channels} but {d.dataset!r} has {spec.num_channels}")
+            positive("data.image_size", d.image_size)
+
+    if not problems and m.name == "unet":
+        try:
+            build_model(config).check_resolution(d.image_size, d.image_size)
+        except ValueError as err:
+            problems.append(f"model: {err}")
+    if not problems:
+        try:
+            schedule_from_config(df)
+        except ValueError as err:
+            problems.append(f"diffusion: {err}")
+    if problems:
+        raise ValueError("invalid config:\n  - " + "\n  - ".join(problems))

@@ -1,0 +1,351 @@
+"""Running experiments: the training loop with its checkpoints, logs and pictures, evaluation and sampling.
+
+This is the layer that touches files and the terminal (progress bar, ``metrics.jsonl``, TensorBoard events,
+PNG grids) on top of the pure pieces in `training`, `sampling` and `likelihood`. `train.py` and `sample.py`
+only parse flags and call these functions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from ddpm_jax import viz
+from ddpm_jax.checkpoint import Checkpointer
+from ddpm_jax.config import build_model, data_shape, schedule_from_config, validate_config
+from ddpm_jax.data import DATASETS, make_dataset
+from ddpm_jax.likelihood import calc_bpd_loop
+from ddpm_jax.sampling import ddim_sample, ddpm_sample
+from ddpm_jax.training import (
+    NUM_LOSS_QUARTILES,
+    TrainState,
+    create_train_state,
+    global_batch,
+    jit_train_step,
+    make_mesh,
+    make_train_step,
+    replicated,
+)
+
+
+def maybe_initialize_distributed(config) -> None:
+    """jax.distributed.initialize() when the config asks or a coordinator address is in the environment."""
+    if config.training.distributed or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize()
+
+
+def is_image_data(config) -> bool:
+    return DATASETS[config.data.dataset].kind == "image"
+
+
+def make_sample_fn(config, model, schedule, *, num_samples: int | None = None, trajectory_every: int | None = None):
+    """jitted ``(params, key) -> samples`` (and a Trajectory if asked) with the config's sampler."""
+    s, d = config.sampling, config.diffusion
+    shape = (num_samples or s.num_samples, *data_shape(config))
+    kwargs = dict(
+        mean_type=d.mean_type, var_type=d.var_type, clip_denoised=s.clip_denoised and is_image_data(config),
+        trajectory_every=trajectory_every,
+    )
+
+    def sample(params, key):
+        model_fn = partial(model.apply, {"params": params})
+        if s.sampler == "ddim":
+            return ddim_sample(model_fn, schedule, key, shape, num_steps=s.num_steps or 50, eta=s.eta, **kwargs)
+        return ddpm_sample(model_fn, schedule, key, shape, **kwargs)
+
+    return jax.jit(sample)
+
+
+def make_bpd_fn(config, model, schedule):
+    """jitted ``(params, x0, key) -> BpdResult``: the full variational bound in bits/dim (one lax.scan over T)."""
+    d = config.diffusion
+
+    def bpd(params, x0, key):
+        model_fn = partial(model.apply, {"params": params})
+        return calc_bpd_loop(schedule, model_fn, x0, key, mean_type=d.mean_type, var_type=d.var_type)
+
+    return jax.jit(bpd)
+
+
+def evaluate_bpd(config, params, model, schedule, *, num_examples: int, key: jax.Array, progress=False) -> dict:
+    """Mean bits/dim (total, prior, decoder L_0) over the first ``num_examples`` of the test split."""
+    dataset = make_dataset(
+        config.data, "test", batch_size=config.eval.batch_size, seed=config.seed,
+        data_dir=config.data.data_dir or None, download=config.data.download,
+    )
+    bpd_fn = make_bpd_fn(config, model, schedule)
+    totals, priors, decoders = [], [], []
+    batches = dataset.ordered_batches(num_examples=max(num_examples, config.eval.batch_size))
+    for i, batch in enumerate(tqdm(batches, desc="bits/dim", disable=not progress, leave=False)):
+        out = bpd_fn(params, jnp.asarray(batch["image"]), jax.random.fold_in(key, i))
+        totals.append(np.asarray(out.total_bpd))
+        priors.append(np.asarray(out.prior_bpd))
+        decoders.append(np.asarray(out.vb_terms[:, 0]))
+    if not totals:
+        raise ValueError(f"the test split has fewer than eval.batch_size={config.eval.batch_size} examples")
+    return {
+        "bpd": float(np.concatenate(totals).mean()),
+        "bpd_prior": float(np.concatenate(priors).mean()),
+        "bpd_decoder": float(np.concatenate(decoders).mean()),
+        "bpd_examples": int(sum(len(t) for t in totals)),
+    }
+
+
+def save_samples(config, samples: np.ndarray, path: str, reference: np.ndarray | None = None) -> None:
+    """A PNG of samples: an image grid, or for 2-D data a scatter plot beside the data."""
+    if is_image_data(config):
+        viz.save_image_grid(path, samples, scale=max(1, 64 // config.data.image_size))
+    else:
+        viz.save_scatter(path, samples, reference, title=f"{config.data.dataset}: data | samples")
+
+
+class MetricsWriter:
+    """metrics.jsonl (one JSON object a line) and TensorBoard events in the workdir, written by process 0."""
+
+    def __init__(self, workdir: str, resume_step: int):
+        self.enabled = jax.process_index() == 0
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.tb = None
+        if not self.enabled:
+            return
+        # Lines past the restored checkpoint belong to a run that died; the resumed run rewrites them.
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                kept = [line for line in f if json.loads(line).get("step", 0) <= resume_step]
+            with open(self.path, "w") as f:
+                f.writelines(kept)
+        from tensorboardX import SummaryWriter
+
+        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        for name, value in metrics.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.tb.add_scalar(name, value, step)
+        self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _summarize(window: list[dict]) -> dict:
+    """Host-side means of a window of per-call metrics (each [K] or [K, 4])."""
+    cat = {k: np.concatenate([np.asarray(m[k]) for m in window]) for k in window[0]}
+    finite = cat["finite"].astype(bool)
+    out = {
+        "loss": float(cat["loss"][finite].mean()) if finite.any() else float("nan"),
+        "grad_norm": float(cat["grad_norm"][finite].mean()) if finite.any() else float("nan"),
+        "skipped": int((~finite).sum()),
+    }
+    sums, counts = cat["loss_by_t_sum"].sum(0), cat["loss_by_t_count"].sum(0)
+    for q in range(NUM_LOSS_QUARTILES):
+        out[f"loss_t_q{q}"] = float(sums[q] / counts[q]) if counts[q] else float("nan")
+    return out
+
+
+def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> TrainState:
+    """Train (or resume) the model of ``config`` in ``workdir``; returns the final state.
+
+    Saves a checkpoint every ``training.checkpoint_every`` steps, at the end and on Ctrl-C; logs every
+    ``training.log_every`` steps; writes sample grids from the EMA parameters every ``training.sample_every``
+    steps and at the end (``samples.png``), and held-out bits/dim every ``eval.bpd_every`` steps.
+    """
+    maybe_initialize_distributed(config)
+    validate_config(config, num_devices=jax.device_count(), process_count=jax.process_count())
+    tr = config.training
+    os.makedirs(workdir, exist_ok=True)
+    checkpointer = Checkpointer(workdir, keep=tr.keep_checkpoints)
+    checkpointer.check_config(config.to_dict())
+
+    dataset = make_dataset(
+        config.data, "train", batch_size=tr.batch_size, seed=config.seed,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        data_dir=config.data.data_dir or None, download=config.data.download,
+    )
+    mesh = make_mesh()
+    model = build_model(config)
+    schedule = schedule_from_config(config.diffusion)
+    state = jax.jit(partial(create_train_state, config, model), out_shardings=replicated(mesh))(
+        jax.random.PRNGKey(config.seed)
+    )
+    start_step = 0
+    if checkpointer.latest_step() is not None:
+        state = checkpointer.restore(state)
+        start_step = int(state.step)
+    step_fn = jit_train_step(make_train_step(config, model, schedule), mesh)
+    writer = MetricsWriter(workdir, start_step)
+    sample_fn = make_sample_fn(config, model, schedule)
+    reference = None if is_image_data(config) else dataset.examples[: config.sampling.num_samples]
+    eval_key = jax.random.PRNGKey(config.seed + 1)
+
+    def write_samples(step: int, name: str) -> None:
+        samples = np.asarray(sample_fn(state.ema_params, jax.random.fold_in(eval_key, step)))
+        if jax.process_index() == 0:
+            save_samples(config, samples, os.path.join(workdir, name), reference)
+
+    k = tr.steps_per_call
+    bar = tqdm(
+        total=tr.num_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+        disable=not progress or jax.process_index() != 0, mininterval=1.0 if sys.stderr.isatty() else 30.0,
+    )
+    window: list[dict] = []
+    window_start = time.perf_counter()
+    step = start_step
+    try:
+        while step < tr.num_steps:
+            num = min(k, tr.num_steps - step)
+            local = [dataset.batch(s) for s in range(step, step + num)]
+            batches = global_batch({"image": np.stack([b["image"] for b in local])}, mesh)
+            state, metrics = step_fn(state, batches)
+            step += num
+            window.append(metrics)
+            bar.update(num)
+
+            if step % tr.log_every == 0 or step == tr.num_steps:
+                summary = _summarize(jax.device_get(window))
+                elapsed = time.perf_counter() - window_start
+                summary["steps_per_sec"] = sum(len(m["loss"]) for m in window) / elapsed
+                writer.write(step, summary)
+                bar.set_postfix(loss=f"{summary['loss']:.4f}", skipped=summary["skipped"])
+                if summary["skipped"] >= min(tr.max_skipped_steps, len(window) * k):
+                    raise FloatingPointError(
+                        f"{summary['skipped']} of the last {len(window) * k} updates had a non-finite loss or "
+                        f"gradient (step {step}); lower training.lr, use model.dtype='float32' or check the data"
+                    )
+                window, window_start = [], time.perf_counter()
+            if step % tr.checkpoint_every == 0 or step == tr.num_steps:
+                checkpointer.save(step, state)
+            if tr.sample_every and step % tr.sample_every == 0 and step < tr.num_steps:
+                write_samples(step, os.path.join("samples", f"step_{step:08d}.png"))
+            if config.eval.bpd_every and step % config.eval.bpd_every == 0 and is_image_data(config):
+                result = evaluate_bpd(
+                    config, state.ema_params, model, schedule,
+                    num_examples=config.eval.num_bpd_examples, key=jax.random.fold_in(eval_key, step),
+                )
+                writer.write(step, result)
+                bar.write(f"step {step}: held-out {result['bpd']:.3f} bits/dim ({result['bpd_examples']} images)")
+    except KeyboardInterrupt:
+        checkpointer.save(step, state, force=True)
+        checkpointer.wait()
+        bar.write(f"interrupted: checkpoint saved at step {step} in {checkpointer.directory}")
+        raise
+    finally:
+        bar.close()
+    checkpointer.wait()
+    write_samples(step, "samples.png")
+    writer.close()
+    checkpointer.close()
+    return state
+
+
+def restore_params(config, workdir: str, *, ema: bool = True):
+    """(model, schedule, params) from the latest checkpoint in ``workdir`` (EMA parameters by default)."""
+    checkpointer = Checkpointer(workdir, read_only=True)
+    if checkpointer.latest_step() is None:
+        raise ValueError(f"no checkpoint in {workdir}/checkpoints: train first with `python train.py --workdir={workdir}`")
+    model = build_model(config)
+    schedule = schedule_from_config(config.diffusion)
+    abstract = jax.eval_shape(partial(create_train_state, config, model), jax.random.PRNGKey(0))
+    state = checkpointer.restore(abstract)
+    return model, schedule, (state.ema_params if ema else state.params), int(state.step)
+
+
+def evaluate_checkpoint(config, workdir: str, *, num_examples: int | None = None, progress: bool = True) -> dict:
+    """Test-set bits/dim of the latest checkpoint's EMA parameters; also written to ``workdir/eval.json``."""
+    validate_config(config)
+    if not is_image_data(config):
+        raise ValueError("bits/dim is defined for 8-bit images; 2-D data sets are evaluated with sample.py --metrics")
+    model, schedule, params, step = restore_params(config, workdir)
+    result = evaluate_bpd(
+        config, params, model, schedule, num_examples=num_examples or 10**9,
+        key=jax.random.PRNGKey(config.seed + 2), progress=progress,
+    )
+    result["step"] = step
+    with open(os.path.join(workdir, "eval.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    return result
+
+
+def sample_metrics(config, samples: np.ndarray, *, seed: int = 0) -> dict:
+    """The sample-quality metric that fits the data, each beside its data-vs-data baseline.
+
+    2-D sets: sliced Wasserstein and MMD against held-out points; digits: Fréchet distance in the digits
+    classifier's feature space and class entropy. Other image sets need FID statistics (see ddpm_jax.metrics).
+    """
+    from ddpm_jax import metrics  # the classifier and Inception code load only when metrics are asked for
+
+    if not is_image_data(config):
+        held_out = make_dataset(config.data, "test", batch_size=1, seed=seed).examples
+        return metrics.lowdim_metrics(samples, held_out, seed)
+    if config.data.dataset == "digits":
+        return metrics.digits_metrics(samples)
+    return {}
+
+
+def load_config(workdir: str):
+    """The config a run in ``workdir`` was trained with (written by `train_and_evaluate`)."""
+    import ml_collections
+
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise ValueError(f"{path} not found: is {workdir} the --workdir of a training run?")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def generate(config, workdir: str, *, out_dir: str, ema: bool = True, trajectory: bool = False,
+             with_metrics: bool = False, seed: int = 0) -> dict:
+    """Draw ``config.sampling.num_samples`` samples from the latest checkpoint; write PNG, .npz (and chain pictures).
+
+    Returns a dict with the written paths and, if asked, the sample metrics.
+    """
+    validate_config(config)
+    model, schedule, params, step = restore_params(config, workdir, ema=ema)
+    s = config.sampling
+    trajectory_every = None
+    if trajectory:
+        steps = schedule.num_timesteps if s.sampler == "ddpm" else (s.num_steps or 50)
+        trajectory_every = max(1, min(s.trajectory_every or steps // 10, steps))
+    sample_fn = make_sample_fn(config, model, schedule, trajectory_every=trajectory_every)
+    start = time.perf_counter()
+    out = jax.device_get(sample_fn(params, jax.random.PRNGKey(seed)))
+    seconds = time.perf_counter() - start
+    samples, traj = (out if trajectory else (out, None))
+    samples = np.asarray(samples)
+
+    os.makedirs(out_dir, exist_ok=True)
+    tag = f"{s.sampler}{s.num_steps or 50 if s.sampler == 'ddim' else ''}_seed{seed}_step{step}"
+    result = {"step": step, "seconds": seconds, "png": os.path.join(out_dir, f"samples_{tag}.png"),
+              "npz": os.path.join(out_dir, f"samples_{tag}.npz")}
+    reference = None if is_image_data(config) else make_dataset(config.data, "test", batch_size=1, seed=0).examples
+    save_samples(config, samples, result["png"], None if reference is None else reference[: len(samples)])
+    arrays = {"samples": samples}
+    if is_image_data(config):
+        arrays["uint8"] = viz.to_uint8(samples)
+    np.savez_compressed(result["npz"], **arrays)
+    if traj is not None:
+        if is_image_data(config):
+            result["trajectory_png"] = os.path.join(out_dir, f"chain_{tag}.png")
+            result["trajectory_gif"] = os.path.join(out_dir, f"chain_{tag}.gif")
+            viz.save_png(result["trajectory_png"], viz.chain_strip(traj.x, traj.pred_x0, traj.timesteps))
+            viz.save_chain_gif(result["trajectory_gif"], traj.x, traj.pred_x0, traj.timesteps)
+        else:
+            result["trajectory_png"] = os.path.join(out_dir, f"chain_{tag}.png")
+            viz.save_png(result["trajectory_png"], viz.scatter_trajectory_strip(traj.x, traj.timesteps))
+    if with_metrics:
+        result["metrics"] = sample_metrics(config, samples, seed=seed)
+    return result

@@ -1,0 +1,169 @@
+"""Training: TrainState with EMA parameters, the Optax optimizer, the jitted train step and its sharding.
+
+One `jax.sharding.Mesh` over all devices with a single ``data`` axis: batches are split along it, parameters
+and optimizer state are replicated, and `jax.jit` with `NamedSharding` inserts the gradient all-reduce.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training import train_state
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ddpm_jax.diffusion import training_losses
+from ddpm_jax.config import data_shape
+from ddpm_jax.schedules import Schedule
+
+NUM_LOSS_QUARTILES = 4
+
+
+class TrainState(train_state.TrainState):
+    """Flax TrainState plus the EMA of the parameters, the run's base key and a count of skipped steps."""
+
+    ema_params: Any = None
+    rng: jax.Array | None = None  # base key; the key of step s is fold_in(rng, s)
+    num_skipped: jax.Array | None = None  # updates skipped for a non-finite loss or gradient
+
+
+def make_optimizer(training: Mapping[str, Any]) -> optax.GradientTransformation:
+    """clip_by_global_norm then Adam/AdamW with a linear learning-rate warm-up (DDPM: 5,000 steps to 2e-4)."""
+    lr = training["lr"]
+    warmup = training["warmup_steps"]
+    schedule = optax.linear_schedule(0.0, lr, warmup) if warmup > 0 else optax.constant_schedule(lr)
+    betas = dict(b1=training["adam_b1"], b2=training["adam_b2"], eps=training["adam_eps"])
+    if training["optimizer"] == "adamw":
+        opt = optax.adamw(schedule, weight_decay=training["weight_decay"], **betas)
+    else:
+        opt = optax.adam(schedule, **betas)
+    return optax.chain(optax.clip_by_global_norm(training["grad_clip"]), opt)
+
+
+def create_train_state(config, model: nn.Module, key: jax.Array) -> TrainState:
+    """Initialise parameters (float32), EMA copy and optimizer state; key splits into init and run keys."""
+    init_key, run_key = jax.random.split(key)
+    shape = (1, *data_shape(config))
+    params = model.init(init_key, jnp.zeros(shape, jnp.float32), jnp.zeros((1,), jnp.int32))["params"]
+    return TrainState.create(
+        apply_fn=model.apply,
+        params=params,
+        tx=make_optimizer(config.training),
+        ema_params=jax.tree.map(jnp.copy, params),
+        rng=run_key,
+        num_skipped=jnp.zeros((), jnp.int32),
+    )
+
+
+def ema_decay_at(step: jax.Array, decay: float, warmup: bool) -> jax.Array:
+    """The EMA decay; with warm-up min(decay, (1 + step) / (10 + step)) so short runs average recent weights."""
+    if not warmup:
+        return jnp.asarray(decay, jnp.float32)
+    step = step.astype(jnp.float32)
+    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def make_train_step(config, model: nn.Module, schedule: Schedule) -> Callable:
+    """A pure step ``(state, batches) -> (state, metrics)`` over ``batches["image"]`` of shape [K, B, ...].
+
+    The K steps run under `lax.scan` (several optimizer steps per call). A step whose loss or gradient is not
+    finite leaves the state unchanged except for ``num_skipped``. Metrics are per step: loss, gradient norm,
+    and per-quartile-of-t loss sums and counts (``loss_by_t_sum``/``loss_by_t_count``, [K, 4]).
+    """
+    d, tr = config.diffusion, config.training
+    num_timesteps = schedule.num_timesteps
+
+    def one_step(state: TrainState, batch):
+        key = jax.random.fold_in(state.rng, state.step)
+        t_key, noise_key, dropout_key = jax.random.split(key, 3)
+        x0 = batch["image"]
+        t = jax.random.randint(t_key, (x0.shape[0],), 0, num_timesteps)
+
+        def loss_fn(params):
+            def model_fn(x, t):
+                return state.apply_fn({"params": params}, x, t, train=True, rngs={"dropout": dropout_key})
+
+            terms = training_losses(
+                schedule, model_fn, x0, t, noise_key,
+                mean_type=d.mean_type, var_type=d.var_type, loss_type=d.loss_type, vlb_weight=d.vlb_weight,
+            )
+            return jnp.mean(terms["loss"]), terms["loss"]
+
+        (loss, per_example), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        grad_norm = optax.global_norm(grads)
+        # One reduction: the norm is non-finite iff some gradient entry is (per-leaf checks cost ~40 s of compile).
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updated = state.apply_gradients(grads=grads)
+        decay = ema_decay_at(state.step, tr.ema_decay, tr.ema_warmup)
+        updated = updated.replace(
+            ema_params=jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, updated.params)
+        )
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
+        new_state = new_state.replace(step=state.step + 1, num_skipped=state.num_skipped + (~finite).astype(jnp.int32))
+
+        quartile = (t * NUM_LOSS_QUARTILES) // num_timesteps
+        onehot = jax.nn.one_hot(quartile, NUM_LOSS_QUARTILES, dtype=jnp.float32)
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "finite": finite,
+            "loss_by_t_sum": jnp.where(jnp.isfinite(per_example), per_example, 0.0) @ onehot,
+            "loss_by_t_count": jnp.sum(onehot, axis=0),
+        }
+        return new_state, metrics
+
+    def train_step(state: TrainState, batches):
+        # XLA:CPU runs U-Net gradient steps inside a while loop ~25x slower than as straight-line code
+        # (measured on the digits U-Net: 28 s vs 1.1 s per step; a length-1 scan is still a loop), so one step
+        # is called directly and on CPU the K steps are unrolled; accelerators keep the loop.
+        if jax.tree.leaves(batches)[0].shape[0] == 1:
+            state, metrics = one_step(state, jax.tree.map(lambda x: x[0], batches))
+            return state, jax.tree.map(lambda x: x[None], metrics)
+        return jax.lax.scan(one_step, state, batches, unroll=jax.default_backend() == "cpu")
+
+    return train_step
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sharding
+# ----------------------------------------------------------------------------------------------------------
+
+
+def make_mesh(devices=None) -> Mesh:
+    """A 1-D mesh with axis ``data`` over all (global) devices."""
+    devices = np.asarray(jax.devices() if devices is None else devices)
+    return Mesh(devices.reshape(-1), ("data",))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, leading_axes: int = 1) -> NamedSharding:
+    """Shard the batch axis (after ``leading_axes - 1`` unsharded axes, e.g. steps-per-call) over ``data``."""
+    return NamedSharding(mesh, P(*([None] * (leading_axes - 1)), "data"))
+
+
+def jit_train_step(train_step: Callable, mesh: Mesh) -> Callable:
+    """jit with replicated state (donated) and [K, B, ...] batches sharded along B."""
+    return jax.jit(
+        train_step,
+        in_shardings=(replicated(mesh), batch_sharding(mesh, 2)),
+        out_shardings=(replicated(mesh), replicated(mesh)),
+        donate_argnums=0,
+    )
+
+
+def global_batch(local_batches: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Assemble this process's [K, B_local, ...] slices into global [K, B, ...] arrays sharded over ``data``."""
+    sharding = batch_sharding(mesh, 2)
+    return {
+        name: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+        for name, value in local_batches.items()
+    }

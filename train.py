@@ -1,0 +1,52 @@
+"""Train a DDPM: `python train.py [--config=configs/NAME.py] [--workdir=DIR] [--config.training.batch_size=64]`.
+
+With no flags it trains the 8x8 digits model (configs/digits.py, no download) into runs/digits, resuming from
+the latest checkpoint there. `--mode=eval` computes the test-set bits/dim of the latest checkpoint.
+"""
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from ddpm_jax import run
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+config_flags.DEFINE_config_file(
+    "config", os.path.join(_HERE, "configs", "digits.py"), "Experiment config file.", lock_config=True
+)
+flags.DEFINE_string("workdir", None, "Checkpoints, logs and samples go here (default: runs/<config name>).")
+flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (or resume), or eval: test bits/dim of a checkpoint.")
+flags.DEFINE_integer("eval_examples", 0, "eval mode: number of test images (0: the whole test split).")
+flags.DEFINE_bool("progress", True, "Show a progress bar.")
+FLAGS = flags.FLAGS
+
+
+def default_workdir() -> str:
+    name = os.path.splitext(os.path.basename(FLAGS["config"].config_filename))[0]
+    return os.path.join("runs", name)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+    workdir = FLAGS.workdir or default_workdir()
+    try:
+        _run(workdir)
+    except ValueError as err:  # configuration, data and checkpoint problems a user can fix
+        raise SystemExit(f"error: {err}") from err
+
+
+def _run(workdir: str) -> None:
+    if FLAGS.mode == "train":
+        run.train_and_evaluate(FLAGS.config, workdir, progress=FLAGS.progress)
+        print(f"done: checkpoint and samples.png in {workdir}")
+    else:
+        result = run.evaluate_checkpoint(FLAGS.config, workdir, num_examples=FLAGS.eval_examples or None)
+        print(f"test bits/dim: {result['bpd']:.4f} over {result['bpd_examples']} images "
+              f"(prior {result['bpd_prior']:.2e}, decoder L_0 {result['bpd_decoder']:.4f}) -> {workdir}/eval.json")
+
+
+if __name__ == "__main__":
+    app.run(main)
