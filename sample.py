@@ -1,17 +1,22 @@
-"""Draw samples from a trained run: `python sample.py [--workdir=runs/digits] [--sampler=ddim --steps=50]`.
+"""Draw samples: `python sample.py [--workdir=runs/digits] [--sampler=ddim --steps=50] [--trajectory] [--metrics]`.
 
-Writes a PNG grid (a scatter plot beside the data for 2-D sets) and an .npz into WORKDIR/samples;
---trajectory adds pictures of the reverse chain (x_t and the predicted x_0); --metrics prints the sample-quality
-metrics with their data-vs-data baselines. The run's config is read from WORKDIR/config.json.
+Reads the run's config from WORKDIR/config.json and its latest checkpoint, and writes a PNG grid (a scatter plot
+beside the data for 2-D sets) and an .npz into WORKDIR/samples; --trajectory adds pictures of the reverse chain
+(x_t and the predicted x_0); --metrics prints sample-quality metrics beside their data-vs-data baselines.
+`--pretrained=DIR` samples from a diffusers UNet2DModel folder instead (the DDPM authors' released weights,
+e.g. a local copy of google/ddpm-cifar10-32) with the diffusion settings of configs/cifar10.py.
 """
 
 import json
+import os
 
 from absl import app, flags, logging
 
 from ddpm_jax import run
+from ddpm_jax.config import validate_config
 
 flags.DEFINE_string("workdir", "runs/digits", "Workdir of a training run (its config.json and checkpoints).")
+flags.DEFINE_string("pretrained", None, "A diffusers UNet2DModel folder (config.json + safetensors) to sample from.")
 flags.DEFINE_enum("sampler", None, ["ddpm", "ddim"], "Sampler (default: the run's config.sampling.sampler).")
 flags.DEFINE_integer("steps", None, "DDIM steps.")
 flags.DEFINE_float("eta", None, "DDIM eta (0: deterministic; 1: ancestral-like).")
@@ -20,27 +25,42 @@ flags.DEFINE_integer("seed", 0, "Random seed of the chain.")
 flags.DEFINE_bool("ema", True, "Use the EMA parameters.")
 flags.DEFINE_bool("trajectory", False, "Also write pictures of the reverse chain.")
 flags.DEFINE_bool("metrics", False, "Print sample-quality metrics beside the data's own.")
-flags.DEFINE_string("out_dir", None, "Output folder (default: WORKDIR/samples).")
+flags.DEFINE_string("out_dir", None, "Output folder (default: WORKDIR/samples, or ./samples with --pretrained).")
 FLAGS = flags.FLAGS
+
+
+def _load():
+    """(config, model, schedule, params, tag) from a checkpoint or from released weights."""
+    if FLAGS.pretrained:
+        from configs.cifar10 import get_config
+
+        config = get_config()
+        model, schedule, params = run.load_pretrained(FLAGS.pretrained, config)
+        return config, model, schedule, params, "pretrained"
+    config = run.load_config(FLAGS.workdir)
+    model, schedule, params, step = run.restore_params(config, FLAGS.workdir, ema=FLAGS.ema)
+    return config, model, schedule, params, f"step{step}"
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
     try:
-        config = run.load_config(FLAGS.workdir)
+        config, model, schedule, params, tag = _load()
         overrides = {"sampler": FLAGS.sampler, "num_steps": FLAGS.steps, "eta": FLAGS.eta, "num_samples": FLAGS.num}
         for name, value in overrides.items():
             if value is not None:
                 config.sampling[name] = value
+        validate_config(config)
+        out_dir = FLAGS.out_dir or ("samples" if FLAGS.pretrained else os.path.join(FLAGS.workdir, "samples"))
         result = run.generate(
-            config, FLAGS.workdir, out_dir=FLAGS.out_dir or f"{FLAGS.workdir}/samples", ema=FLAGS.ema,
+            config, model, schedule, params, out_dir=out_dir, tag=tag,
             trajectory=FLAGS.trajectory, with_metrics=FLAGS.metrics, seed=FLAGS.seed,
         )
     except ValueError as err:
         raise SystemExit(f"error: {err}") from err
-    print(f"{config.sampling.num_samples} samples from step {result['step']} in {result['seconds']:.1f} s")
+    print(f"{config.sampling.num_samples} samples ({tag}) in {result['seconds']:.1f} s")
     for key in ("png", "npz", "trajectory_png", "trajectory_gif"):
         if key in result:
             print(f"  {key}: {result[key]}")

@@ -60,7 +60,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     training.log_every = 100
     training.checkpoint_every = 5000
     training.keep_checkpoints = 3
-    training.sample_every = 20_000  # 0: never during training
+    training.sample_every = 20_000  # sample grid + sample-quality metrics (0: only at the end)
     training.max_skipped_steps = 100  # stop when this many updates in a row had a non-finite loss/gradient
     training.distributed = False  # jax.distributed.initialize() (also when JAX_COORDINATOR_ADDRESS is set)
 
@@ -76,6 +76,4 @@ def get_base_config() -> ml_collections.ConfigDict:
     evaluation.bpd_every = 0  # steps between held-out bits/dim evaluations (0: never during training)
     evaluation.num_bpd_examples = 64  # held-out examples for bits/dim during training
     evaluation.batch_size = 64
-    evaluation.metrics_every = 0  # steps between sample-quality metrics (0: never during training)
-    evaluation.num_metric_samples = 256
     return config

@@ -106,7 +106,6 @@ def validate_config(config, *, num_devices: int = 1, process_count: int = 1) -> 
         ("training.warmup_steps", tr.warmup_steps),
         ("training.sample_every", tr.sample_every),
         ("eval.bpd_every", ev.bpd_every),
-        ("eval.metrics_every", ev.metrics_every),
         ("sampling.num_steps", s.num_steps),
         ("sampling.trajectory_every", s.trajectory_every),
     ]:
@@ -134,7 +133,6 @@ def validate_config(config, *, num_devices: int = 1, process_count: int = 1) -> 
             ("training.checkpoint_every", tr.checkpoint_every),
             ("training.sample_every", tr.sample_every),
             ("eval.bpd_every", ev.bpd_every),
-            ("eval.metrics_every", ev.metrics_every),
         ]:
             if isinstance(value, int) and value % tr.steps_per_call:
                 problems.append(f"{path}={value} must be a multiple of training.steps_per_call={tr.steps_per_call}")

@@ -193,9 +193,14 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> TrainS
     eval_key = jax.random.PRNGKey(config.seed + 1)
 
     def write_samples(step: int, name: str) -> None:
+        """Sample from the EMA parameters, save the picture and log the sample-quality metrics."""
         samples = np.asarray(sample_fn(state.ema_params, jax.random.fold_in(eval_key, step)))
         if jax.process_index() == 0:
             save_samples(config, samples, os.path.join(workdir, name), reference)
+            quality = sample_metrics(config, samples, seed=step)
+            if quality:
+                writer.write(step, {f"sample_{k}": v for k, v in quality.items()})
+                bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in quality.items()))
 
     k = tr.steps_per_call
     bar = tqdm(
@@ -256,7 +261,9 @@ def restore_params(config, workdir: str, *, ema: bool = True):
     """(model, schedule, params) from the latest checkpoint in ``workdir`` (EMA parameters by default)."""
     checkpointer = Checkpointer(workdir, read_only=True)
     if checkpointer.latest_step() is None:
-        raise ValueError(f"no checkpoint in {workdir}/checkpoints: train first with `python train.py --workdir={workdir}`")
+        raise ValueError(
+            f"no checkpoint in {workdir}/checkpoints: train first with `python train.py --workdir={workdir}`"
+        )
     model = build_model(config)
     schedule = schedule_from_config(config.diffusion)
     abstract = jax.eval_shape(partial(create_train_state, config, model), jax.random.PRNGKey(0))
@@ -307,14 +314,27 @@ def load_config(workdir: str):
         return ml_collections.ConfigDict(json.load(f))
 
 
-def generate(config, workdir: str, *, out_dir: str, ema: bool = True, trajectory: bool = False,
-             with_metrics: bool = False, seed: int = 0) -> dict:
-    """Draw ``config.sampling.num_samples`` samples from the latest checkpoint; write PNG, .npz (and chain pictures).
+def load_pretrained(path: str, config):
+    """(model, schedule, params) from a diffusers UNet2DModel folder (e.g. the DDPM authors' CIFAR-10 weights).
 
-    Returns a dict with the written paths and, if asked, the sample metrics.
+    ``config`` supplies the diffusion and sampling settings (configs/cifar10.py: the paper's); the data shape
+    is set from the weights' config.
     """
-    validate_config(config)
-    model, schedule, params, step = restore_params(config, workdir, ema=ema)
+    from ddpm_jax.models import UNet, load_diffusers_unet, read_diffusers_config
+
+    kwargs, params = load_diffusers_unet(path)
+    diffusers_config = read_diffusers_config(path)
+    config.data.image_size = int(diffusers_config.get("sample_size", config.data.image_size))
+    config.data.num_channels = int(diffusers_config.get("in_channels", config.data.num_channels))
+    return UNet(**kwargs), schedule_from_config(config.diffusion), jax.tree.map(jnp.asarray, params)
+
+
+def generate(config, model, schedule, params, *, out_dir: str, tag: str, trajectory: bool = False,
+             with_metrics: bool = False, seed: int = 0) -> dict:
+    """Draw ``config.sampling.num_samples`` samples; write a PNG, an .npz and, if asked, pictures of the chain.
+
+    Returns a dict with the written paths, the sampling time and, if asked, the sample metrics.
+    """
     s = config.sampling
     trajectory_every = None
     if trajectory:
@@ -324,27 +344,29 @@ def generate(config, workdir: str, *, out_dir: str, ema: bool = True, trajectory
     start = time.perf_counter()
     out = jax.device_get(sample_fn(params, jax.random.PRNGKey(seed)))
     seconds = time.perf_counter() - start
-    samples, traj = (out if trajectory else (out, None))
+    samples, traj = out if trajectory else (out, None)
     samples = np.asarray(samples)
 
     os.makedirs(out_dir, exist_ok=True)
-    tag = f"{s.sampler}{s.num_steps or 50 if s.sampler == 'ddim' else ''}_seed{seed}_step{step}"
-    result = {"step": step, "seconds": seconds, "png": os.path.join(out_dir, f"samples_{tag}.png"),
+    sampler = f"ddim{s.num_steps or 50}" if s.sampler == "ddim" else "ddpm"
+    tag = f"{sampler}_seed{seed}_{tag}"
+    result = {"seconds": seconds, "png": os.path.join(out_dir, f"samples_{tag}.png"),
               "npz": os.path.join(out_dir, f"samples_{tag}.npz")}
-    reference = None if is_image_data(config) else make_dataset(config.data, "test", batch_size=1, seed=0).examples
-    save_samples(config, samples, result["png"], None if reference is None else reference[: len(samples)])
+    reference = None
+    if not is_image_data(config):
+        reference = make_dataset(config.data, "test", batch_size=1, seed=0).examples[: len(samples)]
+    save_samples(config, samples, result["png"], reference)
     arrays = {"samples": samples}
     if is_image_data(config):
         arrays["uint8"] = viz.to_uint8(samples)
     np.savez_compressed(result["npz"], **arrays)
     if traj is not None:
+        result["trajectory_png"] = os.path.join(out_dir, f"chain_{tag}.png")
         if is_image_data(config):
-            result["trajectory_png"] = os.path.join(out_dir, f"chain_{tag}.png")
-            result["trajectory_gif"] = os.path.join(out_dir, f"chain_{tag}.gif")
             viz.save_png(result["trajectory_png"], viz.chain_strip(traj.x, traj.pred_x0, traj.timesteps))
+            result["trajectory_gif"] = os.path.join(out_dir, f"chain_{tag}.gif")
             viz.save_chain_gif(result["trajectory_gif"], traj.x, traj.pred_x0, traj.timesteps)
         else:
-            result["trajectory_png"] = os.path.join(out_dir, f"chain_{tag}.png")
             viz.save_png(result["trajectory_png"], viz.scatter_trajectory_strip(traj.x, traj.timesteps))
     if with_metrics:
         result["metrics"] = sample_metrics(config, samples, seed=seed)

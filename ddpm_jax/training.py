@@ -18,8 +18,8 @@ from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ddpm_jax.diffusion import training_losses
 from ddpm_jax.config import data_shape
+from ddpm_jax.diffusion import training_losses
 from ddpm_jax.schedules import Schedule
 
 NUM_LOSS_QUARTILES = 4
