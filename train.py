@@ -5,6 +5,7 @@ the latest checkpoint there. `--mode=eval` computes the test-set bits/dim of the
 """
 
 import os
+import signal
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -36,9 +37,17 @@ def main(argv):
         _run(workdir)
     except ValueError as err:  # configuration, data and checkpoint problems a user can fix
         raise SystemExit(f"error: {err}") from err
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None  # the checkpoint was saved; rerun the same command to resume
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _run(workdir: str) -> None:
+    # SIGTERM (a scheduler's pre-emption) saves a checkpoint like Ctrl-C does.
+    signal.signal(signal.SIGTERM, _interrupt)
     if FLAGS.mode == "train":
         run.train_and_evaluate(FLAGS.config, workdir, progress=FLAGS.progress)
         print(f"done: checkpoint and samples.png in {workdir}")

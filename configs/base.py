@@ -46,6 +46,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.training = training = ml_collections.ConfigDict()
     training.batch_size = 128  # global, over all devices and hosts
     training.num_steps = 800_000
+    training.max_seconds = 0.0  # stop (checkpoint, sample) after this much training time; 0: no limit
     training.optimizer = "adam"  # adam | adamw
     training.lr = 2e-4
     training.warmup_steps = 5000

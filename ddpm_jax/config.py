@@ -116,6 +116,8 @@ def validate_config(config, *, num_devices: int = 1, process_count: int = 1) -> 
         problems.append(f"training.ema_decay={tr.ema_decay} must be in [0, 1)")
     if tr.grad_clip <= 0:
         problems.append(f"training.grad_clip={tr.grad_clip} must be > 0")
+    if tr.max_seconds < 0:
+        problems.append(f"training.max_seconds={tr.max_seconds} must be >= 0 (0: no limit)")
     if s.eta < 0:
         problems.append(f"sampling.eta={s.eta} must be >= 0")
 

@@ -47,13 +47,14 @@ def is_image_data(config) -> bool:
     return DATASETS[config.data.dataset].kind == "image"
 
 
-def make_sample_fn(config, model, schedule, *, num_samples: int | None = None, trajectory_every: int | None = None):
+def make_sample_fn(config, model, schedule, *, num_samples: int | None = None, trajectory_every: int | None = None,
+                   progress_fn=None):
     """jitted ``(params, key) -> samples`` (and a Trajectory if asked) with the config's sampler."""
     s, d = config.sampling, config.diffusion
     shape = (num_samples or s.num_samples, *data_shape(config))
     kwargs = dict(
         mean_type=d.mean_type, var_type=d.var_type, clip_denoised=s.clip_denoised and is_image_data(config),
-        trajectory_every=trajectory_every,
+        trajectory_every=trajectory_every, progress_fn=progress_fn,
     )
 
     def sample(params, key):
@@ -209,9 +210,22 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> TrainS
     )
     window: list[dict] = []
     window_start = time.perf_counter()
+    train_start = None  # the time budget starts after the first call, i.e. after compilation
     step = start_step
+
+    def save_now() -> None:
+        if checkpointer.latest_step() != step:
+            checkpointer.save(step, state, force=True)
+
     try:
         while step < tr.num_steps:
+            if train_start is None and step > start_step:
+                jax.block_until_ready(state.step)
+                train_start = time.perf_counter()
+            if tr.max_seconds and train_start and time.perf_counter() - train_start > tr.max_seconds:
+                save_now()
+                bar.write(f"stopped after training.max_seconds={tr.max_seconds:g} s at step {step}")
+                break
             num = min(k, tr.num_steps - step)
             local = [dataset.batch(s) for s in range(step, step + num)]
             batches = global_batch({"image": np.stack([b["image"] for b in local])}, mesh)
@@ -244,7 +258,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> TrainS
                 writer.write(step, result)
                 bar.write(f"step {step}: held-out {result['bpd']:.3f} bits/dim ({result['bpd_examples']} images)")
     except KeyboardInterrupt:
-        checkpointer.save(step, state, force=True)
+        save_now()
         checkpointer.wait()
         bar.write(f"interrupted: checkpoint saved at step {step} in {checkpointer.directory}")
         raise
@@ -336,14 +350,15 @@ def generate(config, model, schedule, params, *, out_dir: str, tag: str, traject
     Returns a dict with the written paths, the sampling time and, if asked, the sample metrics.
     """
     s = config.sampling
-    trajectory_every = None
-    if trajectory:
-        steps = schedule.num_timesteps if s.sampler == "ddpm" else (s.num_steps or 50)
-        trajectory_every = max(1, min(s.trajectory_every or steps // 10, steps))
-    sample_fn = make_sample_fn(config, model, schedule, trajectory_every=trajectory_every)
-    start = time.perf_counter()
-    out = jax.device_get(sample_fn(params, jax.random.PRNGKey(seed)))
-    seconds = time.perf_counter() - start
+    num_steps = schedule.num_timesteps if s.sampler == "ddpm" else (s.num_steps or 50)
+    trajectory_every = max(1, min(s.trajectory_every or num_steps // 10, num_steps)) if trajectory else None
+    with tqdm(total=num_steps, desc=f"{s.sampler} sampling", unit="step", leave=False) as bar:
+        sample_fn = make_sample_fn(
+            config, model, schedule, trajectory_every=trajectory_every, progress_fn=lambda t: bar.update(1)
+        )
+        start = time.perf_counter()
+        out = jax.device_get(sample_fn(params, jax.random.PRNGKey(seed)))
+        seconds = time.perf_counter() - start
     samples, traj = out if trajectory else (out, None)
     samples = np.asarray(samples)
 

@@ -46,9 +46,21 @@ def _run_chain(
     x_init: jnp.ndarray,
     per_step: dict[str, np.ndarray],
     trajectory_every: int | None,
+    progress_fn: Callable[[jnp.ndarray], None] | None = None,
 ):
-    """Scan ``step(x, inputs) -> (x, pred_x0)`` over the rows of ``per_step``; record every k-th step if asked."""
+    """Scan ``step(x, inputs) -> (x, pred_x0)`` over the rows of ``per_step``; record every k-th step if asked.
+
+    ``progress_fn(t)`` is called on the host after each step (through `jax.debug.callback`), e.g. to move a
+    progress bar; it costs one host round trip per step.
+    """
     num_steps = len(per_step["t"])
+    if progress_fn is not None:
+        inner_step = step
+
+        def step(x, inp):
+            out = inner_step(x, inp)
+            jax.debug.callback(progress_fn, inp["t"], ordered=True)
+            return out
     if trajectory_every is None:
         x, _ = jax.lax.scan(lambda x, inp: (step(x, inp)[0], None), x_init, per_step)
         return x
@@ -85,10 +97,12 @@ def ddpm_sample(
     var_type: str = "fixedlarge",
     clip_denoised: bool = True,
     trajectory_every: int | None = None,
+    progress_fn: Callable[[jnp.ndarray], None] | None = None,
 ):
     """Ancestral sampling x_T ~ N(0, I), x_{t-1} ~ p_theta(x_{t-1} | x_t) for t = T..1 (Algorithm 2).
 
     Returns samples of ``shape``; with ``trajectory_every=k`` also a `Trajectory` of every k-th step.
+    ``progress_fn(t)``, if given, is called on the host after each step.
     """
     init_key, step_key = chain_keys(key)
     x_init = jax.random.normal(init_key, shape, jnp.float32)
@@ -108,7 +122,7 @@ def ddpm_sample(
         )
 
     timesteps = np.arange(schedule.num_timesteps - 1, -1, -1, dtype=np.int32)
-    return _run_chain(step, x_init, {"t": timesteps}, trajectory_every)
+    return _run_chain(step, x_init, {"t": timesteps}, trajectory_every, progress_fn)
 
 
 def ddim_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
@@ -130,6 +144,7 @@ def ddim_sample(
     var_type: str = "fixedlarge",
     clip_denoised: bool = True,
     trajectory_every: int | None = None,
+    progress_fn: Callable[[jnp.ndarray], None] | None = None,
 ):
     """DDIM (Song et al. 2021, Eq. 12) over a strided subsequence of timesteps; eta = 0 is deterministic.
 
@@ -174,4 +189,4 @@ def ddim_sample(
         )
         return x_prev, pred_x0
 
-    return _run_chain(step, x_init, {"t": timesteps, "s": prev_timesteps}, trajectory_every)
+    return _run_chain(step, x_init, {"t": timesteps, "s": prev_timesteps}, trajectory_every, progress_fn)

@@ -198,3 +198,16 @@ def test_gaussian_posterior_oracle_is_consistent():
     eps = optimal_eps_fn(SCHEDULE, MU, S)(x_t, t)
     mean, _ = gaussian_posterior_x0(SCHEDULE, x_t, t, MU, S)
     np.testing.assert_allclose(dj.predict_x0_from_eps(SCHEDULE, x_t, t, eps), mean, rtol=1e-3, atol=1e-3)
+
+
+def test_progress_callback_sees_every_step_in_order():
+    model_fn = optimal_eps_fn(SMALL, MU, S)
+    seen = []
+    key = jax.random.PRNGKey(8)
+    x = dj.ddpm_sample(model_fn, SMALL, key, (2, 2), progress_fn=lambda t: seen.append(int(t)))
+    jax.block_until_ready(x)
+    assert seen == list(range(SMALL_T - 1, -1, -1))
+    np.testing.assert_allclose(x, dj.ddpm_sample(model_fn, SMALL, key, (2, 2)), rtol=1e-6)
+    seen.clear()
+    jax.block_until_ready(dj.ddim_sample(model_fn, SMALL, key, (2, 2), num_steps=5, progress_fn=seen.append))
+    assert [int(t) for t in seen] == dj.ddim_timesteps(SMALL_T, 5).tolist()

@@ -224,7 +224,7 @@ def load_split(
             f"config.data.num_channels is {num_channels} but data set {name!r} has {spec.num_channels}"
         )
     if data_dir is None:
-        data_dir = config_data.get("data_dir")
+        data_dir = config_data.get("data_dir") or None  # "" in a config means the default
     source = _open_tfds_source(spec, name, split, data_dir, download)
     return _read_images(source, spec, image_size)
 

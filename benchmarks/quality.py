@@ -1,0 +1,111 @@
+"""Sample quality of the default runs, each beside the data's own value (issue 6's check; not a timed test).
+
+1. swissroll: train configs/swissroll.py for --swissroll-seconds of training time (after compilation), draw
+   2,000 samples, and compare the sliced Wasserstein distance to held-out data with the data-vs-data baseline
+   (target: within 1.5x).
+2. digits: the latest checkpoint of the default run (runs/digits, `python train.py`), --digits-samples samples,
+   Fréchet distance in the digits classifier's feature space and class entropy beside the held-out digits'.
+
+    python benchmarks/quality.py [--digits-workdir runs/digits] [--swissroll-seconds 60]
+
+Prints a table and writes benchmarks/results/quality_<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+from absl import logging  # noqa: E402
+
+from configs.swissroll import get_config as swissroll_config  # noqa: E402
+from ddpm_jax import run  # noqa: E402
+
+
+def swissroll_quality(seconds: float, num_samples: int) -> dict:
+    config = swissroll_config()
+    config.training.num_steps = 10**7
+    config.training.max_seconds = seconds
+    config.training.checkpoint_every = 10**6
+    config.training.sample_every = 0
+    config.sampling.num_samples = num_samples
+    with tempfile.TemporaryDirectory() as workdir:
+        state = run.train_and_evaluate(config, workdir, progress=False)
+        model, schedule, params, step = run.restore_params(config, workdir)
+        out = run.generate(config, model, schedule, params, out_dir=os.path.join(workdir, "s"), tag="q",
+                           with_metrics=True)
+    m = out["metrics"]
+    return {
+        "training_seconds": seconds,
+        "steps": int(state.step),
+        "num_samples": num_samples,
+        **m,
+        "swd_ratio": m["swd"] / m["swd_data"],
+        "target_swd_ratio": 1.5,
+        "pass": m["swd"] / m["swd_data"] <= 1.5,
+    }
+
+
+def digits_quality(workdir: str, num_samples: int, sampler: str) -> dict:
+    config = run.load_config(workdir)
+    config.sampling.num_samples = num_samples
+    config.sampling.sampler = sampler
+    model, schedule, params, step = run.restore_params(config, workdir)
+    out = run.generate(config, model, schedule, params, out_dir=os.path.join(workdir, "samples"),
+                       tag=f"quality_step{step}", with_metrics=True)
+    return {"workdir": workdir, "step": step, "sampler": sampler, "sampling_seconds": out["seconds"],
+            "png": out["png"], **out["metrics"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--swissroll-seconds", type=float, default=60.0)
+    parser.add_argument("--swissroll-samples", type=int, default=2000)
+    parser.add_argument("--digits-workdir", default="runs/digits")
+    parser.add_argument("--digits-samples", type=int, default=1000)
+    parser.add_argument("--digits-sampler", default="ddpm", choices=["ddpm", "ddim"])
+    parser.add_argument("--skip-digits", action="store_true")
+    args = parser.parse_args()
+    logging.set_verbosity(logging.WARNING)
+
+    device = jax.devices()[0]
+    result = {
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "device": f"{device.platform}: {getattr(device, 'device_kind', '')}",
+        "cpu_count": os.cpu_count(),
+        "loadavg_start": os.getloadavg(),
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    result["swissroll"] = swissroll_quality(args.swissroll_seconds, args.swissroll_samples)
+    s = result["swissroll"]
+    print(f"swissroll after {s['training_seconds']:g} s ({s['steps']} steps): sliced Wasserstein {s['swd']:.4f} "
+          f"vs data-vs-data {s['swd_data']:.4f} (ratio {s['swd_ratio']:.2f}, target <= 1.5); "
+          f"MMD {s['mmd']:.2e} vs {s['mmd_data']:.2e}")
+    if not args.skip_digits:
+        if not os.path.isdir(os.path.join(args.digits_workdir, "checkpoints")):
+            raise SystemExit(f"no checkpoints in {args.digits_workdir}: run `python train.py` first")
+        result["digits"] = d = digits_quality(args.digits_workdir, args.digits_samples, args.digits_sampler)
+        print(f"digits (step {d['step']}, {d['num_samples']} samples, {d['sampler']}): Fréchet {d['frechet']:.1f} vs "
+              f"data {d['frechet_data']:.1f}; class entropy {d['class_entropy']:.3f} vs data "
+              f"{d['class_entropy_data']:.3f} (max ln 10 = 2.303); confidence {d['confidence']:.3f} vs "
+              f"{d['confidence_data']:.3f}")
+    result["loadavg_end"] = os.getloadavg()
+    os.makedirs("benchmarks/results", exist_ok=True)
+    path = f"benchmarks/results/quality_{device.platform}.json"
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2, default=float)
+    print(f"-> {path}")
+
+
+if __name__ == "__main__":
+    main()
