@@ -1,0 +1,177 @@
+"""Shared benchmark helpers: timing with warm-up, the environment record, JSON results and a text table.
+
+Timing: the first call (compile + one run) is timed on its own, then ``warmup`` untimed calls, then
+``repeats`` timed calls; every call blocks on its result before the clock is read.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from importlib import metadata
+from typing import Any
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "torch", "diffusers")
+# Where no peak is measured, the datasheet's dense bf16 figure for an H100 SXM (989 TFLOP/s).
+H100_BF16_DENSE_PEAK = 989e12
+
+
+def block(value: Any) -> Any:
+    """Wait for every JAX array (or CUDA work for torch tensors) in ``value``."""
+    try:
+        import jax
+
+        jax.block_until_ready(value)
+    except ImportError:
+        pass
+    if "torch" in sys.modules:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    return value
+
+
+def summarize(times: Sequence[float]) -> dict[str, Any]:
+    """Median, min, max and all samples (seconds)."""
+    return {
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "repeats": len(times),
+        "samples_s": list(times),
+    }
+
+
+def time_calls(call: Callable[[], Any], repeats: int, warmup: int = 1) -> dict[str, Any]:
+    """Time ``call()``: first call alone (compile included), ``warmup`` more untimed, then ``repeats`` timed."""
+    start = time.perf_counter()
+    block(call())
+    first = time.perf_counter() - start
+    for _ in range(warmup):
+        block(call())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        block(call())
+        times.append(time.perf_counter() - start)
+    return {"first_call_s": first, **summarize(times)}
+
+
+def device_name() -> str:
+    """The accelerator's name (JAX's view), or the CPU model."""
+    try:
+        import jax
+
+        dev = jax.devices()[0]
+        if dev.platform != "cpu":
+            return dev.device_kind
+    except ImportError:
+        pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return "CPU " + line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "CPU " + platform.processor()
+
+
+def device_slug(name: str | None = None) -> str:
+    """Short file-name tag: 'cpu' or e.g. 'nvidia-h100-80gb-hbm3'."""
+    name = name or device_name()
+    if name.startswith("CPU"):
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def environment() -> dict[str, Any]:
+    """Device, package versions, CPU count, load average, command line and date."""
+    versions = {}
+    for pkg in PACKAGES:
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    env = {
+        "device": device_name(),
+        "versions": versions,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "loadavg_at_start": os.getloadavg(),
+        "command": " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
+    try:
+        import jax
+
+        env["jax_backend"] = jax.default_backend()
+        env["jax_devices"] = [str(d) for d in jax.devices()]
+    except ImportError:
+        pass
+    return env
+
+
+def peak_memory() -> dict[str, Any]:
+    """Peak memory so far: the accelerator's peak bytes in use, or this process's max RSS on CPU."""
+    import jax
+
+    dev = jax.devices()[0]
+    if dev.platform != "cpu":
+        stats = dev.memory_stats() or {}
+        return {"kind": "device_peak_bytes_in_use", "bytes": stats.get("peak_bytes_in_use")}
+    # ru_maxrss is in kilobytes on Linux.
+    return {"kind": "process_max_rss", "bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def write_json(name: str, payload: dict[str, Any], out_dir: str | None = None) -> str:
+    """Write ``payload`` (plus the environment record) to ``<out_dir>/<name>_<device-slug>.json``."""
+    out_dir = out_dir or RESULTS_DIR
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{name}_{device_slug()}.json")
+    payload = {"environment": environment(), **payload, "loadavg_at_end": os.getloadavg()}
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1, default=str)
+    return path
+
+
+def fmt_time(entry: dict[str, Any] | None, scale: float = 1e3, unit: str = "ms") -> str:
+    """'median [min-max] unit' of a time_calls/summarize entry."""
+    if not entry or entry.get("median_s") is None:
+        return "pending"
+    m, lo, hi = (entry[k] * scale for k in ("median_s", "min_s", "max_s"))
+    return f"{m:.4g} [{lo:.4g}-{hi:.4g}] {unit}"
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """Plain-text table of ``rows`` (dicts) with the given column order; missing cells print as '-'."""
+    cells = [[str(c) for c in columns]] + [[str(r.get(c, "-")) for c in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def matmul_peak(dtype_name: str, n: int, repeats: int = 5) -> dict[str, Any]:
+    """Measured FLOP/s of an n x n x n matrix product in JAX on the default device (random inputs)."""
+    import jax
+    import jax.numpy as jnp
+
+    dtype = jnp.dtype(dtype_name)
+    ka, kb = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(ka, (n, n), jnp.float32).astype(dtype)
+    b = jax.random.normal(kb, (n, n), jnp.float32).astype(dtype)
+    matmul = jax.jit(lambda a, b: a @ b)
+    timing = time_calls(lambda: matmul(a, b), repeats=repeats, warmup=2)
+    return {"dtype": dtype_name, "n": n, "flops": 2 * n**3, "flop_per_s": 2 * n**3 / timing["median_s"], **timing}

@@ -1,0 +1,223 @@
+"""Training throughput of our jitted train step (loss, gradient, clip, Adam, EMA) and of the PyTorch peer.
+
+    python benchmarks/train_throughput.py                    # CIFAR-10 U-Net; batch 8 on CPU, 128 on GPU
+    python benchmarks/train_throughput.py --model digits     # the digits U-Net, batch 128
+    python benchmarks/train_throughput.py --torch eager,compile --dtypes float32,bfloat16
+
+Prints a table and writes benchmarks/results/train_<model>_<device>.json (or --out-dir). FLOPs per step and
+bytes accessed come from XLA's cost analysis of the compiled one-step function; MFU is against the peak
+named in the table (on GPU a measured 8192^3 bf16 matmul and the H100 datasheet's 989 TFLOP/s; on CPU a
+measured float32 matmul).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares the GPU in the same process
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from ddpm_jax.config import build_model, schedule_from_config  # noqa: E402
+from ddpm_jax.training import (  # noqa: E402
+    create_train_state,
+    global_batch,
+    jit_train_step,
+    make_mesh,
+    make_train_step,
+)
+
+
+def get_config(model_name: str, batch: int, dtype_name: str):
+    if model_name == "cifar10":
+        from configs.cifar10 import get_config as get
+    else:
+        from configs.digits import get_config as get
+    config = get()
+    config.training.batch_size = batch
+    config.model.dtype = dtype_name
+    return config
+
+
+def cost_of(compiled) -> dict:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    cost = cost or {}
+    return {"flops": cost.get("flops"), "bytes_accessed": cost.get("bytes accessed")}
+
+
+def bench_ours(model_name, batch, dtype_name, steps_per_call, repeats, attn) -> dict:
+    config = get_config(model_name, batch, dtype_name)
+    model = build_model(config)
+    if attn:
+        model = model.clone(attn_implementation=attn)
+    schedule = schedule_from_config(config.diffusion)
+    mesh = make_mesh()
+    start = time.perf_counter()
+    state = create_train_state(config, model, jax.random.key(0))
+    jax.block_until_ready(state)
+    init_s = time.perf_counter() - start
+    num_params = sum(x.size for x in jax.tree.leaves(state.params))
+    step = jit_train_step(make_train_step(config, model, schedule), mesh)
+    size, channels = config.data.image_size, config.data.num_channels
+    rng = np.random.default_rng(0)
+
+    def batches(k):
+        images = rng.uniform(-1, 1, (k, batch, size, size, channels)).astype(np.float32)
+        return global_batch({"image": images}, mesh)
+
+    # FLOPs of one step: XLA counts a loop body once, so analyse the K = 1 function (timed as well).
+    start = time.perf_counter()
+    compiled = {1: step.lower(state, batches(1)).compile()}
+    compile_s = time.perf_counter() - start
+    cost = cost_of(compiled[1])
+    if steps_per_call > 1:
+        compiled[steps_per_call] = step.lower(state, batches(steps_per_call)).compile()
+    holder = {"state": state}
+    per_k = {}
+    for k, fn in compiled.items():
+        data = batches(k)
+
+        def call(fn=fn, data=data):
+            holder["state"], metrics = fn(holder["state"], data)
+            return metrics["loss"]
+
+        timing = common.time_calls(call, repeats=repeats, warmup=1)
+        per_step = {name: timing[name] / k for name in ("median_s", "min_s", "max_s")}
+        per_step["samples_s"] = [s / k for s in timing["samples_s"]]
+        per_step["repeats"] = timing["repeats"]
+        per_k[k] = {"first_call_s": timing["first_call_s"], "per_step": per_step}
+    loss = float(np.asarray(call())[-1])
+    best_k = min(per_k, key=lambda k: per_k[k]["per_step"]["median_s"])
+    return {
+        "framework": "jax",
+        "model": model_name,
+        "dtype": dtype_name,
+        "attn_implementation": attn,
+        "batch": batch,
+        "steps_per_call": best_k,
+        "num_params": int(num_params),
+        "init_s": init_s,
+        "compile_one_step_s": compile_s,
+        "per_step": per_k[best_k]["per_step"],
+        "by_steps_per_call": per_k,
+        "flops_per_step": cost["flops"],
+        "bytes_accessed_per_step": cost["bytes_accessed"],
+        "last_loss": loss,
+    }
+
+
+def main() -> None:
+    cpu = jax.default_backend() == "cpu"
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("cifar10", "digits"), default="cifar10")
+    parser.add_argument("--batch", type=int, default=None, help="default: 8 on CPU for cifar10, else 128")
+    parser.add_argument("--dtypes", default="float32" if cpu else "float32,bfloat16")
+    parser.add_argument("--steps-per-call", type=int, default=1 if cpu else 5)
+    parser.add_argument("--repeats", type=int, default=5 if cpu else 10)
+    parser.add_argument("--attn", default="" if cpu else "cudnn",
+                        help="comma list of attention implementations for bfloat16 ('' = XLA; XLA if cudnn fails)")
+XX
+    parser.add_argument("--torch-repeats", type=int, default=None)
+    parser.add_argument("--peak-matmul", type=int, default=2048 if cpu else 8192, help="0: skip")
+    parser.add_argument("--torch-threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    parser.add_argument("--out-dir", default=None)
+    args = parser.parse_args()
+    batch = args.batch or (8 if cpu and args.model == "cifar10" else 128)
+    dtypes = [d for d in args.dtypes.split(",") if d]
+    attns = [a or None for a in args.attn.split(",")]
+
+    results = {"ours": [], "torch": [], "errors": []}
+    if args.peak_matmul:
+        peak_dtype = "float32" if cpu else "bfloat16"
+        results["matmul_peak"] = common.matmul_peak(peak_dtype, args.peak_matmul)
+    for dtype_name in dtypes:
+        for attn in attns if dtype_name == "bfloat16" else [None]:
+            try:
+                results["ours"].append(
+                    bench_ours(args.model, batch, dtype_name, args.steps_per_call, args.repeats, attn)
+                )
+            except Exception as err:  # a failing variant (e.g. cuDNN attention shape limits) must not stop the run
+                results["errors"].append(f"jax {dtype_name} attn={attn}: {type(err).__name__}: {err}"[:2000])
+                if attn is not None and None not in attns:
+                    results["ours"].append(
+                        bench_ours(args.model, batch, dtype_name, args.steps_per_call, args.repeats, None)
+                    )
+            print(results["ours"][-1:] or results["errors"][-1], flush=True)
+    torch_modes = [m for m in args.torch.split(",") if m]
+    if torch_modes:
+        import torch
+        import torch_peer
+
+        if args.torch_threads:
+            torch.set_num_threads(args.torch_threads)
+        results["torch_threads"] = torch.get_num_threads()
+        for dtype_name in dtypes:
+            for mode in torch_peer.modes_for(torch_modes, dtype_name):
+                try:
+                    results["torch"].append(
+                        torch_peer.train_step_bench(
+                            args.model, batch, dtype_name, mode, args.torch_repeats or args.repeats
+                        )
+                    )
+                except Exception as err:
+                    results["errors"].append(f"torch {mode} {dtype_name}: {type(err).__name__}: {err}"[:2000])
+                print(results["torch"][-1:] or results["errors"][-1], flush=True)
+
+    peak = results.get("matmul_peak", {}).get("flop_per_s")
+    rows = []
+    for r in results["ours"]:
+        med = r["per_step"]["median_s"]
+        flops = r["flops_per_step"]
+        r["steps_per_s"] = 1.0 / med
+        r["images_per_s"] = batch / med
+        r["mfu_vs_measured_peak"] = flops / med / peak if flops and peak else None
+        if not cpu:
+            r["mfu_vs_datasheet_989"] = flops / med / common.H100_BF16_DENSE_PEAK if flops else None
+        eager = [t for t in results["torch"] if t["dtype"] == r["dtype"]]
+        r["ratio_vs_torch"] = {t["mode"]: torch_peer_ratio(med, t["median_s"]) for t in eager}
+        rows.append({
+            "impl": f"jax {r['dtype']}" + (f" attn={r['attn_implementation']}" if r["attn_implementation"] else ""),
+            "step": common.fmt_time(r["per_step"]),
+            "steps/s": f"{r['steps_per_s']:.3g}",
+            "img/s": f"{r['images_per_s']:.4g}",
+            "GFLOP/step": f"{flops / 1e9:.4g}" if flops else "-",
+            "MFU": f"{r['mfu_vs_measured_peak']:.1%}" if r["mfu_vs_measured_peak"] else "-",
+            "compile": f"{r['compile_one_step_s']:.1f} s",
+            "ours/torch": " ".join(f"{m}:{v:.2f}x" for m, v in r["ratio_vs_torch"].items() if v),
+        })
+    for t in results["torch"]:
+        rows.append({
+            "impl": f"torch {t['mode']} {t['dtype']}",
+            "step": common.fmt_time(t),
+            "steps/s": f"{1 / t['median_s']:.3g}",
+            "img/s": f"{batch / t['median_s']:.4g}",
+            "compile": f"{t['first_call_s']:.1f} s (1st)",
+        })
+    path = common.write_json(f"train_{args.model}", {"model": args.model, "batch": batch, **results}, args.out_dir)
+    print(f"\n{args.model} U-Net training step, batch {batch}, {common.device_name()}")
+    if peak:
+        print(f"peak for MFU: measured {results['matmul_peak']['dtype']} matmul {peak / 1e12:.1f} TFLOP/s")
+    print(common.format_table(
+        rows, ["impl", "step", "steps/s", "img/s", "GFLOP/step", "MFU", "compile", "ours/torch"]))
+    for err in results["errors"]:
+        print("ERROR", err[:300])
+    print("wrote", path)
+
+
+def torch_peer_ratio(ours_s, theirs_s):
+    import torch_peer
+
+    return torch_peer.ratio(ours_s, theirs_s)
+
+
+if __name__ == "__main__":
+    main()
