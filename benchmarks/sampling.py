@@ -101,7 +101,7 @@ def main() -> None:
     parser.add_argument("--compile-T", default="100,1000,4000", help="T values for compile time ('' = skip)")
     parser.add_argument("--scan-vs-loop", type=int, default=100 if cpu else 0, help="steps; 0 = skip")
     parser.add_argument(
-        "--torch", default="eager", help="comma list of torch modes: eager, compile; mode:dtype runs it for that dtype only ('' = none)",
+        "--torch", default="eager", help="comma list of torch modes: eager, compile; mode:dtype for one dtype only",
     )
     parser.add_argument("--torch-steps", type=int, default=None, help="torch chain length timed (default --steps)")
     parser.add_argument("--attn", default="" if cpu else "cudnn", help="bfloat16 attention implementation ('' = XLA)")

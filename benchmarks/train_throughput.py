@@ -125,7 +125,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5 if cpu else 10)
     parser.add_argument("--attn", default="" if cpu else "cudnn",
                         help="comma list of attention implementations for bfloat16 ('' = XLA; XLA if cudnn fails)")
-XX
+    parser.add_argument(
+        "--torch", default="eager", help="comma list of torch modes: eager, compile; mode:dtype for one dtype only"
+    )
     parser.add_argument("--torch-repeats", type=int, default=None)
     parser.add_argument("--peak-matmul", type=int, default=2048 if cpu else 8192, help="0: skip")
     parser.add_argument("--torch-threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
