@@ -37,7 +37,9 @@ def _load():
         config = get_config()
         model, schedule, params = run.load_pretrained(FLAGS.pretrained, config)
         return config, model, schedule, params, "pretrained"
-    config = run.load_config(FLAGS.workdir)
+    from configs.base import get_base_config
+
+    config = run.load_config(FLAGS.workdir, base=get_base_config())
     model, schedule, params, step = run.restore_params(config, FLAGS.workdir, ema=FLAGS.ema)
     return config, model, schedule, params, f"step{step}"
 

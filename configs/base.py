@@ -71,7 +71,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     sampling.eta = 0.0
     sampling.num_samples = 64
     sampling.clip_denoised = True
-    sampling.trajectory_every = 100  # steps between pictures of the chain (sample.py --trajectory)
+    sampling.trajectory_every = 0  # steps between pictures of the chain (sample.py --trajectory); 0: a tenth
 
     config.eval = evaluation = ml_collections.ConfigDict()
     evaluation.bpd_every = 0  # steps between held-out bits/dim evaluations (0: never during training)

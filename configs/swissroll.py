@@ -24,7 +24,6 @@ def get_config():
     config.training.checkpoint_every = 1000
     config.training.sample_every = 2500
     config.sampling.num_samples = 2000
-    config.sampling.trajectory_every = 10
     config.eval.batch_size = 1000
     config.eval.num_bpd_examples = 1000
     return config

@@ -86,7 +86,7 @@ def evaluate_bpd(config, params, model, schedule, *, num_examples: int, key: jax
     bpd_fn = make_bpd_fn(config, model, schedule)
     totals, priors, decoders = [], [], []
     batches = dataset.ordered_batches(num_examples=max(num_examples, config.eval.batch_size))
-    for i, batch in enumerate(tqdm(batches, desc="bits/dim", disable=not progress, leave=False)):
+    for i, batch in enumerate(_progress_bar(iterable=batches, desc="bits/dim", disable=not progress, leave=False)):
         out = bpd_fn(params, jnp.asarray(batch["image"]), jax.random.fold_in(key, i))
         totals.append(np.asarray(out.total_bpd))
         priors.append(np.asarray(out.prior_bpd))
@@ -101,10 +101,21 @@ def evaluate_bpd(config, params, model, schedule, *, num_examples: int, key: jax
     }
 
 
+def _progress_bar(**kwargs) -> tqdm:
+    """tqdm that redraws every second on a terminal and every 30 s into a log file."""
+    return tqdm(dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0, **kwargs)
+
+
+def _grid_style(config) -> dict:
+    """Upscale small images to ~48 px and separate them with grey borders (8x8 digits touch their edges)."""
+    scale = max(1, 48 // config.data.image_size)
+    return {"scale": scale, "padding": max(2, scale), "pad_value": 128}
+
+
 def save_samples(config, samples: np.ndarray, path: str, reference: np.ndarray | None = None) -> None:
     """A PNG of samples: an image grid, or for 2-D data a scatter plot beside the data."""
     if is_image_data(config):
-        viz.save_image_grid(path, samples, scale=max(1, 64 // config.data.image_size))
+        viz.save_image_grid(path, samples, **_grid_style(config))
     else:
         viz.save_scatter(path, samples, reference, title=f"{config.data.dataset}: data | samples")
 
@@ -204,9 +215,9 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> TrainS
                 bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in quality.items()))
 
     k = tr.steps_per_call
-    bar = tqdm(
-        total=tr.num_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
-        disable=not progress or jax.process_index() != 0, mininterval=1.0 if sys.stderr.isatty() else 30.0,
+    bar = _progress_bar(
+        total=tr.num_steps, initial=start_step, desc="train", unit="step",
+        disable=not progress or jax.process_index() != 0,
     )
     window: list[dict] = []
     window_start = time.perf_counter()
@@ -317,15 +328,28 @@ def sample_metrics(config, samples: np.ndarray, *, seed: int = 0) -> dict:
     return {}
 
 
-def load_config(workdir: str):
-    """The config a run in ``workdir`` was trained with (written by `train_and_evaluate`)."""
+def load_config(workdir: str, base=None):
+    """The config a run in ``workdir`` was trained with (its config.json), laid over ``base`` if given.
+
+    A base (configs/base.py) supplies fields added since the run was trained.
+    """
     import ml_collections
 
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise ValueError(f"{path} not found: is {workdir} the --workdir of a training run?")
     with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+        saved = json.load(f)
+    if base is None:
+        return ml_collections.ConfigDict(saved)
+    config = base.copy_and_resolve_references()
+    for group, values in saved.items():
+        if isinstance(values, dict):
+            for key, value in values.items():
+                config[group][key] = tuple(value) if isinstance(value, list) else value
+        else:
+            config[group] = tuple(values) if isinstance(values, list) else values
+    return config
 
 
 def load_pretrained(path: str, config):
@@ -351,8 +375,11 @@ def generate(config, model, schedule, params, *, out_dir: str, tag: str, traject
     """
     s = config.sampling
     num_steps = schedule.num_timesteps if s.sampler == "ddpm" else (s.num_steps or 50)
-    trajectory_every = max(1, min(s.trajectory_every or num_steps // 10, num_steps)) if trajectory else None
-    with tqdm(total=num_steps, desc=f"{s.sampler} sampling", unit="step", leave=False) as bar:
+    trajectory_every = None
+    if trajectory:  # sampling.trajectory_every, or about ten pictures of the chain
+        every = s.trajectory_every if 0 < s.trajectory_every < num_steps else num_steps // 10
+        trajectory_every = max(1, every)
+    with _progress_bar(total=num_steps, desc=f"{s.sampler} sampling", unit="step", leave=False) as bar:
         sample_fn = make_sample_fn(
             config, model, schedule, trajectory_every=trajectory_every, progress_fn=lambda t: bar.update(1)
         )
@@ -378,9 +405,11 @@ def generate(config, model, schedule, params, *, out_dir: str, tag: str, traject
     if traj is not None:
         result["trajectory_png"] = os.path.join(out_dir, f"chain_{tag}.png")
         if is_image_data(config):
-            viz.save_png(result["trajectory_png"], viz.chain_strip(traj.x, traj.pred_x0, traj.timesteps))
+            style = _grid_style(config)
+            strip = viz.chain_strip(traj.x, traj.pred_x0, traj.timesteps, **style)
+            viz.save_png(result["trajectory_png"], strip)
             result["trajectory_gif"] = os.path.join(out_dir, f"chain_{tag}.gif")
-            viz.save_chain_gif(result["trajectory_gif"], traj.x, traj.pred_x0, traj.timesteps)
+            viz.save_chain_gif(result["trajectory_gif"], traj.x, traj.pred_x0, traj.timesteps, **style)
         else:
             viz.save_png(result["trajectory_png"], viz.scatter_trajectory_strip(traj.x, traj.timesteps))
     if with_metrics:
