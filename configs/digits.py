@@ -18,14 +18,14 @@ def get_config():
     config.model.num_groups = 8
     config.model.dropout = 0.0
     config.training.batch_size = 128
-    config.training.num_steps = 1000
+    config.training.num_steps = 800
     config.training.lr = 1e-3
     config.training.warmup_steps = 100
     config.training.ema_decay = 0.999
     config.training.ema_warmup = True
     config.training.steps_per_call = 1
     config.training.log_every = 50
-    config.training.checkpoint_every = 250
+    config.training.checkpoint_every = 200
     config.training.sample_every = 0
     config.sampling.num_samples = 100
     config.eval.batch_size = 128
