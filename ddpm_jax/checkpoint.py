@@ -45,7 +45,9 @@ class Checkpointer:
         if os.path.exists(self.config_path):
             with open(self.config_path) as f:
                 saved = json.load(f)
-            old, new = _compatibility_view(saved), _compatibility_view(config_dict)
+            # Through JSON so tuples in the live config compare equal to the lists read back.
+            current = json.loads(json.dumps(config_dict, default=str))
+            old, new = _compatibility_view(saved), _compatibility_view(current)
             diff = [k for k in old if old[k] != new[k]]
             if diff and self.latest_step() is not None:
                 details = "; ".join(f"{k}: checkpoint {old[k]} vs now {new[k]}" for k in diff)

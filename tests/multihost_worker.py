@@ -1,0 +1,174 @@
+"""Subprocess worker for the multi-device and multi-process training tests (run as a script, not collected).
+
+python tests/multihost_worker.py sharded OUT.npz
+    On 8 (fake) CPU devices: one jitted training call on a mesh of all 8 and one on a mesh of device 0 only,
+    from the same state and batch; writes both results.
+python tests/multihost_worker.py multihost WORKDIR PORT PROCESS_ID NUM_PROCESSES
+    One process of a jax.distributed run on 127.0.0.1:PORT: run.train_and_evaluate of the same steps (each
+    process reads only its own rows of every global batch, Orbax saves jointly); writes the final state this
+    process sees to WORKDIR/state_PROCESS_ID.npz.
+
+Also the helpers the test files share: the tiny swiss-roll overrides, the environment for subprocesses (the
+tests' persistent compilation cache), a free local port.
+"""
+
+import os
+import socket
+import sys
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from configs import swissroll  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# configs/swissroll.py made quick: the in-process runs and the train.py subprocesses use the same values, so
+# they compile the same training step and share it through the persistent compilation cache.
+TINY_SWISSROLL = {
+    "model.mlp_hidden": 32,
+    "model.mlp_layers": 2,
+    "data.num_train": 4096,
+    "training.batch_size": 64,
+    "training.steps_per_call": 10,
+    "training.log_every": 10,
+    "training.checkpoint_every": 20,
+    "training.sample_every": 0,
+    "sampling.num_samples": 64,
+}
+
+
+def apply_overrides(config, overrides: dict):
+    """Set dotted-path fields of an ml_collections config in place; returns it."""
+    for path, value in overrides.items():
+        *groups, field = path.split(".")
+        node = config
+        for group in groups:
+            node = node[group]
+        node[field] = value
+    return config
+
+
+def subprocess_env(**extra: str) -> dict:
+    """os.environ plus the repository on PYTHONPATH and the tests' persistent compilation cache."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
+    env["JAX_PLATFORMS"] = "cpu"
+    cache = jax.config.jax_compilation_cache_dir
+    if cache:
+        env["JAX_COMPILATION_CACHE_DIR"] = cache
+        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env.pop("XLA_FLAGS", None)
+    env.update(extra)
+    return env
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+GLOBAL_BATCH = 16
+STEPS_PER_CALL = 2
+NUM_CALLS = 3
+
+
+def tiny_config():
+    """The swiss-roll config with a small MLP and batch 16 (fast to compile on CPU)."""
+    config = swissroll.get_config()
+    config.model.mlp_hidden = 32
+    config.model.mlp_layers = 2
+    config.training.batch_size = GLOBAL_BATCH
+    config.training.steps_per_call = STEPS_PER_CALL
+    config.training.warmup_steps = 0
+    config.data.num_train = 512
+    return config
+
+
+def flat(tree) -> np.ndarray:
+    """All leaves of a (replicated) pytree concatenated into one float64 vector, read from a local shard."""
+    leaves = [np.asarray(leaf.addressable_data(0), np.float64).ravel() for leaf in jax.tree.leaves(tree)]
+    return np.concatenate(leaves)
+
+
+def train_calls(mesh, process_index: int, process_count: int) -> dict:
+    """NUM_CALLS sharded calls of the training step; returns the final params, EMA params and per-step losses."""
+    from functools import partial
+
+    from ddpm_jax.config import build_model, schedule_from_config
+    from ddpm_jax.data import make_dataset
+    from ddpm_jax.training import create_train_state, global_batch, jit_train_step, make_train_step, replicated
+
+    config = tiny_config()
+    model = build_model(config)
+    schedule = schedule_from_config(config.diffusion)
+    dataset = make_dataset(
+        config.data, "train", batch_size=GLOBAL_BATCH, seed=0, process_index=process_index, process_count=process_count
+    )
+    state = jax.jit(partial(create_train_state, config, model), out_shardings=replicated(mesh))(jax.random.PRNGKey(0))
+    step_fn = jit_train_step(make_train_step(config, model, schedule), mesh)
+    losses = []
+    for call in range(NUM_CALLS):
+        steps = range(call * STEPS_PER_CALL, (call + 1) * STEPS_PER_CALL)
+        local = np.stack([dataset.batch(s)["image"] for s in steps])
+        state, metrics = step_fn(state, global_batch({"image": local}, mesh))
+        losses.append(np.asarray(metrics["loss"].addressable_data(0)))
+    return {
+        "params": flat(state.params),
+        "ema_params": flat(state.ema_params),
+        "opt_state": flat(state.opt_state),
+        "step": int(state.step.addressable_data(0)),
+        "losses": np.concatenate(losses),
+        "local_rows": dataset.batch(0)["image"],
+    }
+
+
+def main(argv: list[str]) -> None:
+    mode, out = argv[1], argv[2]
+    jax.config.update("jax_platforms", "cpu")
+    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    if cache:
+        jax.config.update("jax_compilation_cache_dir", cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+    from ddpm_jax.training import make_mesh
+
+    if mode == "sharded":
+        assert jax.device_count() == 8, jax.devices()
+        sharded = train_calls(make_mesh(), 0, 1)
+        single = train_calls(make_mesh(jax.devices()[:1]), 0, 1)
+        arrays = {f"sharded_{k}": v for k, v in sharded.items()} | {f"single_{k}": v for k, v in single.items()}
+        np.savez(out, **arrays)
+    elif mode == "multihost":
+        port, process_id, num_processes = int(argv[3]), int(argv[4]), int(argv[5])
+        jax.distributed.initialize(
+            coordinator_address=f"127.0.0.1:{port}", num_processes=num_processes, process_id=process_id,
+            initialization_timeout=60,
+        )
+        assert jax.process_count() == num_processes and jax.process_index() == process_id
+        from ddpm_jax import run
+
+        config = tiny_config()
+        config.training.num_steps = NUM_CALLS * STEPS_PER_CALL
+        config.training.log_every = STEPS_PER_CALL
+        config.training.checkpoint_every = 2 * STEPS_PER_CALL
+        config.training.sample_every = 0
+        config.sampling.num_samples = 16
+        state = run.train_and_evaluate(config, out, progress=False)
+        np.savez(
+            os.path.join(out, f"state_{process_id}.npz"),
+            params=flat(state.params), ema_params=flat(state.ema_params), opt_state=flat(state.opt_state),
+            step=int(state.step.addressable_data(0)), num_devices=jax.device_count(),
+        )
+        jax.distributed.shutdown()
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
+
+
+if __name__ == "__main__":
+    main(sys.argv)

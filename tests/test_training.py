@@ -1,0 +1,421 @@
+"""Training: swiss-roll and tiny digits U-Net runs end to end (train, checkpoint, resume, sample, evaluate),
+non-finite steps, refused checkpoints, config validation, mocked MNIST, 8 devices == 1 device, two processes."""
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from configs import digits, mnist, swissroll
+from ddpm_jax import run
+from ddpm_jax.config import build_model, schedule_from_config, validate_config
+from ddpm_jax.data import make_dataset, uint8_to_float
+from ddpm_jax.training import (
+    create_train_state,
+    global_batch,
+    jit_train_step,
+    make_mesh,
+    make_train_step,
+    replicated,
+)
+from tests.multihost_worker import TINY_SWISSROLL, apply_overrides, free_port, subprocess_env
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")
+
+
+def swissroll_config(**overrides):
+    """configs/swissroll.py with TINY_SWISSROLL and ``overrides`` (dotted paths with '__' for '.')."""
+    config = apply_overrides(swissroll.get_config(), TINY_SWISSROLL)
+    return apply_overrides(config, {k.replace("__", "."): v for k, v in overrides.items()})
+
+
+def read_metrics(workdir) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def training_lines(lines: list[dict]) -> list[dict]:
+    """The per-window training lines of metrics.jsonl (not the evaluation lines), without the timing."""
+    return [{k: v for k, v in line.items() if k != "steps_per_sec"} for line in lines if "loss" in line]
+
+
+def tree_digest(directory) -> dict[str, str]:
+    """sha256 of every file under ``directory`` by relative path."""
+    digests = {}
+    for root, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                digests[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
+    return digests
+
+
+def assert_trees_equal(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def assert_valid_png(path):
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        image.verify()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Swiss roll end to end
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def swissroll_run(tmp_path_factory):
+    """A 20-step swiss-roll run (checkpoint at 20): (config, workdir, final state)."""
+    workdir = str(tmp_path_factory.mktemp("swissroll"))
+    config = swissroll_config(training__num_steps=20)
+    state = run.train_and_evaluate(config, workdir, progress=False)
+    return config, workdir, state
+
+
+def test_swissroll_run_writes_checkpoint_metrics_and_samples(swissroll_run):
+    config, workdir, state = swissroll_run
+    assert int(state.step) == 20 and int(state.num_skipped) == 0
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["20"]
+    lines = training_lines(read_metrics(workdir))
+    assert [line["step"] for line in lines] == [10, 20]
+    for line in lines:
+        quartiles = [line[f"loss_t_q{q}"] for q in range(4)]
+        assert all(math.isfinite(v) and v > 0 for v in [line["loss"], line["grad_norm"], *quartiles])
+        # The window loss is a count-weighted mean of the quartile losses, so it lies between them.
+        assert min(quartiles) <= line["loss"] <= max(quartiles)
+        assert line["skipped"] == 0
+    assert_valid_png(os.path.join(workdir, "samples.png"))
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["model"]["mlp_hidden"] == 32
+    # The checkpoint holds exactly the returned state.
+    _, _, params, step = run.restore_params(config, workdir, ema=False)
+    _, _, ema_params, _ = run.restore_params(config, workdir, ema=True)
+    assert step == 20
+    assert_trees_equal(params, state.params)
+    assert_trees_equal(ema_params, state.ema_params)
+    pairs = zip(jax.tree.leaves(params), jax.tree.leaves(ema_params), strict=True)
+    assert not all(np.array_equal(a, b) for a, b in pairs)  # the EMA lags behind
+
+
+def test_resume_continues_and_matches_an_uninterrupted_run(swissroll_run, tmp_path):
+    config, workdir, _ = swissroll_run
+    resumed_dir, fresh_dir = str(tmp_path / "resumed"), str(tmp_path / "fresh")
+    shutil.copytree(workdir, resumed_dir)
+    before = read_metrics(resumed_dir)
+    longer = swissroll_config(training__num_steps=40)
+    resumed = run.train_and_evaluate(longer, resumed_dir, progress=False)
+    assert int(resumed.step) == 40
+    assert sorted(os.listdir(os.path.join(resumed_dir, "checkpoints"))) == ["20", "40"]
+    after = read_metrics(resumed_dir)
+    assert after[: len(before)] == before
+    assert [line["step"] for line in training_lines(after)] == [10, 20, 30, 40]
+
+    fresh = run.train_and_evaluate(longer, fresh_dir, progress=False)
+    assert_trees_equal(resumed.params, fresh.params)
+    assert_trees_equal(resumed.ema_params, fresh.ema_params)
+    assert_trees_equal(resumed.opt_state, fresh.opt_state)
+    assert training_lines(read_metrics(fresh_dir)) == training_lines(after)
+
+
+def test_generate_writes_png_npz_trajectory_and_metrics(swissroll_run, tmp_path):
+    from ddpm_jax import metrics
+
+    config, workdir, _ = swissroll_run
+    model, schedule, params, step = run.restore_params(config, workdir)
+    result = run.generate(
+        config, model, schedule, params, out_dir=str(tmp_path), tag=f"step{step}", trajectory=True,
+        with_metrics=True, seed=3,
+    )
+    for key in ("png", "trajectory_png"):
+        assert_valid_png(result[key])
+    samples = np.load(result["npz"])["samples"]
+    assert samples.shape == (config.sampling.num_samples, 2) and np.isfinite(samples).all()
+    # The reported metrics are those of the saved samples against the held-out split, with the data baseline.
+    held_out = make_dataset(config.data, "test", batch_size=1, seed=0).examples
+    expected = metrics.lowdim_metrics(samples, held_out, 3)
+    assert set(result["metrics"]) >= {"swd", "swd_data", "mmd", "mmd_data"}
+    for name, value in expected.items():
+        assert result["metrics"][name] == pytest.approx(value, rel=1e-6, abs=1e-9)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Non-finite losses and gradients
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_nonfinite_batch_skips_the_update_and_is_counted():
+    config = swissroll_config(training__steps_per_call=1, training__warmup_steps=0)
+    model = build_model(config)
+    mesh = make_mesh(jax.devices()[:1])
+    state = jax.jit(partial(create_train_state, config, model), out_shardings=replicated(mesh))(jax.random.PRNGKey(0))
+    step_fn = jit_train_step(make_train_step(config, model, schedule_from_config(config.diffusion)), mesh)
+    good = np.random.default_rng(0).normal(size=(1, 64, 2)).astype(np.float32)
+    bad = good.copy()
+    bad[0, 5, 1] = np.nan  # one coordinate of one example
+
+    before = jax.device_get(state)
+    state, metrics = step_fn(state, {"image": jnp.asarray(bad)})
+    after = jax.device_get(state)
+    assert not bool(metrics["finite"][0]) and not np.isfinite(float(metrics["loss"][0]))
+    assert int(after.step) == 1 and int(after.num_skipped) == 1
+    assert_trees_equal(after.params, before.params)
+    assert_trees_equal(after.ema_params, before.ema_params)
+    assert_trees_equal(after.opt_state, before.opt_state)
+
+    state, metrics = step_fn(state, {"image": jnp.asarray(good)})
+    assert bool(metrics["finite"][0]) and int(state.step) == 2 and int(state.num_skipped) == 1
+    for new, old in zip(jax.tree.leaves(state.params), jax.tree.leaves(before.params), strict=True):
+        assert not np.array_equal(np.asarray(new), old)
+
+
+class _PoisonedDataset:
+    """Wraps a dataset so that the batches of ``bad_steps`` (all when None) hold a NaN."""
+
+    def __init__(self, dataset, bad_steps=None):
+        self._dataset, self._bad_steps = dataset, bad_steps
+
+    def __getattr__(self, name):
+        return getattr(self._dataset, name)
+
+    def batch(self, step):
+        batch = dict(self._dataset.batch(step))
+        if self._bad_steps is None or step in self._bad_steps:
+            batch["image"] = batch["image"].copy()
+            batch["image"][0, 0] = np.nan
+        return batch
+
+
+def test_training_stops_when_every_update_is_skipped(monkeypatch, tmp_path):
+    real = run.make_dataset
+    monkeypatch.setattr(run, "make_dataset", lambda *a, **k: _PoisonedDataset(real(*a, **k), bad_steps={3}))
+    config = swissroll_config(training__num_steps=20, training__max_skipped_steps=5)
+    state = run.train_and_evaluate(config, str(tmp_path / "one_bad"), progress=False)
+    assert int(state.num_skipped) == 1
+    assert [line["skipped"] for line in training_lines(read_metrics(tmp_path / "one_bad"))] == [1, 0]
+
+    monkeypatch.setattr(run, "make_dataset", lambda *a, **k: _PoisonedDataset(real(*a, **k)))
+    with pytest.raises(FloatingPointError, match=r"10 of the last 10 updates had a non-finite loss .*step 10"):
+        run.train_and_evaluate(config, str(tmp_path / "all_bad"), progress=False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints that cannot be used
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_incompatible_checkpoint_is_refused_and_left_unchanged(swissroll_run, tmp_path):
+    _, workdir, _ = swissroll_run
+    copy = str(tmp_path / "run")
+    shutil.copytree(workdir, copy)
+    checkpoints = os.path.join(copy, "checkpoints")
+    digest = tree_digest(checkpoints)
+    wider = swissroll_config(training__num_steps=40, model__mlp_hidden=48)
+    with pytest.raises(ValueError, match=r"different config \(model: .*new --workdir"):
+        run.train_and_evaluate(wider, copy, progress=False)
+    assert tree_digest(checkpoints) == digest
+
+    # Without config.json to compare against, restoring the differently shaped tree fails just as clearly.
+    os.remove(os.path.join(copy, "config.json"))
+    with pytest.raises(ValueError, match="cannot restore checkpoint step 20.*has not been modified"):
+        run.train_and_evaluate(wider, copy, progress=False)
+    assert tree_digest(checkpoints) == digest
+
+
+def test_unreadable_checkpoint_gives_a_clear_error_and_is_not_overwritten(swissroll_run, tmp_path):
+    _, workdir, _ = swissroll_run
+    copy = str(tmp_path / "run")
+    shutil.copytree(workdir, copy)
+    checkpoints = os.path.join(copy, "checkpoints")
+    files = [os.path.join(root, name) for root, _, names in os.walk(checkpoints) for name in names]
+    for path in files:  # every file of the checkpoint, metadata and array data, becomes garbage
+        with open(path, "r+b") as f:
+            size = max(os.path.getsize(path), 16)
+            f.write(np.random.default_rng(0).bytes(size))
+    digest = tree_digest(checkpoints)
+    with pytest.raises(ValueError, match="cannot restore checkpoint step 20 .*unreadable"):
+        run.train_and_evaluate(swissroll_config(training__num_steps=40), copy, progress=False)
+    assert tree_digest(checkpoints) == digest
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config validation (the train.py paths are in test_scripts.py)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "config_fn, overrides, num_devices, message",
+    [
+        (swissroll.get_config, {"training.batch_size": 12}, 8, "batch_size=12 is not divisible by the 8 devices"),
+        (digits.get_config, {"data.image_size": 10, "model.ch_mult": (1, 2, 2)}, 1, "image size 10x10 must be"),
+        (digits.get_config, {"model.attn_resolutions": (3,)}, 1, r"attn_resolutions \[3\] never occur"),
+        (digits.get_config, {"diffusion.var_type": "learned"}, 1, "var_type='learned' needs diffusion.loss_type"),
+        (swissroll.get_config, {"training.checkpoint_every": 15}, 1, "checkpoint_every=15 must be a multiple"),
+        (swissroll.get_config, {"model.name": "unet"}, 1, "is 2-D: use model.name='mlp'"),
+        (mnist.get_config, {"data.num_channels": 3}, 1, "num_channels=3 but 'mnist' has 1"),
+        (swissroll.get_config, {"training.lr": 2.0}, 1, r"training.lr=2.0 must be in \(0, 1\)"),
+    ],
+)
+def test_validate_config_names_the_problem(config_fn, overrides, num_devices, message):
+    config = apply_overrides(config_fn(), overrides)
+    with pytest.raises(ValueError, match=message):
+        validate_config(config, num_devices=num_devices)
+
+
+def test_validate_config_lists_every_problem_and_accepts_the_shipped_configs():
+    import configs.celeba64
+    import configs.cifar10
+    import configs.fashion_mnist
+
+    for module in (swissroll, digits, mnist, configs.fashion_mnist, configs.cifar10, configs.celeba64):
+        validate_config(module.get_config())
+    config = apply_overrides(swissroll.get_config(), {"training.batch_size": 0, "sampling.sampler": "plms"})
+    with pytest.raises(ValueError) as info:
+        validate_config(config)
+    assert "training.batch_size=0" in str(info.value) and "sampling.sampler='plms'" in str(info.value)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Digits with a tiny U-Net
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_digits_unet_trains_samples_and_evaluates(tmp_path):
+    config = apply_overrides(digits.get_config(), {
+        "data.data_dir": str(tmp_path / "tfds"),
+        "model.ch": 8, "model.ch_mult": (1, 2), "model.num_res_blocks": 1, "model.num_groups": 4,
+        "diffusion.num_timesteps": 50,
+        "training.batch_size": 8, "training.num_steps": 2, "training.log_every": 1, "training.checkpoint_every": 2,
+        "sampling.sampler": "ddim", "sampling.num_steps": 2, "sampling.num_samples": 8,
+        "eval.batch_size": 8,
+    })
+    workdir = str(tmp_path / "run")
+    state = run.train_and_evaluate(config, workdir, progress=False)
+    assert int(state.step) == 2 and int(state.num_skipped) == 0
+    assert [line["step"] for line in training_lines(read_metrics(workdir))] == [1, 2]
+    assert_valid_png(os.path.join(workdir, "samples.png"))
+
+    model, schedule, params, step = run.restore_params(config, workdir)
+    result = run.generate(config, model, schedule, params, out_dir=str(tmp_path / "out"), tag="t", trajectory=True)
+    samples = np.load(result["npz"])
+    assert samples["samples"].shape == (8, 8, 8, 1) and np.abs(samples["samples"]).max() <= 1.0
+    assert samples["uint8"].dtype == np.uint8
+    for key in ("png", "trajectory_png"):
+        assert_valid_png(result[key])
+    with Image.open(result["trajectory_gif"]) as gif:
+        assert gif.format == "GIF" and gif.n_frames > 1
+
+    evaluation = run.evaluate_checkpoint(config, workdir, num_examples=8, progress=False)
+    assert evaluation["step"] == 2 and evaluation["bpd_examples"] == 8
+    assert math.isfinite(evaluation["bpd"]) and evaluation["bpd"] > evaluation["bpd_prior"] > 0
+    # The prior term needs no model: KL(q(x_T | x_0) || N(0, I)) in bits per dimension, in float64.
+    x0 = next(make_dataset(config.data, "test", batch_size=8, seed=0).ordered_batches(num_examples=8))["image"]
+    abar = float(np.asarray(schedule.alphas_cumprod, np.float64)[-1])
+    mean, var = np.sqrt(abar) * x0.astype(np.float64), 1.0 - abar
+    kl = 0.5 * (-1.0 - np.log(var) + var + mean**2)
+    assert evaluation["bpd_prior"] == pytest.approx(kl.mean() / np.log(2.0), rel=1e-4)
+    with open(os.path.join(workdir, "eval.json")) as f:
+        assert json.load(f)["bpd"] == evaluation["bpd"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Mocked tfds MNIST
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_mocked_mnist_batches_feed_the_train_step():
+    config = apply_overrides(mnist.get_config(), {
+        "model.ch": 8, "model.num_groups": 4, "model.num_res_blocks": 1, "training.batch_size": 8,
+    })
+    validate_config(config)
+    with tfds.testing.mock_data(num_examples=24):
+        dataset = make_dataset(config.data, "train", batch_size=8, seed=0, download=False)
+    mesh = make_mesh(jax.devices()[:1])
+    batches = global_batch({"image": np.stack([dataset.batch(s)["image"] for s in (0, 1)])}, mesh)
+    assert batches["image"].shape == (2, 8, 28, 28, 1) and batches["image"].dtype == jnp.float32
+    for i, s in enumerate((0, 1)):
+        np.testing.assert_array_equal(
+            np.asarray(batches["image"][i]), uint8_to_float(dataset.examples[dataset.global_indices(s)])
+        )
+    assert -1.0 <= float(batches["image"].min()) < float(batches["image"].max()) <= 1.0
+    # The whole step traced (not compiled) on these batches: shapes and dtypes fit.
+    model = build_model(config)
+    state = jax.eval_shape(partial(create_train_state, config, model), jax.random.PRNGKey(0))
+    step = make_train_step(config, model, schedule_from_config(config.diffusion))
+    new_state, metrics = jax.eval_shape(step, state, batches)
+    assert metrics["loss"].shape == (2,) and metrics["loss_by_t_sum"].shape == (2, 4)
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), new_state.params) == jax.tree.map(
+        lambda a: (a.shape, a.dtype), state.params
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Several devices, several processes
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sharded_result(tmp_path_factory):
+    """The worker's training calls on a mesh of 8 CPU devices and on 1 device (one subprocess)."""
+    out = str(tmp_path_factory.mktemp("sharded") / "result.npz")
+    env = subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    proc = subprocess.run(
+        [sys.executable, WORKER, "sharded", out], env=env, capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return dict(np.load(out))
+
+
+def test_sharded_step_equals_single_device_step(sharded_result):
+    r = sharded_result
+    assert r["sharded_step"] == r["single_step"] == 6
+    # Each process row of a batch comes from the same examples: only the reduction order differs.
+    for name in ("params", "ema_params", "opt_state", "losses"):
+        np.testing.assert_allclose(r[f"sharded_{name}"], r[f"single_{name}"], rtol=1e-5, atol=1e-7)
+    assert not np.allclose(r["single_params"][:100], 0)
+
+
+def test_two_processes_agree_and_match_one_device(sharded_result, tmp_path):
+    port = free_port()
+    workdir = str(tmp_path / "run")
+    env = subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, WORKER, "multihost", workdir, str(port), str(i), "2"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=120)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for proc, output in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, output[-3000:]
+    states = [dict(np.load(os.path.join(workdir, f"state_{i}.npz"))) for i in range(2)]
+    assert states[0]["num_devices"] == 4 and states[0]["step"] == 6
+    for name in ("params", "ema_params", "opt_state"):
+        np.testing.assert_array_equal(states[0][name], states[1][name])
+        np.testing.assert_allclose(states[0][name], sharded_result[f"single_{name}"], rtol=1e-5, atol=1e-7)
+    # One joint checkpoint series and one metrics file, written once (by process 0).
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6"]
+    losses = [line["loss"] for line in training_lines(read_metrics(workdir))]
+    assert len(losses) == 3
+    np.testing.assert_allclose(losses, sharded_result["single_losses"].reshape(3, 2).mean(1), rtol=1e-5)
