@@ -57,5 +57,14 @@ def _run(workdir: str) -> None:
               f"(prior {result['bpd_prior']:.2e}, decoder L_0 {result['bpd_decoder']:.4f}) -> {workdir}/eval.json")
 
 
+def parse_flags(argv):
+    """absl's flag parsing, with an unknown --config.* field reported in one line instead of a traceback."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except AttributeError as err:  # what ml_collections raises for a field the config does not have
+        reason = " ".join(str(err).encode().decode("unicode_escape").replace("'", "").split())
+        raise SystemExit(f"error: unknown config field {reason}") from None
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,150 @@
+"""train.py and sample.py as a user runs them: SIGKILL mid-training and resume reproduces an uninterrupted run
+exactly; bad flags and configs stop at once with one message; sample.py draws from a finished run."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import swissroll
+from ddpm_jax import run
+from tests.multihost_worker import REPO, TINY_SWISSROLL, apply_overrides, subprocess_env
+
+NUM_STEPS = 1000  # ~5 s of MLP steps: long enough to be killed between checkpoints (every 20 steps)
+
+
+def train_command(workdir, *flags: str) -> list[str]:
+    overrides = [f"--config.{path}={value}" for path, value in TINY_SWISSROLL.items()]
+    return [
+        sys.executable, os.path.join(REPO, "train.py"), "--config=configs/swissroll.py", f"--workdir={workdir}",
+        "--progress=false", *overrides, f"--config.training.num_steps={NUM_STEPS}", *flags,
+    ]
+
+
+def finished_checkpoints(workdir) -> list[int]:
+    """Steps of the checkpoints Orbax has finalised (in-flight saves live in temporary directories)."""
+    directory = os.path.join(workdir, "checkpoints")
+    return sorted(int(name) for name in os.listdir(directory) if name.isdigit()) if os.path.isdir(directory) else []
+
+
+def metrics_lines(workdir) -> list[dict]:
+    """metrics.jsonl without the timings."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        lines = [json.loads(line) for line in f]
+    return [{k: v for k, v in line.items() if k != "steps_per_sec"} for line in lines]
+
+
+@pytest.fixture(scope="module")
+def killed_and_uninterrupted(tmp_path_factory):
+    """Two runs of the same command: one SIGKILLed after a mid-run checkpoint and rerun, one left alone."""
+    root = tmp_path_factory.mktemp("kill")
+    killed, uninterrupted = str(root / "killed"), str(root / "uninterrupted")
+    env = subprocess_env()
+    reference = subprocess.Popen(train_command(uninterrupted), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)
+    victim = subprocess.Popen(train_command(killed), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not any(step >= 100 for step in finished_checkpoints(killed)):
+        assert victim.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    kill_step = max(finished_checkpoints(killed))
+    assert kill_step < NUM_STEPS, "the run finished before the kill"
+    rerun = subprocess.run(train_command(killed), cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    out, _ = reference.communicate(timeout=180)
+    assert reference.returncode == 0, out[-3000:]
+    return killed, uninterrupted, kill_step
+
+
+def test_sigkill_then_rerun_reproduces_the_uninterrupted_run_exactly(killed_and_uninterrupted):
+    killed, uninterrupted, kill_step = killed_and_uninterrupted
+    assert 100 <= kill_step < NUM_STEPS
+    resumed_lines, reference_lines = metrics_lines(killed), metrics_lines(uninterrupted)
+    steps = [line["step"] for line in resumed_lines if "loss" in line]
+    assert steps == list(range(10, NUM_STEPS + 1, 10))  # nothing lost, nothing written twice
+    assert any(line["step"] > kill_step for line in resumed_lines)
+    assert resumed_lines == reference_lines  # losses, gradient norms, quartile losses, sample metrics: bitwise
+    assert finished_checkpoints(killed) == finished_checkpoints(uninterrupted)
+
+    config = apply_overrides(swissroll.get_config(), TINY_SWISSROLL)
+    for ema in (False, True):
+        _, _, resumed, step = run.restore_params(config, killed, ema=ema)
+        _, _, reference, _ = run.restore_params(config, uninterrupted, ema=ema)
+        assert step == NUM_STEPS
+        for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(reference), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_sample_py_draws_from_a_finished_run(killed_and_uninterrupted, tmp_path):
+    _, workdir, _ = killed_and_uninterrupted
+    out_dir = str(tmp_path / "samples")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "sample.py"), f"--workdir={workdir}", f"--out_dir={out_dir}",
+         "--num=32", "--sampler=ddim", "--steps=10", "--trajectory", "--metrics"],
+        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = sorted(os.listdir(out_dir))
+    assert any(n.startswith("samples_ddim10") and n.endswith(".png") for n in names), names
+    assert any(n.startswith("chain_ddim10") and n.endswith(".png") for n in names), names
+    npz = next(n for n in names if n.endswith(".npz"))
+    assert np.load(os.path.join(out_dir, npz))["samples"].shape == (32, 2)
+    assert '"swd_data"' in proc.stdout and "32 samples" in proc.stdout
+
+
+# Each case: flags after the config file, extra environment, the message expected on stderr.
+BAD_RUNS = {
+    "unknown key": (["--config.training.batchsize=3"], {}, 'unknown config field batchsize.*"batch_size"'),
+    "wrong type": (["--config.training.batch_size=abc"], {}, "batch_size=abc: invalid literal for int"),
+    "batch not divisible by devices": (
+        ["--config.training.batch_size=12"], {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+        "batch_size=12 is not divisible by the 8 devices; use a multiple of 8",
+    ),
+    "impossible U-Net resolution": (
+        ["--config=configs/digits.py", "--config.data.image_size=10", "--config.model.ch_mult=(1,2,2)"], {},
+        r"image size 10x10 must be divisible by 2\*\*\(len\(ch_mult\)-1\) = 4",
+    ),
+    "learned variance with mse": (
+        ["--config=configs/digits.py", "--config.diffusion.var_type=learned"], {},
+        "var_type='learned' needs diffusion.loss_type 'hybrid' or 'kl'",
+    ),
+    "bits/dim of 2-D data": (["--mode=eval"], {}, "bits/dim is defined for 8-bit images"),
+}
+
+
+def test_bad_flags_and_configs_stop_before_any_work_with_one_message(tmp_path):
+    procs = {}
+    for name, (flags, extra_env, _) in BAD_RUNS.items():
+        workdir = tmp_path / name.replace(" ", "_").replace("/", "_")
+        config = [f for f in flags if f.startswith("--config=")] or ["--config=configs/swissroll.py"]
+        rest = [f for f in flags if not f.startswith("--config=")]
+        command = [sys.executable, os.path.join(REPO, "train.py"), *config, f"--workdir={workdir}", *rest]
+        procs[name] = (workdir, subprocess.Popen(
+            command, cwd=REPO, env=subprocess_env(**extra_env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True,
+        ))
+    no_run = tmp_path / "no_run"
+    sample = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "sample.py"), f"--workdir={no_run}"], cwd=REPO, env=subprocess_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    for name, (workdir, proc) in procs.items():
+        _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode != 0, name
+        assert "Traceback" not in stderr, f"{name}:\n{stderr}"
+        assert re.search(BAD_RUNS[name][2], stderr), f"{name}:\n{stderr}"
+        assert not (workdir / "checkpoints").exists(), name
+    _, stderr = sample.communicate(timeout=120)
+    assert sample.returncode != 0 and "Traceback" not in stderr
+    assert "config.json not found: is" in stderr and not no_run.exists()
