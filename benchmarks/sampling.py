@@ -106,6 +106,7 @@ def main() -> None:
     parser.add_argument("--torch-steps", type=int, default=None, help="torch chain length timed (default --steps)")
     parser.add_argument("--attn", default="" if cpu else "cudnn", help="bfloat16 attention implementation ('' = XLA)")
     parser.add_argument("--torch-threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    parser.add_argument("--tag", default="", help="suffix of the result file name (e.g. 1thread)")
     parser.add_argument("--out-dir", default=None)
     args = parser.parse_args()
     if args.model == "digits":
@@ -198,7 +199,7 @@ def main() -> None:
             + ("" if t["measured_steps"] == 1000 else " (per-step x1000)"),
             "compile": f"{t['warmup_s']:.1f} s (warm-up)",
         })
-    path = common.write_json(f"sampling_{args.model}", results, args.out_dir)
+    path = common.write_json(f"sampling_{args.model}" + (f"_{args.tag}" if args.tag else ""), results, args.out_dir)
     print(f"\n{args.model} U-Net sampling, batch {batch}, {common.device_name()}")
     print(common.format_table(
         rows, ["impl", "steps", "chain", "per step", "1000 steps", "compile", "ours/torch", "peak MB"]))

@@ -131,6 +131,7 @@ def main() -> None:
     parser.add_argument("--torch-repeats", type=int, default=None)
     parser.add_argument("--peak-matmul", type=int, default=2048 if cpu else 8192, help="0: skip")
     parser.add_argument("--torch-threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    parser.add_argument("--tag", default="", help="suffix of the result file name (e.g. 1thread)")
     parser.add_argument("--out-dir", default=None)
     args = parser.parse_args()
     batch = args.batch or (8 if cpu and args.model == "cifar10" else 128)
@@ -204,7 +205,8 @@ def main() -> None:
             "img/s": f"{batch / t['median_s']:.4g}",
             "compile": f"{t['first_call_s']:.1f} s (1st)",
         })
-    path = common.write_json(f"train_{args.model}", {"model": args.model, "batch": batch, **results}, args.out_dir)
+    name = f"train_{args.model}" + (f"_{args.tag}" if args.tag else "")
+    path = common.write_json(name, {"model": args.model, "batch": batch, **results}, args.out_dir)
     print(f"\n{args.model} U-Net training step, batch {batch}, {common.device_name()}")
     if peak:
         print(f"peak for MFU: measured {results['matmul_peak']['dtype']} matmul {peak / 1e12:.1f} TFLOP/s")
