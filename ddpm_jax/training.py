@@ -7,6 +7,7 @@ and optimizer state are replicated, and `jax.jit` with `NamedSharding` inserts t
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 import flax.linen as nn
@@ -59,6 +60,17 @@ def create_train_state(config, model: nn.Module, key: jax.Array) -> TrainState:
         rng=run_key,
         num_skipped=jnp.zeros((), jnp.int32),
     )
+
+
+def init_train_state(config, model: nn.Module, key: jax.Array, mesh: Mesh) -> TrainState:
+    """create_train_state jitted with the state replicated over ``mesh``.
+
+    The initialisers draw from JAX's original (non-partitionable) threefry: the state is replicated, so the
+    partitionable variant buys nothing, and XLA:CPU compiles this init 2-4x faster (tiny U-Net: 12.8 s vs
+    30.6 s; digits U-Net init alone: 15.6 s vs 28.2 s). The setting must be active when jit lowers the call.
+    """
+    with jax.threefry_partitionable(False):
+        return jax.jit(partial(create_train_state, config, model), out_shardings=replicated(mesh))(key)
 
 
 def ema_decay_at(step: jax.Array, decay: float, warmup: bool) -> jax.Array:
