@@ -30,10 +30,10 @@ from ddpm_jax.training import (
     TrainState,
     create_train_state,
     global_batch,
+    init_train_state,
     jit_train_step,
     make_mesh,
     make_train_step,
-    replicated,
 )
 
 
@@ -191,9 +191,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> TrainS
     mesh = make_mesh()
     model = build_model(config)
     schedule = schedule_from_config(config.diffusion)
-    state = jax.jit(partial(create_train_state, config, model), out_shardings=replicated(mesh))(
-        jax.random.PRNGKey(config.seed)
-    )
+    state = init_train_state(config, model, jax.random.PRNGKey(config.seed), mesh)
     start_step = 0
     if checkpointer.latest_step() is not None:
         state = checkpointer.restore(state)
