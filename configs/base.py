@@ -62,8 +62,13 @@ def get_base_config() -> ml_collections.ConfigDict:
     training.checkpoint_every = 5000
     training.keep_checkpoints = 3
     training.sample_every = 20_000  # sample grid + sample-quality metrics (0: only at the end)
-    training.max_skipped_steps = 100  # stop when this many updates in a row had a non-finite loss/gradient
+    training.max_skipped_steps = 100  # stop when a logging window has this many (or only) non-finite updates
     training.distributed = False  # jax.distributed.initialize() (also when JAX_COORDINATOR_ADDRESS is set)
+    # Multi-host without a cluster JAX detects (SLURM, TPU, ...): host:port of process 0, the process count and
+    # this process's id (or the environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID).
+    training.coordinator_address = ""
+    training.num_processes = 0
+    training.process_id = -1
 
     config.sampling = sampling = ml_collections.ConfigDict()
     sampling.sampler = "ddpm"  # ddpm | ddim

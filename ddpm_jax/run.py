@@ -38,9 +38,22 @@ from ddpm_jax.training import (
 
 
 def maybe_initialize_distributed(config) -> None:
-    """jax.distributed.initialize() when the config asks or a coordinator address is in the environment."""
-    if config.training.distributed or os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize()
+    """jax.distributed.initialize() when the config asks or a coordinator address is in the environment.
+
+    Unset values (config or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID) are left to JAX's
+    cluster auto-detection.
+    """
+    tr = config.training
+    address = tr.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if not (tr.distributed or address):
+        return
+    num_processes = tr.num_processes or int(os.environ.get("JAX_NUM_PROCESSES", 0))
+    process_id = tr.process_id if tr.process_id >= 0 else int(os.environ.get("JAX_PROCESS_ID", -1))
+    jax.distributed.initialize(
+        coordinator_address=address or None,
+        num_processes=num_processes or None,
+        process_id=process_id if process_id >= 0 else None,
+    )
 
 
 def is_image_data(config) -> bool:
