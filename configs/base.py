@@ -30,6 +30,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     model.resamp_with_conv = True
     model.num_groups = 32
     model.dtype = "float32"  # computation dtype: float32 | bfloat16 (parameters stay float32)
+    model.attn_implementation = ""  # "" (XLA) | "cudnn" (GPU with bfloat16: cuDNN's fused attention)
     model.mlp_hidden = 256
     model.mlp_layers = 4
 

@@ -56,6 +56,7 @@ def build_model(config) -> nn.Module:
         out_channels=2 * channels if is_learned_variance(config) else channels,
         num_groups=m.num_groups,
         dtype=dtype,
+        attn_implementation=m.attn_implementation or None,
     )
 
 
@@ -82,6 +83,9 @@ def validate_config(config, *, num_devices: int = 1, process_count: int = 1) -> 
     choice("data.dataset", d.dataset, sorted(DATASETS))
     choice("model.name", m.name, ("unet", "mlp"))
     choice("model.dtype", m.dtype, tuple(DTYPES))
+    choice("model.attn_implementation", m.attn_implementation, ("", "cudnn"))
+    if m.attn_implementation == "cudnn" and m.dtype != "bfloat16":
+        problems.append("model.attn_implementation='cudnn' needs model.dtype='bfloat16' (cuDNN attention is 16-bit)")
     choice("diffusion.beta_schedule", df.beta_schedule, SCHEDULES)
     choice("diffusion.mean_type", df.mean_type, MEAN_TYPES)
     choice("diffusion.var_type", df.var_type, VAR_TYPES)
