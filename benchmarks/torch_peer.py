@@ -33,24 +33,32 @@ PEER_CONFIGS = {
         freq_shift=1,
         downsample_padding=0,
     ),
-    # configs/digits.py: ch 64, ch_mult (1, 2), 2 res blocks, attention at 4x4, GroupNorm(16), 8x8x1.
-    "digits": dict(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(64, 128),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        layers_per_block=2,
-        norm_num_groups=16,
-        norm_eps=1e-6,
-        dropout=0.1,
-        attention_head_dim=None,
-        flip_sin_to_cos=False,
-        freq_shift=1,
-        downsample_padding=0,
-    ),
 }
+
+
+def _digits_peer() -> dict:
+    """The UNet2DModel equal to configs/digits.py's U-Net, read from that config so the two cannot drift."""
+    from configs.digits import get_config
+
+    config = get_config()
+    m, size = config.model, config.data.image_size
+    attn_levels = {i for i in range(len(m.ch_mult)) if size // 2**i in m.attn_resolutions}
+    down = tuple("AttnDownBlock2D" if i in attn_levels else "DownBlock2D" for i in range(len(m.ch_mult)))
+    return dict(
+        PEER_CONFIGS["cifar10"],
+        sample_size=size,
+        in_channels=config.data.num_channels,
+        out_channels=config.data.num_channels,
+        block_out_channels=tuple(m.ch * k for k in m.ch_mult),
+        down_block_types=down,
+        up_block_types=tuple(name.replace("Down", "Up") for name in reversed(down)),
+        layers_per_block=m.num_res_blocks,
+        norm_num_groups=m.num_groups,
+        dropout=m.dropout,
+    )
+
+
+PEER_CONFIGS["digits"] = _digits_peer()
 
 
 def _torch():
