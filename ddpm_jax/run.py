@@ -60,11 +60,20 @@ def is_image_data(config) -> bool:
     return DATASETS[config.data.dataset].kind == "image"
 
 
-def make_sample_fn(config, model, schedule, *, num_samples: int | None = None, trajectory_every: int | None = None,
-                   progress_fn=None):
+DEFAULT_DDIM_STEPS = 50
+
+
+def num_sampling_steps(config, schedule) -> int:
+    """Steps of the config's sampler: all T for ddpm, sampling.num_steps (default 50) for ddim."""
+    if config.sampling.sampler == "ddpm":
+        return schedule.num_timesteps
+    return config.sampling.num_steps or DEFAULT_DDIM_STEPS
+
+
+def make_sample_fn(config, model, schedule, *, trajectory_every: int | None = None, progress_fn=None):
     """jitted ``(params, key) -> samples`` (and a Trajectory if asked) with the config's sampler."""
     s, d = config.sampling, config.diffusion
-    shape = (num_samples or s.num_samples, *data_shape(config))
+    shape = (s.num_samples, *data_shape(config))
     kwargs = dict(
         mean_type=d.mean_type, var_type=d.var_type, clip_denoised=s.clip_denoised and is_image_data(config),
         trajectory_every=trajectory_every, progress_fn=progress_fn,
@@ -73,7 +82,8 @@ def make_sample_fn(config, model, schedule, *, num_samples: int | None = None, t
     def sample(params, key):
         model_fn = partial(model.apply, {"params": params})
         if s.sampler == "ddim":
-            return ddim_sample(model_fn, schedule, key, shape, num_steps=s.num_steps or 50, eta=s.eta, **kwargs)
+            num_steps = num_sampling_steps(config, schedule)
+            return ddim_sample(model_fn, schedule, key, shape, num_steps=num_steps, eta=s.eta, **kwargs)
         return ddpm_sample(model_fn, schedule, key, shape, **kwargs)
 
     return jax.jit(sample)
@@ -385,7 +395,7 @@ def generate(config, model, schedule, params, *, out_dir: str, tag: str, traject
     Returns a dict with the written paths, the sampling time and, if asked, the sample metrics.
     """
     s = config.sampling
-    num_steps = schedule.num_timesteps if s.sampler == "ddpm" else (s.num_steps or 50)
+    num_steps = num_sampling_steps(config, schedule)
     trajectory_every = None
     if trajectory:  # sampling.trajectory_every, or about ten pictures of the chain
         every = s.trajectory_every if 0 < s.trajectory_every < num_steps else num_steps // 10
@@ -401,7 +411,7 @@ def generate(config, model, schedule, params, *, out_dir: str, tag: str, traject
     samples = np.asarray(samples)
 
     os.makedirs(out_dir, exist_ok=True)
-    sampler = f"ddim{s.num_steps or 50}" if s.sampler == "ddim" else "ddpm"
+    sampler = f"ddim{num_steps}" if s.sampler == "ddim" else "ddpm"
     tag = f"{sampler}_seed{seed}_{tag}"
     result = {"seconds": seconds, "png": os.path.join(out_dir, f"samples_{tag}.png"),
               "npz": os.path.join(out_dir, f"samples_{tag}.npz")}
