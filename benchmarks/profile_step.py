@@ -40,7 +40,7 @@ CATEGORIES = (
     ("attention", ("sdpa", "fmha", "flash", "attention")),
     ("conv dgrad", ("dgrad",)),
     ("conv wgrad", ("wgrad",)),
-    ("conv fprop", ("fprop", "conv", "implicit_gemm", "xmma_")),
+    ("conv fprop", ("fprop", "cudnn-conv", "implicit_gemm", "xmma_")),  # not "conv": XLA's "convert" fusions
     ("matmul", ("gemm", "cutlass", "cublas", "triton_")),
     ("memcpy/memset", ("memcpy", "memset", "copy_")),
     ("reduction fusion", ("input_reduce", "reduce", "reduction", "row_reduction", "column_reduction")),
