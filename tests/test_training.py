@@ -27,6 +27,7 @@ from ddpm_jax.training import (
     init_train_state,
     jit_train_step,
     make_mesh,
+    make_optimizer,
     make_train_step,
 )
 from tests.multihost_worker import TINY_SWISSROLL, apply_overrides, free_port, subprocess_env
@@ -155,6 +156,38 @@ def test_generate_writes_png_npz_trajectory_and_metrics(swissroll_run, tmp_path)
 # ----------------------------------------------------------------------------------------------------------
 # Non-finite losses and gradients
 # ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_optimizer_is_clipped_adam_with_warmup_like_a_numpy_reference(optimizer):
+    training = {"optimizer": optimizer, "lr": 1e-2, "warmup_steps": 3, "grad_clip": 1.0, "adam_b1": 0.9,
+                "adam_b2": 0.999, "adam_eps": 1e-8, "weight_decay": 0.1}
+    rng = np.random.default_rng(0)
+    shapes = {"a": (3, 4), "b": {"c": (5,), "d": (2, 2, 2)}}
+    params = jax.tree.map(lambda s: rng.normal(size=s), shapes, is_leaf=lambda s: isinstance(s, tuple))
+    tx = make_optimizer(training)
+    state, p = tx.init(jax.tree.map(jnp.float32, params)), jax.tree.map(jnp.float32, params)
+    ref_p = [np.asarray(x, np.float64) for x in jax.tree.leaves(params)]
+    mu, nu = [np.zeros_like(x) for x in ref_p], [np.zeros_like(x) for x in ref_p]
+    for step in range(4):
+        # Gradient norms of ~10 (clipped to 1) and of ~0.1 (left alone).
+        size = 3.0 if step % 2 == 0 else 0.03
+        grads = jax.tree.map(lambda x, size=size: rng.normal(size=x.shape) * size, params)
+        updates, state = tx.update(jax.tree.map(jnp.float32, grads), state, p)
+        p = jax.tree.map(lambda x, u: x + u, p, updates)
+        g = [np.asarray(x, np.float64) for x in jax.tree.leaves(grads)]
+        norm = np.sqrt(sum(np.sum(x**2) for x in g))
+        g = [x * min(1.0, 1.0 / norm) for x in g]
+        lr = 1e-2 * min(step, 3) / 3  # linear warm-up from 0, as the DDPM code
+        for i, gi in enumerate(g):
+            mu[i] = 0.9 * mu[i] + 0.1 * gi
+            nu[i] = 0.999 * nu[i] + 0.001 * gi**2
+            update = (mu[i] / (1 - 0.9 ** (step + 1))) / (np.sqrt(nu[i] / (1 - 0.999 ** (step + 1))) + 1e-8)
+            if optimizer == "adamw":
+                update = update + 0.1 * ref_p[i]
+            ref_p[i] = ref_p[i] - lr * update
+        for got, want in zip(jax.tree.leaves(p), ref_p, strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_nonfinite_batch_skips_the_update_and_is_counted():
