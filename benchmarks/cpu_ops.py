@@ -1,18 +1,30 @@
 """Where XLA:CPU time goes: forward+backward of the U-Net's layers at the digits and CIFAR-10 shapes, JAX
-against PyTorch, and GroupNorm in flax's formulation against a reshape + mean/var one.
+against PyTorch; 3x3 convolution formulations (lax.conv, im2col, 9 taps, 3 row taps); GroupNorm in flax's
+formulation against a reshape + mean/var one.
 
-    python benchmarks/cpu_ops.py                 # digits shapes (batch 128, 8x8 and 4x4)
-    python benchmarks/cpu_ops.py --shapes cifar10 --batch 8
+    python benchmarks/cpu_ops.py                                  # digits shapes, batch 128, all ops
+    python benchmarks/cpu_ops.py --shapes cifar10 --batch 8 --ops conv
+    python benchmarks/cpu_ops.py --step-ab train --shapes cifar10   # whole step: default vs Eigen convolutions
+    python benchmarks/cpu_ops.py --step-ab sample                   # one ancestral sampling step, the same
+    XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution \\
+        python benchmarks/cpu_ops.py --ops conv --tag eigenconv   # XLA's convolutions on Eigen, not YNNPACK
 
-Each op is timed as value_and_grad of sum(op(x)) (JAX, jitted) and loss.backward() (torch eager).
+Each op is timed as value_and_grad of sum(op(x)^2)/2 with respect to its parameters and input (JAX, jitted)
+and as loss.backward() of the same loss (torch eager). Each JAX conv variant's forward and gradients are
+checked against lax.conv's before timing (max relative error, recorded). Writes
+results/cpu_ops[_<tag>]_<shapes>_cpu.json. XLA_FLAGS must put `--xla_...` flags before any bare
+`name=value` token: XLA's parser ignores everything after one.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
+import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
@@ -22,11 +34,61 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-SHAPES = {
-    # (name, H, C) per level of each config; attention at the last level listed with attn=True.
-    "digits": [(8, 64), (4, 128)],
+from ddpm_jax.models.conv import convolutions_in_ynn_fusions, cpu_conv_compiler_options  # noqa: E402
+
+# (H, C) of each level, for GroupNorm and swish.
+LEVELS = {
+    "digits": [(8, 32), (4, 64)],  # configs/digits.py: ch 32, ch_mult (1, 2), 8x8 images
     "cifar10": [(32, 128), (16, 256), (8, 256)],
 }
+# (H, Cin, Cout) of the U-Net's 3x3 convolutions: the level widths, plus (digits) the 8x8 Upsample conv at 64
+# channels and the first conv of an up block fed a 96-channel concatenation.
+CONVS = {
+    "digits": [(8, 32, 32), (4, 64, 64), (8, 64, 64), (8, 96, 32)],
+    "cifar10": [(32, 128, 128), (16, 256, 256), (8, 256, 256)],
+}
+DEFAULT_GROUPS = {"digits": 8, "cifar10": 32}
+
+
+def conv_xla(x, kernel):
+    """lax.conv_general_dilated, stride 1, SAME, NHWC/HWIO: what flax nn.Conv runs."""
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _shifted(x):
+    """The 9 shifted views x_pad[:, i:i+H, j:j+W, :] of the 1-padded input, i (rows) outer, j inner."""
+    _, h, w, _ = x.shape
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return [xp[:, i : i + h, j : j + w, :] for i in range(3) for j in range(3)]
+
+
+def conv_im2col(x, kernel):
+    """All 9 shifted views concatenated on channels, then one [B*H*W, 9*Cin] @ [9*Cin, Cout] dot."""
+    b, h, w, c = x.shape
+    patches = jnp.concatenate(_shifted(x), axis=-1).reshape(b * h * w, 9 * c)
+    return (patches @ kernel.reshape(9 * c, -1)).reshape(b, h, w, -1)
+
+
+def conv_taps9(x, kernel):
+    """Sum of 9 [B*H*W, Cin] @ [Cin, Cout] dots, one per tap, without the 9x patch tensor."""
+    out = 0.0
+    for tap, view in enumerate(_shifted(x)):
+        out = out + jnp.einsum("bhwc,cd->bhwd", view, kernel[tap // 3, tap % 3])
+    return out
+
+
+def conv_rows3(x, kernel):
+    """The 3 column shifts concatenated ([B, H+2, W, 3*Cin]), then one dot per kernel row, summed."""
+    b, h, w, c = x.shape
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    cols = jnp.concatenate([xp[:, :, j : j + w, :] for j in range(3)], axis=-1)
+    out = 0.0
+    for i in range(3):
+        out = out + cols[:, i : i + h].reshape(b * h * w, 3 * c) @ kernel[i].reshape(3 * c, -1)
+    return out.reshape(b, h, w, -1)
+
+
+CONV_VARIANTS = {"lax.conv": conv_xla, "im2col": conv_im2col, "taps9": conv_taps9, "rows3": conv_rows3}
 
 
 def group_norm_reshape(x, scale, bias, groups: int, eps: float = 1e-6):
@@ -39,9 +101,9 @@ def group_norm_reshape(x, scale, bias, groups: int, eps: float = 1e-6):
     return (y * scale + bias).astype(x.dtype)
 
 
-def time_jax(fn, params, x, repeats):
-    grad = jax.jit(jax.value_and_grad(lambda p, x: jnp.sum(fn(p, x)), argnums=(0, 1)))
-    return common.time_calls(lambda: grad(params, x), repeats=repeats, warmup=2)
+def grad_fn(fn):
+    """Jitted value_and_grad of sum(fn(p, x)^2)/2 with respect to (p, x)."""
+    return jax.jit(jax.value_and_grad(lambda p, x: 0.5 * jnp.sum(jnp.square(fn(p, x))), argnums=(0, 1)))
 
 
 def time_torch(module, x, repeats):
@@ -49,33 +111,67 @@ def time_torch(module, x, repeats):
 
     def call():
         module.zero_grad(set_to_none=True)
+        x.grad = None
         out = module(x)
-        out.sum().backward()
+        (0.5 * out.square().sum()).backward()
         return out
 
     return common.time_calls(call, repeats=repeats, warmup=2)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--shapes", choices=tuple(SHAPES), default="digits")
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--groups", type=int, default=None, help="default 16 (digits) / 32 (cifar10)")
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--out-dir", default=None)
-    args = parser.parse_args()
-    groups = args.groups or (16 if args.shapes == "digits" else 32)
-    rng = np.random.default_rng(0)
+def max_rel_err(a, b) -> float:
+    """max |a - b| / max |b| over each leaf, maximised over leaves."""
+    return max(
+        float(np.max(np.abs(np.asarray(u) - np.asarray(v))) / np.max(np.abs(np.asarray(v))))
+        for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
+
+
+def conv_rows(batch, shapes, repeats, rng):
+    """fwd+bwd of each conv formulation and of torch's Conv2d at each (H, Cin, Cout)."""
     rows = []
-    for h, c in SHAPES[args.shapes]:
-        x_np = rng.standard_normal((args.batch, h, h, c)).astype(np.float32)
+    for h, cin, cout in shapes:
+        x_np = rng.standard_normal((batch, h, h, cin)).astype(np.float32)
+        k_np = (rng.standard_normal((3, 3, cin, cout)) / np.sqrt(9 * cin)).astype(np.float32)
+        x, kernel = jnp.asarray(x_np), jnp.asarray(k_np)
+        flops = 3 * 2 * batch * h * h * 9 * cin * cout  # forward, input gradient, kernel gradient
+        shape = f"{batch}x{h}x{h}x{cin}->{cout}"
+        reference = None
+        for name, variant in CONV_VARIANTS.items():
+            fn = grad_fn(lambda k, x, f=variant: f(x, k))
+            value = fn(kernel, x)
+            reference = reference if reference is not None else value
+            total, in_ynn = convolutions_in_ynn_fusions(fn.lower(kernel, x).compile().as_text())
+            hlo = {"convolutions": total, "in_ynn_fusion": in_ynn}
+            timing = common.time_calls(lambda fn=fn, k=kernel, x=x: fn(k, x), repeats=repeats, warmup=2)
+            rows.append({"op": f"conv3x3 {name}", "shape": shape, "jax": timing,
+                         "gflop_per_s": flops / timing["median_s"] / 1e9,
+                         "max_rel_err_vs_lax_conv": max_rel_err(value, reference), "hlo": hlo})
+            print(shape, name, common.fmt_time(timing), hlo, flush=True)
+        tconv = torch.nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        with torch.no_grad():
+            tconv.weight.copy_(torch.from_numpy(k_np.transpose(3, 2, 0, 1).copy()))
+        theirs = time_torch(tconv, torch.from_numpy(x_np.transpose(0, 3, 1, 2).copy()), repeats)
+        print(shape, "torch", common.fmt_time(theirs), flush=True)
+        for row in rows:
+            if row["shape"] == shape:
+                row["torch"] = theirs
+                row["ours/torch"] = theirs["median_s"] / row["jax"]["median_s"]
+    return rows
+
+
+def layer_rows(batch, levels, groups, repeats, rng):
+    """fwd+bwd of flax nn.Conv, GroupNorm (two formulations) and swish against torch at each (H, C)."""
+    rows = []
+    for h, c in levels:
+        x_np = rng.standard_normal((batch, h, h, c)).astype(np.float32)
         x = jnp.asarray(x_np)
         xt = torch.from_numpy(x_np.transpose(0, 3, 1, 2).copy())
         conv = nn.Conv(c, (3, 3), padding="SAME")
         gn = nn.GroupNorm(groups, epsilon=1e-6)
         ops = {
-            "conv3x3": (lambda p, x, m=conv: m.apply(p, x), conv.init(jax.random.key(0), x),
-                        torch.nn.Conv2d(c, c, 3, padding=1)),
+            "nn.Conv 3x3 + bias": (lambda p, x, m=conv: m.apply(p, x), conv.init(jax.random.key(0), x),
+                                   torch.nn.Conv2d(c, c, 3, padding=1)),
             "groupnorm_flax": (lambda p, x, m=gn: m.apply(p, x), gn.init(jax.random.key(0), x),
                                torch.nn.GroupNorm(groups, c, eps=1e-6)),
             "groupnorm_reshape": (lambda p, x: group_norm_reshape(x, p["scale"], p["bias"], groups),
@@ -84,19 +180,124 @@ def main() -> None:
             "swish": (lambda p, x: nn.swish(x), {}, torch.nn.SiLU()),
         }
         for name, (fn, params, tmod) in ops.items():
-            ours = time_jax(fn, params, x, args.repeats)
-            theirs = time_torch(tmod, xt, args.repeats)
-            rows.append({"op": name, "shape": f"{args.batch}x{h}x{h}x{c}", "jax_ms": ours["median_s"] * 1e3,
-                         "torch_ms": theirs["median_s"] * 1e3, "jax": ours, "torch": theirs,
+            grad = grad_fn(fn)
+            ours = common.time_calls(lambda grad=grad, params=params, x=x: grad(params, x), repeats=repeats, warmup=2)
+            theirs = time_torch(tmod, xt, repeats)
+            rows.append({"op": name, "shape": f"{batch}x{h}x{h}x{c}", "jax": ours, "torch": theirs,
                          "ours/torch": theirs["median_s"] / ours["median_s"]})
-            print(rows[-1]["op"], rows[-1]["shape"], f"{rows[-1]['jax_ms']:.2f} ms", f"{rows[-1]['torch_ms']:.2f} ms",
-                  flush=True)
-    path = common.write_json(f"cpu_ops_{args.shapes}", {"batch": args.batch, "groups": groups,
-                                                         "torch_threads": torch.get_num_threads(), "rows": rows},
-                             args.out_dir)
+            print(name, rows[-1]["shape"], common.fmt_time(ours), common.fmt_time(theirs), flush=True)
+    return rows
+
+
+def step_ab(what: str, model_name: str, batch: int, rounds: int, vs_torch: bool = False) -> dict:
+    """One training step (or one ancestral sampling step) of the model compiled twice, with XLA's default options
+    and with cpu_conv_compiler_options(), timed alternately in this process so both see the same load; with
+    vs_torch (train only) each round also times one step of the torch peer (a fresh peer, one warm-up step)."""
+    from train_throughput import get_config
+
+    from ddpm_jax.config import build_model, schedule_from_config
+    from ddpm_jax.diffusion import p_sample
+    from ddpm_jax.training import create_train_state, global_batch, jit_train_step, make_mesh, make_train_step
+
+    config = get_config(model_name, batch, "float32")
+    model, schedule, mesh = build_model(config), schedule_from_config(config.diffusion), make_mesh()
+    size, channels = config.data.image_size, config.data.num_channels
+    images = np.random.default_rng(0).uniform(-1, 1, (1, batch, size, size, channels)).astype(np.float32)
+    state = create_train_state(config, model, jax.random.key(0))
+    if what == "train":
+        fn = jit_train_step(make_train_step(config, model, schedule), mesh)
+        args = (state, global_batch({"image": images}, mesh))
+    else:
+        def sample_step(params, x, key):
+            t = jnp.full((batch,), config.diffusion.num_timesteps // 2, jnp.int32)
+            return p_sample(schedule, lambda x, t: model.apply({"params": params}, x, t), x, t, key)[0]
+
+        fn, args = jax.jit(sample_step), (state.params, jnp.asarray(images[0]), jax.random.key(1))
+    lowered = fn.lower(*args)
+    options = {"default": {}, "eigen_conv": cpu_conv_compiler_options()}
+    compiled = {name: lowered.compile(compiler_options=opts or None) for name, opts in options.items()}
+    # The train step donates its state: each executable steps its own copy.
+    inputs = {name: jax.tree.map(jnp.copy, args) for name in compiled}
+
+    def call(name):
+        start = time.perf_counter()
+        out = compiled[name](*inputs[name])
+        jax.block_until_ready(out)
+        if what == "train":
+            inputs[name] = (out[0], *inputs[name][1:])
+        return time.perf_counter() - start
+
+    for name in compiled:
+        for _ in range(2):
+            call(name)
+    times = {name: [] for name in compiled}
+    torch_times = []
+    for r in range(rounds):
+        for name in compiled if r % 2 == 0 else list(compiled)[::-1]:
+            times[name].append(call(name))
+        if vs_torch and what == "train":
+            import torch_peer
+
+            peer = torch_peer.train_step_bench(model_name, batch, "float32", "eager", repeats=1, warmup=1)
+            torch_times.append(peer["median_s"])
+    result = {"what": what, "model": model_name, "batch": batch, "compiler_options": options, "rounds": rounds}
+    for name, samples in times.items():
+        total, in_ynn = convolutions_in_ynn_fusions(compiled[name].as_text())
+        result[name] = {**common.summarize(samples), "convolutions": total, "convolutions_in_ynn": in_ynn}
+        print(f"{what} step {name}: {common.fmt_time(result[name])}, convolutions in YNNPACK {in_ynn}/{total}")
+    result["speedup"] = statistics.median(times["default"]) / statistics.median(times["eigen_conv"])
+    print(f"speedup {result['speedup']:.2f}x")
+    if torch_times:
+        result["torch_eager"] = {**common.summarize(torch_times), "threads": torch.get_num_threads()}
+        result["ours/torch"] = {name: statistics.median(torch_times) / statistics.median(times[name]) for name in times}
+        print(f"torch eager ({torch.get_num_threads()} threads): {common.fmt_time(result['torch_eager'])}, "
+              f"ours/torch {result['ours/torch']}")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", choices=tuple(LEVELS), default="digits")
+    parser.add_argument("--batch", type=int, default=None, help="default 128 (digits) / 8 (cifar10)")
+    parser.add_argument("--ops", choices=("all", "conv", "layers"), default="all",
+                        help="conv: the 3x3 conv formulations; layers: nn.Conv, GroupNorm, swish")
+    parser.add_argument("--groups", type=int, default=None, help="GroupNorm groups (default: the config's)")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--torch-threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    parser.add_argument("--tag", default="", help="suffix of the result file name (e.g. eigenconv)")
+    parser.add_argument("--step-ab", choices=("train", "sample"), default=None,
+                        help="instead of ops: the whole step with default vs cpu_conv_compiler_options, interleaved")
+    parser.add_argument("--rounds", type=int, default=10, help="--step-ab: timed calls of each")
+    parser.add_argument("--vs-torch", action="store_true", help="--step-ab train: also time the torch peer each round")
+    parser.add_argument("--out-dir", default=None)
+    args = parser.parse_args()
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    batch = args.batch or (128 if args.shapes == "digits" else 8)
+    groups = args.groups or DEFAULT_GROUPS[args.shapes]
+    if args.step_ab:
+        result = step_ab(args.step_ab, args.shapes, batch, args.rounds, args.vs_torch)
+        name = f"step_ab_{args.step_ab}_{args.shapes}" + (f"_{args.tag}" if args.tag else "")
+        print("load average at end:", os.getloadavg(), "| XLA_FLAGS:", os.environ.get("XLA_FLAGS", ""))
+        print("wrote", common.write_json(name, result, args.out_dir))
+        return
+    rng = np.random.default_rng(0)
+    rows = []
+    if args.ops in ("all", "conv"):
+        rows += conv_rows(batch, CONVS[args.shapes], args.repeats, rng)
+    if args.ops in ("all", "layers"):
+        rows += layer_rows(batch, LEVELS[args.shapes], groups, args.repeats, rng)
+    name = "cpu_ops" + (f"_{args.tag}" if args.tag else "") + f"_{args.shapes}"
+    path = common.write_json(name, {"batch": batch, "groups": groups, "torch_threads": torch.get_num_threads(),
+                                    "rows": rows}, args.out_dir)
     table = [{"op": r["op"], "shape": r["shape"], "jax fwd+bwd": common.fmt_time(r["jax"]),
-              "torch fwd+bwd": common.fmt_time(r["torch"]), "ours/torch": f"{r['ours/torch']:.2f}x"} for r in rows]
-    print(common.format_table(table, ["op", "shape", "jax fwd+bwd", "torch fwd+bwd", "ours/torch"]))
+              "torch fwd+bwd": common.fmt_time(r["torch"]), "ours/torch": f"{r['ours/torch']:.2f}x",
+              "GFLOP/s": f"{r['gflop_per_s']:.0f}" if "gflop_per_s" in r else "-",
+              "convs in YNN": f"{r['hlo']['in_ynn_fusion']}/{r['hlo']['convolutions']}" if "hlo" in r else "-"}
+             for r in rows]
+    print(common.format_table(table, ["op", "shape", "jax fwd+bwd", "torch fwd+bwd", "ours/torch", "GFLOP/s",
+                                      "convs in YNN"]))
+    print("load average at end:", os.getloadavg(), "| XLA_FLAGS:", os.environ.get("XLA_FLAGS", ""))
     print("wrote", path)
 
 
