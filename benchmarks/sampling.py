@@ -28,8 +28,14 @@ from train_throughput import get_config  # noqa: E402
 
 from ddpm_jax.config import build_model  # noqa: E402
 from ddpm_jax.diffusion import p_sample  # noqa: E402
+from ddpm_jax.models.conv import cpu_conv_compiler_options  # noqa: E402
 from ddpm_jax.sampling import chain_keys, ddim_sample, ddpm_sample  # noqa: E402
 from ddpm_jax.schedules import make_schedule  # noqa: E402
+
+
+def jit(fn):
+    """jax.jit as the library compiles its samplers (on CPU: convolutions on Eigen)."""
+    return jax.jit(fn, compiler_options=cpu_conv_compiler_options())
 
 
 def linear_schedule(num_timesteps: int):
@@ -42,8 +48,8 @@ def make_sampler(model, schedule, shape, kind: str, ddim_steps: int = 50):
         return lambda x, t: model.apply({"params": params}, x, t)
 
     if kind == "ddpm":
-        return jax.jit(lambda params, key: ddpm_sample(model_fn_of(params), schedule, key, shape))
-    return jax.jit(lambda params, key: ddim_sample(model_fn_of(params), schedule, key, shape, ddim_steps))
+        return jit(lambda params, key: ddpm_sample(model_fn_of(params), schedule, key, shape))
+    return jit(lambda params, key: ddim_sample(model_fn_of(params), schedule, key, shape, ddim_steps))
 
 
 def time_sampler(jitted, params, key, repeats: int, steps: int) -> dict:
@@ -71,7 +77,7 @@ def scan_vs_loop(model, params, shape, num_steps: int, repeats: int) -> dict:
     scan_res = time_sampler(scan, params, key, repeats, num_steps)
     init_key, step_key = chain_keys(key)
 
-    @jax.jit
+    @jit
     def one_step(params, x, t):
         tb = jnp.full((shape[0],), t, jnp.int32)
         model_fn = lambda x, t: model.apply({"params": params}, x, t)

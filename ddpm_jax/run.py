@@ -24,6 +24,7 @@ from ddpm_jax.checkpoint import Checkpointer
 from ddpm_jax.config import build_model, data_shape, schedule_from_config, validate_config
 from ddpm_jax.data import DATASETS, make_dataset
 from ddpm_jax.likelihood import calc_bpd_loop
+from ddpm_jax.models.conv import cpu_conv_compiler_options
 from ddpm_jax.sampling import ddim_sample, ddpm_sample
 from ddpm_jax.training import (
     NUM_LOSS_QUARTILES,
@@ -86,7 +87,7 @@ def make_sample_fn(config, model, schedule, *, trajectory_every: int | None = No
             return ddim_sample(model_fn, schedule, key, shape, num_steps=num_steps, eta=s.eta, **kwargs)
         return ddpm_sample(model_fn, schedule, key, shape, **kwargs)
 
-    return jax.jit(sample)
+    return jax.jit(sample, compiler_options=cpu_conv_compiler_options())
 
 
 def make_bpd_fn(config, model, schedule):
@@ -97,7 +98,7 @@ def make_bpd_fn(config, model, schedule):
         model_fn = partial(model.apply, {"params": params})
         return calc_bpd_loop(schedule, model_fn, x0, key, mean_type=d.mean_type, var_type=d.var_type)
 
-    return jax.jit(bpd)
+    return jax.jit(bpd, compiler_options=cpu_conv_compiler_options())
 
 
 def evaluate_bpd(config, params, model, schedule, *, num_examples: int, key: jax.Array, progress=False) -> dict:

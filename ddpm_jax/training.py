@@ -21,6 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 from ddpm_jax.config import data_shape
 from ddpm_jax.diffusion import training_losses
+from ddpm_jax.models.conv import cpu_conv_compiler_options
 from ddpm_jax.schedules import Schedule
 
 NUM_LOSS_QUARTILES = 4
@@ -70,7 +71,12 @@ def init_train_state(config, model: nn.Module, key: jax.Array, mesh: Mesh) -> Tr
     30.6 s; digits U-Net init alone: 15.6 s vs 28.2 s). The setting must be active when jit lowers the call.
     """
     with jax.threefry_partitionable(False):
-        return jax.jit(partial(create_train_state, config, model), out_shardings=replicated(mesh))(key)
+        init = jax.jit(
+            partial(create_train_state, config, model),
+            out_shardings=replicated(mesh),
+            compiler_options=cpu_conv_compiler_options(),
+        )
+        return init(key)
 
 
 def ema_decay_at(step: jax.Array, decay: float, warmup: bool) -> jax.Array:
@@ -163,12 +169,13 @@ def batch_sharding(mesh: Mesh, leading_axes: int = 1) -> NamedSharding:
 
 
 def jit_train_step(train_step: Callable, mesh: Mesh) -> Callable:
-    """jit with replicated state (donated) and [K, B, ...] batches sharded along B."""
+    """jit with replicated state (donated) and [K, B, ...] batches sharded along B (convolutions on Eigen on CPU)."""
     return jax.jit(
         train_step,
         in_shardings=(replicated(mesh), batch_sharding(mesh, 2)),
         out_shardings=(replicated(mesh), replicated(mesh)),
         donate_argnums=0,
+        compiler_options=cpu_conv_compiler_options(),
     )
 
 
