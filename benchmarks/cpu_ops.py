@@ -189,6 +189,12 @@ def layer_rows(batch, levels, groups, repeats, rng):
     return rows
 
 
+JAXLIB_DEFAULT_YNN_FUSIONS = {
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE,"
+    "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
+}
+
+
 def step_ab(what: str, model_name: str, batch: int, rounds: int, vs_torch: bool = False) -> dict:
     """One training step (or one ancestral sampling step) of the model compiled twice, with XLA's default options
     and with cpu_conv_compiler_options(), timed alternately in this process so both see the same load; with
@@ -214,7 +220,9 @@ def step_ab(what: str, model_name: str, batch: int, rounds: int, vs_torch: bool 
 
         fn, args = jax.jit(sample_step), (state.params, jnp.asarray(images[0]), jax.random.key(1))
     lowered = fn.lower(*args)
-    options = {"default": {}, "eigen_conv": cpu_conv_compiler_options()}
+    # The library's jits carry cpu_conv_compiler_options() themselves: the "default" arm restores jaxlib 0.10.2's
+    # own YNNPACK list explicitly (options given to compile() replace the jit's).
+    options = {"default": JAXLIB_DEFAULT_YNN_FUSIONS, "eigen_conv": cpu_conv_compiler_options()}
     compiled = {name: lowered.compile(compiler_options=opts or None) for name, opts in options.items()}
     # The train step donates its state: each executable steps its own copy.
     inputs = {name: jax.tree.map(jnp.copy, args) for name in compiled}
