@@ -5,6 +5,8 @@ is developed on, a 3x3 convolution's forward + backward at the U-Net's shapes ra
 (benchmarks/cpu_ops.py; YNNPACK's kernel gradient is the slow part), and a whole training step 1.4-1.5x
 faster (benchmarks/NOTES.md). Reformulating the convolution in JAX (im2col, per-tap dots) was slower than Eigen.
 The option changes no model code and no parameters; results differ from the default by float32 rounding.
+For a whole process, XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution does the same; it
+must come before any bare `name=value` token in XLA_FLAGS, after which XLA's flag parser reads nothing.
 """
 
 import functools
@@ -13,9 +15,6 @@ import re
 import jax
 import jax.numpy as jnp
 
-# The same choice for a whole process, set in XLA_FLAGS before JAX starts. It must come before any bare
-# `name=value` token in XLA_FLAGS: XLA's flag parser ignores everything after one.
-CPU_CONV_XLA_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 _YNN_FUSION_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 # jaxlib 0.10.2's default YNNPACK list is individual dots, reductions and individual convolutions;
 # compile options take the whole list, so this is the default minus convolutions.
