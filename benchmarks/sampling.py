@@ -24,6 +24,7 @@ import common  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import torch_peer  # noqa: E402
 from train_throughput import get_config  # noqa: E402
 
 from ddpm_jax.config import build_model  # noqa: E402
@@ -155,22 +156,11 @@ def main() -> None:
         if i == 0 and args.scan_vs_loop:
             results["scan_vs_loop"] = scan_vs_loop(model, params, shape, args.scan_vs_loop, args.repeats)
 
-    torch_modes = [m for m in args.torch.split(",") if m]
-    if torch_modes:
-        import torch
-        import torch_peer
-
-        if args.torch_threads:
-            torch.set_num_threads(args.torch_threads)
-        results["torch_threads"] = torch.get_num_threads()
-        for dtype_name in dtypes:
-            for mode in torch_peer.modes_for(torch_modes, dtype_name):
-                try:
-                    results["torch"].append(torch_peer.sample_bench(
-                        args.model, batch, dtype_name, mode, args.torch_steps or steps, args.repeats))
-                except Exception as err:
-                    results["errors"].append(f"torch {mode} {dtype_name}: {type(err).__name__}: {err}"[:2000])
-                print(results["torch"][-1:] or results["errors"][-1], flush=True)
+    torch_peer.run_modes(
+        results, args.torch, args.torch_threads, dtypes,
+        lambda dtype_name, mode: torch_peer.sample_bench(
+            args.model, batch, dtype_name, mode, args.torch_steps or steps, args.repeats),
+    )
 
     rows = []
     for e in results["ours"]:

@@ -263,3 +263,25 @@ def modes_for(spec: list[str], dtype_name: str) -> list[str]:
         if not only or only == dtype_name:
             modes.append(mode)
     return modes
+
+
+def run_modes(results: dict, spec: str, threads: int, dtypes: list[str], bench) -> None:
+    """Time ``bench(dtype_name, mode)`` for every torch mode of ``spec`` ('eager,compile:bfloat16') and dtype.
+
+    Appends each result to ``results["torch"]`` and each failure to ``results["errors"]`` (a failing mode, e.g.
+    torch.compile without a compiler, must not stop the benchmark); ``threads`` > 0 sets torch's thread count.
+    """
+    modes = [m for m in spec.split(",") if m]
+    if not modes:
+        return
+    torch = _torch()
+    if threads:
+        torch.set_num_threads(threads)
+    results["torch_threads"] = torch.get_num_threads()
+    for dtype_name in dtypes:
+        for mode in modes_for(modes, dtype_name):
+            try:
+                results["torch"].append(bench(dtype_name, mode))
+            except Exception as err:
+                results["errors"].append(f"torch {mode} {dtype_name}: {type(err).__name__}: {err}"[:2000])
+            print(results["torch"][-1:] or results["errors"][-1], flush=True)

@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+import torch_peer  # noqa: E402
 
 from ddpm_jax.config import build_model, schedule_from_config  # noqa: E402
 from ddpm_jax.training import (  # noqa: E402
@@ -166,25 +167,11 @@ def main() -> None:
                         bench_ours(args.model, batch, dtype_name, args.steps_per_call, args.repeats, None)
                     )
             print(results["ours"][-1:] or results["errors"][-1], flush=True)
-    torch_modes = [m for m in args.torch.split(",") if m]
-    if torch_modes:
-        import torch
-        import torch_peer
-
-        if args.torch_threads:
-            torch.set_num_threads(args.torch_threads)
-        results["torch_threads"] = torch.get_num_threads()
-        for dtype_name in dtypes:
-            for mode in torch_peer.modes_for(torch_modes, dtype_name):
-                try:
-                    results["torch"].append(
-                        torch_peer.train_step_bench(
-                            args.model, batch, dtype_name, mode, args.torch_repeats or args.repeats
-                        )
-                    )
-                except Exception as err:
-                    results["errors"].append(f"torch {mode} {dtype_name}: {type(err).__name__}: {err}"[:2000])
-                print(results["torch"][-1:] or results["errors"][-1], flush=True)
+    torch_peer.run_modes(
+        results, args.torch, args.torch_threads, dtypes,
+        lambda dtype_name, mode: torch_peer.train_step_bench(
+            args.model, batch, dtype_name, mode, args.torch_repeats or args.repeats),
+    )
 
     peak = results.get("matmul_peak", {}).get("flop_per_s")
     rows = []
@@ -197,7 +184,7 @@ def main() -> None:
         if not cpu:
             r["mfu_vs_datasheet_989"] = flops / med / common.H100_BF16_DENSE_PEAK if flops else None
         eager = [t for t in results["torch"] if t["dtype"] == r["dtype"]]
-        r["ratio_vs_torch"] = {t["mode"]: torch_peer_ratio(med, t["median_s"]) for t in eager}
+        r["ratio_vs_torch"] = {t["mode"]: torch_peer.ratio(med, t["median_s"]) for t in eager}
         rows.append({
             "impl": f"jax {r['dtype']}" + (f" attn={r['attn_implementation']}" if r["attn_implementation"] else ""),
             "step": common.fmt_time(r["per_step"]),
@@ -227,12 +214,6 @@ def main() -> None:
     for err in results["errors"]:
         print("ERROR", err[:300])
     print("wrote", path)
-
-
-def torch_peer_ratio(ours_s, theirs_s):
-    import torch_peer
-
-    return torch_peer.ratio(ours_s, theirs_s)
 
 
 if __name__ == "__main__":
