@@ -6,6 +6,7 @@ formulation against a reshape + mean/var one.
     python benchmarks/cpu_ops.py --shapes cifar10 --batch 8 --ops conv
     python benchmarks/cpu_ops.py --step-ab train --shapes cifar10   # whole step: default vs Eigen convolutions
     python benchmarks/cpu_ops.py --step-ab sample                   # one ancestral sampling step, the same
+    taskset -c 0 python benchmarks/cpu_ops.py --step-ab train --vs-torch --tag 1core  # one core for both
     XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution \\
         python benchmarks/cpu_ops.py --ops conv --tag eigenconv   # XLA's convolutions on Eigen, not YNNPACK
 
@@ -13,7 +14,9 @@ Each op is timed as value_and_grad of sum(op(x)^2)/2 with respect to its paramet
 and as loss.backward() of the same loss (torch eager). Each JAX conv variant's forward and gradients are
 checked against lax.conv's before timing (max relative error, recorded). Writes
 results/cpu_ops[_<tag>]_<shapes>_cpu.json. XLA_FLAGS must put `--xla_...` flags before any bare
-`name=value` token: XLA's parser ignores everything after one.
+`name=value` token: XLA's parser ignores everything after one. `--xla_cpu_multi_thread_eigen=false` does not
+make XLA single-threaded (its executor still runs independent ops on both cores; --step-ab records the cores
+busy): pin the process with taskset to compare one core with torch's one thread.
 """
 
 from __future__ import annotations
@@ -227,12 +230,15 @@ def step_ab(what: str, model_name: str, batch: int, rounds: int, vs_torch: bool 
     # The train step donates its state: each executable steps its own copy.
     inputs = {name: jax.tree.map(jnp.copy, args) for name in compiled}
 
+    cpu_seconds = {name: [] for name in compiled}
+
     def call(name):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         out = compiled[name](*inputs[name])
         jax.block_until_ready(out)
         if what == "train":
             inputs[name] = (out[0], *inputs[name][1:])
+        cpu_seconds[name].append(time.process_time() - cpu_start)
         return time.perf_counter() - start
 
     for name in compiled:
@@ -251,8 +257,12 @@ def step_ab(what: str, model_name: str, batch: int, rounds: int, vs_torch: bool 
     result = {"what": what, "model": model_name, "batch": batch, "compiler_options": options, "rounds": rounds}
     for name, samples in times.items():
         total, in_ynn = convolutions_in_ynn_fusions(compiled[name].as_text())
-        result[name] = {**common.summarize(samples), "convolutions": total, "convolutions_in_ynn": in_ynn}
-        print(f"{what} step {name}: {common.fmt_time(result[name])}, convolutions in YNNPACK {in_ynn}/{total}")
+        # Process CPU time over wall time: how many cores XLA kept busy (flags that look single-threaded may not be).
+        cores = statistics.median(cpu_seconds[name][-rounds:]) / statistics.median(samples)
+        result[name] = {**common.summarize(samples), "cores_busy": cores, "convolutions": total,
+                        "convolutions_in_ynn": in_ynn}
+        print(f"{what} step {name}: {common.fmt_time(result[name])}, {cores:.2f} cores busy, "
+              f"convolutions in YNNPACK {in_ynn}/{total}")
     result["speedup"] = statistics.median(times["default"]) / statistics.median(times["eigen_conv"])
     print(f"speedup {result['speedup']:.2f}x")
     if torch_times:
