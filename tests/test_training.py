@@ -429,9 +429,9 @@ def test_sharded_step_equals_single_device_step(sharded_result):
     assert not np.allclose(r["single_params"][:100], 0)
 
 
-def test_two_processes_agree_and_match_one_device(sharded_result, tmp_path):
+def run_two_workers(workdir: str) -> list[tuple[int, str]]:
+    """Train in two processes of 2 CPU devices each; (return code, output) of each."""
     port = free_port()
-    workdir = str(tmp_path / "run")
     env = subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=2")
     procs = [
         subprocess.Popen(
@@ -443,13 +443,24 @@ def test_two_processes_agree_and_match_one_device(sharded_result, tmp_path):
     outputs = []
     try:
         for proc in procs:
-            outputs.append(proc.communicate(timeout=120)[0])
+            outputs.append(proc.communicate(timeout=150)[0])
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
-    for proc, output in zip(procs, outputs, strict=True):
-        assert proc.returncode == 0, output[-3000:]
+    return [(proc.returncode, output) for proc, output in zip(procs, outputs, strict=True)]
+
+
+def test_two_processes_agree_and_match_one_device(sharded_result, tmp_path):
+    workdir = str(tmp_path / "run")
+    results = run_two_workers(workdir)
+    # Gloo waits a fixed 30 s for its peer's key; on a loaded 2-core machine one worker can lag more than that
+    # (seen once in CI). That is the machine, not the code under test: run the pair once more.
+    if any(code != 0 and "GetKeyValue() timed out" in output for code, output in results):
+        workdir = str(tmp_path / "run_again")
+        results = run_two_workers(workdir)
+    for i, (code, _) in enumerate(results):
+        assert code == 0, f"process {i} of 2:\n" + "\n---\n".join(out[-2500:] for _, out in results)
     states = [dict(np.load(os.path.join(workdir, f"state_{i}.npz"))) for i in range(2)]
     assert states[0]["num_devices"] == 4 and states[0]["step"] == 6
     for name in ("params", "ema_params", "opt_state"):
