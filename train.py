@@ -18,7 +18,7 @@ config_flags.DEFINE_config_file(
 )
 flags.DEFINE_string("workdir", None, "Checkpoints, logs and samples go here (default: runs/<config name>).")
 flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (or resume), or eval: test bits/dim of a checkpoint.")
-flags.DEFINE_integer("eval_examples", 0, "eval mode: number of test images (0: the whole test split).")
+flags.DEFINE_integer("eval_examples", 0, "eval mode: the first N test images (0: the whole test split).")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 FLAGS = flags.FLAGS
 
@@ -35,7 +35,7 @@ def main(argv):
     workdir = FLAGS.workdir or default_workdir()
     try:
         _run(workdir)
-    except ValueError as err:  # configuration, data and checkpoint problems a user can fix
+    except (ValueError, FloatingPointError) as err:  # config, data and checkpoint problems; a diverged run
         raise SystemExit(f"error: {err}") from err
     except KeyboardInterrupt:
         raise SystemExit(130) from None  # the checkpoint was saved; rerun the same command to resume

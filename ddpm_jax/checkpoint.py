@@ -14,18 +14,25 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-# Config groups whose change makes a checkpoint incompatible (parameter shapes or the learned process).
-_COMPATIBILITY_KEYS = ("model", "diffusion", ("data", "dataset"), ("data", "image_size"), ("data", "num_channels"))
+# Config groups and fields whose change makes a checkpoint incompatible: parameter shapes, optimizer state
+# structure or the learned process.
+_COMPATIBILITY_KEYS = (
+    "model", "diffusion", ("data", "dataset"), ("data", "image_size"), ("data", "num_channels"),
+    ("training", "optimizer"),
+)
+# Model fields that change only how the float32 parameters are computed with: a run may resume with others.
+_COMPUTE_ONLY_KEYS = ("model.dtype", "model.attn_implementation")
 
 
 def _compatibility_view(config_dict: dict) -> dict:
+    """{"group.field": value} of the fields a resumed run must keep."""
     view = {}
     for key in _COMPATIBILITY_KEYS:
         if isinstance(key, tuple):
             view[".".join(key)] = config_dict.get(key[0], {}).get(key[1])
         else:
-            view[key] = config_dict.get(key)
-    return view
+            view.update({f"{key}.{field}": value for field, value in config_dict.get(key, {}).items()})
+    return {key: value for key, value in view.items() if key not in _COMPUTE_ONLY_KEYS}
 
 
 class Checkpointer:
@@ -41,20 +48,25 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def check_config(self, config_dict: dict) -> None:
-        """Record the run's config, or raise ValueError if it conflicts with the one the checkpoints came from."""
-        if os.path.exists(self.config_path):
-            with open(self.config_path) as f:
-                saved = json.load(f)
-            # Through JSON so tuples in the live config compare equal to the lists read back.
-            current = json.loads(json.dumps(config_dict, default=str))
-            old, new = _compatibility_view(saved), _compatibility_view(current)
-            diff = [k for k in old if old[k] != new[k]]
-            if diff and self.latest_step() is not None:
-                details = "; ".join(f"{k}: checkpoint {old[k]} vs now {new[k]}" for k in diff)
-                raise ValueError(
-                    f"the checkpoints in {self.directory} were written with a different config ({details}); "
-                    "use a new --workdir or the original config"
-                )
+        """Raise ValueError if ``config_dict`` conflicts with the config the checkpoints were written with."""
+        if self.latest_step() is None or not os.path.exists(self.config_path):
+            return
+        with open(self.config_path) as f:
+            saved = json.load(f)
+        # Through JSON so tuples in the live config compare equal to the lists read back.
+        current = json.loads(json.dumps(config_dict, default=str))
+        old, new = _compatibility_view(saved), _compatibility_view(current)
+        # Fields the saved config lacks were added to the library since; their defaults keep old runs' behaviour.
+        diff = [k for k in old if old[k] != new.get(k)]
+        if diff:
+            details = "; ".join(f"{k}: checkpoint {old[k]} vs now {new[k]}" for k in diff)
+            raise ValueError(
+                f"the checkpoints in {self.directory} were written with a different config ({details}); "
+                "use a new --workdir or the original config"
+            )
+
+    def record_config(self, config_dict: dict) -> None:
+        """Write the run's config to ``config.json`` (process 0), once it is known to fit the checkpoints."""
         if jax.process_index() == 0:
             os.makedirs(os.path.dirname(self.config_path), exist_ok=True)
             with open(self.config_path, "w") as f:

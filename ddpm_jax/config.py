@@ -19,6 +19,7 @@ from ddpm_jax.schedules import SCHEDULES, Schedule, make_schedule
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SAMPLERS = ("ddpm", "ddim")
+DEFAULT_DDIM_STEPS = 50  # sampling.num_steps = 0 with the ddim sampler
 OPTIMIZERS = ("adam", "adamw")
 
 
@@ -106,6 +107,8 @@ def validate_config(config, *, num_devices: int = 1, process_count: int = 1) -> 
         ("eval.num_bpd_examples", ev.num_bpd_examples),
     ]:
         positive(path, value)
+    if df.num_timesteps == 1:  # q(x_{t-1} | x_t, x_0) needs a t > 1; the fixedlarge variances start from it
+        problems.append("diffusion.num_timesteps=1 must be >= 2")
     for path, value in [
         ("training.warmup_steps", tr.warmup_steps),
         ("training.sample_every", tr.sample_every),
@@ -118,11 +121,23 @@ def validate_config(config, *, num_devices: int = 1, process_count: int = 1) -> 
         problems.append(f"training.lr={tr.lr} must be in (0, 1)")
     if not 0.0 <= tr.ema_decay < 1.0:
         problems.append(f"training.ema_decay={tr.ema_decay} must be in [0, 1)")
-    if tr.grad_clip <= 0:
+    # Written as `not (ok)` so that NaN, which fails every comparison, is refused too.
+    if not tr.grad_clip > 0:
         problems.append(f"training.grad_clip={tr.grad_clip} must be > 0")
-    if tr.max_seconds < 0:
+    if not tr.max_seconds >= 0:
         problems.append(f"training.max_seconds={tr.max_seconds} must be >= 0 (0: no limit)")
-    if s.eta < 0:
+    for path, value in [("training.adam_b1", tr.adam_b1), ("training.adam_b2", tr.adam_b2)]:
+        if not 0.0 <= value < 1.0:
+            problems.append(f"{path}={value} must be in [0, 1)")
+    if not tr.adam_eps > 0:
+        problems.append(f"training.adam_eps={tr.adam_eps} must be > 0")
+    if not tr.weight_decay >= 0:
+        problems.append(f"training.weight_decay={tr.weight_decay} must be >= 0")
+    elif tr.weight_decay and tr.optimizer == "adam":
+        problems.append(f"training.weight_decay={tr.weight_decay} needs training.optimizer='adamw' (Adam has none)")
+    if not df.vlb_weight >= 0:
+        problems.append(f"diffusion.vlb_weight={df.vlb_weight} must be >= 0")
+    if not s.eta >= 0:
         problems.append(f"sampling.eta={s.eta} must be >= 0")
 
     if isinstance(tr.batch_size, int) and tr.batch_size > 0:
@@ -149,8 +164,14 @@ def validate_config(config, *, num_devices: int = 1, process_count: int = 1) -> 
         problems.append("diffusion.loss_type='hybrid' needs diffusion.var_type 'learned' or 'learned_range'")
     if s.sampler == "ddim" and df.mean_type == "xprev":
         problems.append("sampling.sampler='ddim' needs diffusion.mean_type eps, x0 or v (not xprev)")
-    if isinstance(df.num_timesteps, int) and isinstance(s.num_steps, int) and s.num_steps > df.num_timesteps:
-        problems.append(f"sampling.num_steps={s.num_steps} exceeds diffusion.num_timesteps={df.num_timesteps}")
+    if isinstance(df.num_timesteps, int) and isinstance(s.num_steps, int):
+        if s.num_steps > df.num_timesteps:
+            problems.append(f"sampling.num_steps={s.num_steps} exceeds diffusion.num_timesteps={df.num_timesteps}")
+        elif s.sampler == "ddim" and not s.num_steps and DEFAULT_DDIM_STEPS > df.num_timesteps:
+            problems.append(
+                f"sampling.num_steps=0 means {DEFAULT_DDIM_STEPS} DDIM steps, more than diffusion.num_timesteps="
+                f"{df.num_timesteps}; set sampling.num_steps <= {df.num_timesteps}"
+            )
 
     if d.dataset in DATASETS:
         spec = DATASETS[d.dataset]

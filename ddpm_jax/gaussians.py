@@ -12,7 +12,7 @@ def normal_kl(mean1, logvar1, mean2, logvar2) -> jnp.ndarray:
 
 
 def _log_diff_exp(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
-    """log(exp(a) - exp(b)) for a >= b, floored at log(1e-12) as in the DDPM code."""
+    """log(exp(a) - exp(b)) for a >= b; 1 - exp(b - a) is floored at 1e-12, a floor relative to exp(a)."""
     return a + jnp.log(jnp.maximum(-jnp.expm1(b - a), 1e-12))
 
 

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ddpm_jax import viz
 from ddpm_jax.checkpoint import Checkpointer
-from ddpm_jax.config import build_model, data_shape, schedule_from_config, validate_config
+from ddpm_jax.config import DEFAULT_DDIM_STEPS, build_model, data_shape, schedule_from_config, validate_config
 from ddpm_jax.data import DATASETS, make_dataset
 from ddpm_jax.likelihood import calc_bpd_loop
 from ddpm_jax.models.conv import cpu_conv_compiler_options
@@ -61,9 +61,6 @@ def is_image_data(config) -> bool:
     return DATASETS[config.data.dataset].kind == "image"
 
 
-DEFAULT_DDIM_STEPS = 50
-
-
 def num_sampling_steps(config, schedule) -> int:
     """Steps of the config's sampler: all T for ddpm, sampling.num_steps (default 50) for ddim."""
     if config.sampling.sampler == "ddpm":
@@ -101,22 +98,26 @@ def make_bpd_fn(config, model, schedule):
     return jax.jit(bpd, compiler_options=cpu_conv_compiler_options())
 
 
-def evaluate_bpd(config, params, model, schedule, *, num_examples: int, key: jax.Array, progress=False) -> dict:
-    """Mean bits/dim (total, prior, decoder L_0) over the first ``num_examples`` of the test split."""
+def evaluate_bpd(
+    config, params, model, schedule, *, num_examples: int, key: jax.Array, progress=False, bpd_fn=None
+) -> dict:
+    """Mean bits/dim (total, prior, decoder L_0) over the first ``num_examples`` of the test split.
+
+    ``bpd_fn``: a `make_bpd_fn` to reuse (its compiled 1000-step scan) across evaluations; made here if None.
+    """
     dataset = make_dataset(
         config.data, "test", batch_size=config.eval.batch_size, seed=config.seed,
         data_dir=config.data.data_dir or None, download=config.data.download,
     )
-    bpd_fn = make_bpd_fn(config, model, schedule)
+    bpd_fn = bpd_fn or make_bpd_fn(config, model, schedule)
     totals, priors, decoders = [], [], []
-    batches = dataset.ordered_batches(num_examples=max(num_examples, config.eval.batch_size))
+    batches = dataset.ordered_batches(num_examples=num_examples)
     for i, batch in enumerate(_progress_bar(iterable=batches, desc="bits/dim", disable=not progress, leave=False)):
         out = bpd_fn(params, jnp.asarray(batch["image"]), jax.random.fold_in(key, i))
-        totals.append(np.asarray(out.total_bpd))
-        priors.append(np.asarray(out.prior_bpd))
-        decoders.append(np.asarray(out.vb_terms[:, 0]))
-    if not totals:
-        raise ValueError(f"the test split has fewer than eval.batch_size={config.eval.batch_size} examples")
+        valid = batch["mask"]  # the last batch is padded to full size; its padding is not counted
+        totals.append(np.asarray(out.total_bpd)[valid])
+        priors.append(np.asarray(out.prior_bpd)[valid])
+        decoders.append(np.asarray(out.vb_terms[:, 0])[valid])
     return {
         "bpd": float(np.concatenate(totals).mean()),
         "bpd_prior": float(np.concatenate(priors).mean()),
@@ -144,6 +145,14 @@ def save_samples(config, samples: np.ndarray, path: str, reference: np.ndarray |
         viz.save_scatter(path, samples, reference, title=f"{config.data.dataset}: data | samples")
 
 
+def _metrics_step(line: str) -> float:
+    """The step of a metrics.jsonl line; infinite for a line a killed run left half-written (it is dropped)."""
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:
+        return math.inf
+
+
 class MetricsWriter:
     """metrics.jsonl (one JSON object a line) and TensorBoard events in the workdir, written by process 0."""
 
@@ -156,7 +165,7 @@ class MetricsWriter:
         # Lines past the restored checkpoint belong to a run that died; the resumed run rewrites them.
         if os.path.exists(self.path):
             with open(self.path) as f:
-                kept = [line for line in f if json.loads(line).get("step", 0) <= resume_step]
+                kept = [line.rstrip("\n") + "\n" for line in f if _metrics_step(line) <= resume_step]
             with open(self.path, "w") as f:
                 f.writelines(kept)
         from tensorboardX import SummaryWriter
@@ -176,6 +185,15 @@ class MetricsWriter:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _crossed(step: int, num: int, every: int) -> bool:
+    """Whether the call that took the run from ``step - num`` to ``step`` passed a multiple of ``every`` (0: never).
+
+    Not ``step % every == 0``: a resumed run may start off the grid (a last partial call, or another
+    ``steps_per_call``), and then calls of K steps would never land on a multiple again.
+    """
+    return every > 0 and step // every > (step - num) // every
 
 
 def _summarize(window: list[dict]) -> dict:
@@ -220,6 +238,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> TrainS
     if checkpointer.latest_step() is not None:
         state = checkpointer.restore(state)
         start_step = int(state.step)
+    checkpointer.record_config(config.to_dict())  # only now: a failed restore leaves the run's config.json as it was
     step_fn = jit_train_step(make_train_step(config, model, schedule), mesh)
     writer = MetricsWriter(workdir, start_step)
     sample_fn = make_sample_fn(config, model, schedule)
@@ -245,6 +264,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> TrainS
     window_start = time.perf_counter()
     train_start = None  # the time budget starts after the first call, i.e. after compilation
     step = start_step
+    bpd_fn = None  # compiled at the first held-out evaluation, then reused
 
     def save_now() -> None:
         if checkpointer.latest_step() != step:
@@ -267,7 +287,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> TrainS
             window.append(metrics)
             bar.update(num)
 
-            if step % tr.log_every == 0 or step == tr.num_steps:
+            if _crossed(step, num, tr.log_every) or step == tr.num_steps:
                 summary = _summarize(jax.device_get(window))
                 elapsed = time.perf_counter() - window_start
                 summary["steps_per_sec"] = sum(len(m["loss"]) for m in window) / elapsed
@@ -279,14 +299,15 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> TrainS
                         f"gradient (step {step}); lower training.lr, use model.dtype='float32' or check the data"
                     )
                 window, window_start = [], time.perf_counter()
-            if step % tr.checkpoint_every == 0 or step == tr.num_steps:
+            if _crossed(step, num, tr.checkpoint_every) or step == tr.num_steps:
                 checkpointer.save(step, state)
-            if tr.sample_every and step % tr.sample_every == 0 and step < tr.num_steps:
+            if _crossed(step, num, tr.sample_every) and step < tr.num_steps:
                 write_samples(step, os.path.join("samples", f"step_{step:08d}.png"))
-            if config.eval.bpd_every and step % config.eval.bpd_every == 0 and is_image_data(config):
+            if _crossed(step, num, config.eval.bpd_every) and is_image_data(config):
+                bpd_fn = bpd_fn or make_bpd_fn(config, model, schedule)
                 result = evaluate_bpd(
                     config, state.ema_params, model, schedule,
-                    num_examples=config.eval.num_bpd_examples, key=jax.random.fold_in(eval_key, step),
+                    num_examples=config.eval.num_bpd_examples, key=jax.random.fold_in(eval_key, step), bpd_fn=bpd_fn,
                 )
                 writer.write(step, result)
                 bar.write(f"step {step}: held-out {result['bpd']:.3f} bits/dim ({result['bpd_examples']} images)")
@@ -307,14 +328,18 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> TrainS
 def restore_params(config, workdir: str, *, ema: bool = True):
     """(model, schedule, params) from the latest checkpoint in ``workdir`` (EMA parameters by default)."""
     checkpointer = Checkpointer(workdir, read_only=True)
-    if checkpointer.latest_step() is None:
-        raise ValueError(
-            f"no checkpoint in {workdir}/checkpoints: train first with `python train.py --workdir={workdir}`"
-        )
-    model = build_model(config)
-    schedule = schedule_from_config(config.diffusion)
-    abstract = jax.eval_shape(partial(create_train_state, config, model), jax.random.PRNGKey(0))
-    state = checkpointer.restore(abstract)
+    try:
+        if checkpointer.latest_step() is None:
+            raise ValueError(
+                f"no checkpoint in {workdir}/checkpoints: train first with `python train.py --workdir={workdir}`"
+            )
+        checkpointer.check_config(config.to_dict())
+        model = build_model(config)
+        schedule = schedule_from_config(config.diffusion)
+        abstract = jax.eval_shape(partial(create_train_state, config, model), jax.random.PRNGKey(0))
+        state = checkpointer.restore(abstract)
+    finally:
+        checkpointer.close()
     return model, schedule, (state.ema_params if ema else state.params), int(state.step)
 
 
@@ -399,7 +424,7 @@ def generate(config, model, schedule, params, *, out_dir: str, tag: str, traject
     num_steps = num_sampling_steps(config, schedule)
     trajectory_every = None
     if trajectory:  # sampling.trajectory_every, or about ten pictures of the chain
-        every = s.trajectory_every if 0 < s.trajectory_every < num_steps else num_steps // 10
+        every = s.trajectory_every if 0 < s.trajectory_every <= num_steps else num_steps // 10
         trajectory_every = max(1, every)
     with _progress_bar(total=num_steps, desc=f"{s.sampler} sampling", unit="step", leave=False) as bar:
         sample_fn = make_sample_fn(
@@ -427,7 +452,7 @@ def generate(config, model, schedule, params, *, out_dir: str, tag: str, traject
     if traj is not None:
         result["trajectory_png"] = os.path.join(out_dir, f"chain_{tag}.png")
         if is_image_data(config):
-            style = _grid_style(config)
+            style = {**_grid_style(config), "x_label": "x_after"}  # each record: the state after step t
             strip = viz.chain_strip(traj.x, traj.pred_x0, traj.timesteps, **style)
             viz.save_png(result["trajectory_png"], strip)
             result["trajectory_gif"] = os.path.join(out_dir, f"chain_{tag}.gif")

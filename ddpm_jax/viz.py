@@ -103,17 +103,19 @@ def chain_strip(
     scale: int | None = None,
     padding: int = 1,
     pad_value: int = 255,
+    x_label: str = "x_t",
 ) -> np.ndarray:
     """Reverse chain as a picture: [R, N, H, W, C] records -> uint8, rows = examples, columns = records.
 
-    A block of x_t, and below it a block of predicted x_0 when ``traj_pred_x0`` is given; the blocks are named
-    in a left band and the columns labelled with ``timesteps`` in a header band. ``scale`` None -> tiles ~32 px.
+    A block of x (named ``x_label``), and below it a block of predicted x_0 when ``traj_pred_x0`` is given; the
+    blocks are named in a left band and the columns labelled with ``timesteps`` in a header band. ``scale`` None
+    -> tiles ~32 px. A sampler's Trajectory holds the state after the step at each t ("x_after").
     """
     traj_x = to_uint8(traj_x)
     num_records, _, height, width, channels = traj_x.shape
     num_examples = min(num_examples, traj_x.shape[1])
     scale = scale or _auto_scale(height)
-    blocks = [("x_t", traj_x)] + ([("x0_hat", to_uint8(traj_pred_x0))] if traj_pred_x0 is not None else [])
+    blocks = [(x_label, traj_x)] + ([("x0_hat", to_uint8(traj_pred_x0))] if traj_pred_x0 is not None else [])
     grids, left_labels, top = [], [], 0
     for name, traj in blocks:
         tiles = np.swapaxes(traj[:, :num_examples], 0, 1).reshape(-1, height, width, channels)
@@ -136,8 +138,9 @@ def chain_frames(
     scale: int | None = None,
     padding: int = 1,
     pad_value: int = 255,
+    x_label: str = "x_t",
 ) -> np.ndarray:
-    """Animation frames uint8 [R, H', W', C]: at each record a grid of x_t, beside it a grid of predicted x_0."""
+    """Animation frames uint8 [R, H', W', C]: at each record a grid of x (``x_label``), beside it predicted x_0."""
     traj_x = to_uint8(traj_x)
     num_records, num, height = traj_x.shape[:3]
     num_examples = min(num_examples, num)
@@ -146,7 +149,7 @@ def chain_frames(
     for r in range(num_records):
         t_text = "" if timesteps is None else f", t={int(np.asarray(timesteps)[r])}"
         panels = [image_grid(traj_x[r, :num_examples], **grid_kw)]
-        labels = [(panels[0].shape[1] / 2, "x_t" + t_text)]
+        labels = [(panels[0].shape[1] / 2, x_label + t_text)]
         if traj_pred_x0 is not None:
             gap = np.full((panels[0].shape[0], _BLOCK_GAP * 2, traj_x.shape[-1]), pad_value, np.uint8)
             panels += [gap, image_grid(to_uint8(traj_pred_x0)[r, :num_examples], **grid_kw)]

@@ -178,13 +178,16 @@ def test_process_shards_are_disjoint_and_make_the_global_batch(process_count):
         # Disjoint: the corner pixel holds the example id, and no id appears in two shards.
         ids = [set(np.round((p["image"][:, 0, 0, 0] + 1) * 127.5).astype(int)) for p in parts]
         assert sum(len(s) for s in ids) == len(set.union(*ids)) == 24
+    # 50 examples in batches of 24: two full batches and one padded batch with 2 real rows.
     ordered = [list(shard.ordered_batches(batch_size=24, num_examples=50)) for shard in shards]
-    assert all(len(batches) == 2 for batches in ordered)
+    assert all(len(batches) == 3 for batches in ordered)
     for k, global_ordered in enumerate(whole.ordered_batches(batch_size=24, num_examples=50)):
-        np.testing.assert_array_equal(
-            np.concatenate([o[k]["image"] for o in ordered]), global_ordered["image"]
-        )
-        np.testing.assert_array_equal(global_ordered["image"], uint8_to_float(images[24 * k : 24 * (k + 1)]))
+        for key in ("image", "mask"):
+            np.testing.assert_array_equal(np.concatenate([o[k][key] for o in ordered]), global_ordered[key])
+        mask = global_ordered["mask"]
+        assert global_ordered["image"].shape[0] == 24 and mask.sum() == min(24, 50 - 24 * k)
+        expected = uint8_to_float(images[24 * k : min(24 * (k + 1), 50)])
+        np.testing.assert_array_equal(global_ordered["image"][mask], expected)
 
 
 def test_bad_batching_arguments_raise():

@@ -18,7 +18,9 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from configs import digits, mnist, swissroll
+from configs.base import get_base_config
 from ddpm_jax import run
+from ddpm_jax.checkpoint import Checkpointer
 from ddpm_jax.config import build_model, schedule_from_config, validate_config
 from ddpm_jax.data import make_dataset, uint8_to_float
 from ddpm_jax.training import (
@@ -245,6 +247,47 @@ def test_training_stops_when_every_update_is_skipped(monkeypatch, tmp_path):
         run.train_and_evaluate(config, str(tmp_path / "all_bad"), progress=False)
 
 
+def test_crossed_fires_once_per_multiple_passed():
+    assert [s for s in range(1, 25) if run._crossed(s, 1, 10)] == [10, 20]
+    # Calls of 2 steps from step 25 (off the grid) still fire at the calls that pass 30 and 40.
+    assert [s for s in range(27, 46, 2) if run._crossed(s, 2, 10)] == [31, 41]
+    assert not any(run._crossed(s, 1, 0) for s in range(1, 25))
+
+
+def test_resume_off_the_grid_with_another_steps_per_call_keeps_logging_and_checkpointing(swissroll_run, tmp_path):
+    """A run resumed at step 25 with 2 steps per call logs and saves when it passes multiples of 10 and 20."""
+    _, workdir, _ = swissroll_run
+    copy = str(tmp_path / "run")
+    shutil.copytree(workdir, copy)
+    run.train_and_evaluate(swissroll_config(training__num_steps=25), copy, progress=False)
+    # A run killed while writing leaves a torn last line; the resumed run drops it.
+    with open(os.path.join(copy, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 30, "loss": 0.')
+    config = swissroll_config(training__num_steps=45, training__steps_per_call=2)
+    state = run.train_and_evaluate(config, copy, progress=False)
+    assert int(state.step) == 45
+    assert [line["step"] for line in training_lines(read_metrics(copy))] == [10, 20, 25, 31, 41, 45]
+    assert sorted(os.listdir(os.path.join(copy, "checkpoints")), key=int) == ["25", "41", "45"]
+
+
+def test_compute_dtype_may_change_on_resume_but_not_the_optimizer(swissroll_run, tmp_path):
+    _, workdir, _ = swissroll_run
+    copy = str(tmp_path / "run")
+    shutil.copytree(workdir, copy)
+    config_path = os.path.join(copy, "config.json")
+    with open(config_path) as f:
+        saved = f.read()
+    checkpointer = Checkpointer(copy, read_only=True)
+    checkpointer.check_config(swissroll_config(model__dtype="bfloat16").to_dict())
+    checkpointer.close()
+    with pytest.raises(ValueError, match=r"training.optimizer: checkpoint adam vs now adamw"):
+        run.train_and_evaluate(swissroll_config(training__optimizer="adamw"), copy, progress=False)
+    # Nothing was rewritten, so sampling from the run still works.
+    with open(config_path) as f:
+        assert f.read() == saved
+    run.restore_params(run.load_config(copy, base=get_base_config()), copy)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoints that cannot be used
 # ----------------------------------------------------------------------------------------------------------
@@ -257,9 +300,12 @@ def test_incompatible_checkpoint_is_refused_and_left_unchanged(swissroll_run, tm
     checkpoints = os.path.join(copy, "checkpoints")
     digest = tree_digest(checkpoints)
     wider = swissroll_config(training__num_steps=40, model__mlp_hidden=48)
-    with pytest.raises(ValueError, match=r"different config \(model: .*new --workdir"):
+    with pytest.raises(ValueError, match=r"config \(model.mlp_hidden: checkpoint 32 vs now 48\).*new --workdir"):
         run.train_and_evaluate(wider, copy, progress=False)
     assert tree_digest(checkpoints) == digest
+    # Evaluating or sampling with the wrong config is refused the same way, before any restore.
+    with pytest.raises(ValueError, match=r"model.mlp_hidden: checkpoint 32 vs now 48"):
+        run.restore_params(wider, copy)
 
     # Without config.json to compare against, restoring the differently shaped tree fails just as clearly.
     os.remove(os.path.join(copy, "config.json"))
@@ -300,6 +346,11 @@ def test_unreadable_checkpoint_gives_a_clear_error_and_is_not_overwritten(swissr
         (swissroll.get_config, {"model.name": "unet"}, 1, "is 2-D: use model.name='mlp'"),
         (mnist.get_config, {"data.num_channels": 3}, 1, "num_channels=3 but 'mnist' has 1"),
         (swissroll.get_config, {"training.lr": 2.0}, 1, r"training.lr=2.0 must be in \(0, 1\)"),
+        (swissroll.get_config, {"sampling.eta": float("nan")}, 1, r"sampling.eta=nan must be >= 0"),
+        (swissroll.get_config, {"training.weight_decay": 0.01}, 1, "weight_decay=0.01 needs .*optimizer='adamw'"),
+        (swissroll.get_config, {"training.adam_b2": 1.0}, 1, r"adam_b2=1.0 must be in \[0, 1\)"),
+        (swissroll.get_config, {"diffusion.num_timesteps": 1}, 1, "num_timesteps=1 must be >= 2"),
+        (swissroll.get_config, {"diffusion.num_timesteps": 20, "sampling.sampler": "ddim"}, 1, "means 50 DDIM steps"),
     ],
 )
 def test_validate_config_names_the_problem(config_fn, overrides, num_devices, message):
@@ -359,11 +410,12 @@ def test_digits_unet_trains_samples_and_evaluates(tmp_path):
     with Image.open(result["trajectory_gif"]) as gif:
         assert gif.format == "GIF" and gif.n_frames > 1
 
-    evaluation = run.evaluate_checkpoint(config, workdir, num_examples=8, progress=False)
-    assert evaluation["step"] == 2 and evaluation["bpd_examples"] == 8
+    # 11 examples at eval.batch_size 8: a full batch and a padded one whose 5 padding rows must not count.
+    evaluation = run.evaluate_checkpoint(config, workdir, num_examples=11, progress=False)
+    assert evaluation["step"] == 2 and evaluation["bpd_examples"] == 11
     assert math.isfinite(evaluation["bpd"]) and evaluation["bpd"] > evaluation["bpd_prior"] > 0
     # The prior term needs no model: KL(q(x_T | x_0) || N(0, I)) in bits per dimension, in float64.
-    x0 = next(make_dataset(config.data, "test", batch_size=8, seed=0).ordered_batches(num_examples=8))["image"]
+    x0 = make_dataset(config.data, "test", batch_size=11, seed=0).examples[:11].astype(np.float64) / 127.5 - 1.0
     abar = float(np.asarray(schedule.alphas_cumprod, np.float64)[-1])
     mean, var = np.sqrt(abar) * x0.astype(np.float64), 1.0 - abar
     kl = 0.5 * (-1.0 - np.log(var) + var + mean**2)

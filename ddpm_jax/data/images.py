@@ -331,8 +331,9 @@ class ArrayDataset:
     ) -> Iterator[dict]:
         """This process's part of consecutive global batches in split order, unflipped, for evaluation.
 
-        Covers the first `num_examples` examples (all when None) in full batches of `batch_size` (the
-        training batch size when None); a last partial batch is left out so every process gets equal shapes.
+        Covers the first `num_examples` examples (all when None) in batches of `batch_size` (the training batch
+        size when None). Every batch has the full size, so shapes stay equal across batches and processes: the
+        last one is padded with copies of the last example, and its ``mask`` (bool [B_local]) marks real rows.
         """
         batch_size = batch_size or self.batch_size
         if batch_size % self.process_count:
@@ -341,9 +342,11 @@ class ArrayDataset:
             )
         limit = self.num_examples if num_examples is None else min(num_examples, self.num_examples)
         local = batch_size // self.process_count
-        for start in range(0, limit - batch_size + 1, batch_size):
-            first = start + self.process_index * local
-            yield self._to_batch(np.arange(first, first + local), None)
+        for start in range(0, limit, batch_size):
+            indices = start + self.process_index * local + np.arange(local)
+            batch = self._to_batch(np.minimum(indices, limit - 1), None)
+            batch["mask"] = indices < limit
+            yield batch
 
 
 def make_dataset(
