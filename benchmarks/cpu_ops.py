@@ -198,17 +198,20 @@ JAXLIB_DEFAULT_YNN_FUSIONS = {
 }
 
 
-def step_ab(what: str, model_name: str, batch: int, rounds: int, vs_torch: bool = False) -> dict:
+def step_ab(
+    what: str, model_name: str, batch: int, rounds: int, vs_torch: bool = False, dtype: str = "float32"
+) -> dict:
     """One training step (or one ancestral sampling step) of the model compiled twice, with XLA's default options
     and with cpu_conv_compiler_options(), timed alternately in this process so both see the same load; with
-    vs_torch (train only) each round also times one step of the torch peer (a fresh peer, one warm-up step)."""
+    vs_torch (train only) each round also times one step of the torch peer (a fresh peer, one warm-up step).
+    ``dtype`` is the compute dtype of both (bfloat16: our model.dtype, torch's CPU autocast)."""
     from train_throughput import get_config
 
     from ddpm_jax.config import build_model, schedule_from_config
     from ddpm_jax.diffusion import p_sample
     from ddpm_jax.training import create_train_state, global_batch, jit_train_step, make_mesh, make_train_step
 
-    config = get_config(model_name, batch, "float32")
+    config = get_config(model_name, batch, dtype)
     model, schedule, mesh = build_model(config), schedule_from_config(config.diffusion), make_mesh()
     size, channels = config.data.image_size, config.data.num_channels
     images = np.random.default_rng(0).uniform(-1, 1, (1, batch, size, size, channels)).astype(np.float32)
@@ -252,9 +255,10 @@ def step_ab(what: str, model_name: str, batch: int, rounds: int, vs_torch: bool 
         if vs_torch and what == "train":
             import torch_peer
 
-            peer = torch_peer.train_step_bench(model_name, batch, "float32", "eager", repeats=1, warmup=1)
+            peer = torch_peer.train_step_bench(model_name, batch, dtype, "eager", repeats=1, warmup=1)
             torch_times.append(peer["median_s"])
-    result = {"what": what, "model": model_name, "batch": batch, "compiler_options": options, "rounds": rounds}
+    result = {"what": what, "model": model_name, "batch": batch, "dtype": dtype, "compiler_options": options,
+              "rounds": rounds}
     for name, samples in times.items():
         total, in_ynn = convolutions_in_ynn_fusions(compiled[name].as_text())
         # Process CPU time over wall time: how many cores XLA kept busy (flags that look single-threaded may not be).
@@ -287,6 +291,7 @@ def main() -> None:
                         help="instead of ops: the whole step with default vs cpu_conv_compiler_options, interleaved")
     parser.add_argument("--rounds", type=int, default=10, help="--step-ab: timed calls of each")
     parser.add_argument("--vs-torch", action="store_true", help="--step-ab train: also time the torch peer each round")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="--step-ab compute dtype")
     parser.add_argument("--out-dir", default=None)
     args = parser.parse_args()
     if args.torch_threads:
@@ -294,7 +299,7 @@ def main() -> None:
     batch = args.batch or (128 if args.shapes == "digits" else 8)
     groups = args.groups or DEFAULT_GROUPS[args.shapes]
     if args.step_ab:
-        result = step_ab(args.step_ab, args.shapes, batch, args.rounds, args.vs_torch)
+        result = step_ab(args.step_ab, args.shapes, batch, args.rounds, args.vs_torch, args.dtype)
         name = f"step_ab_{args.step_ab}_{args.shapes}" + (f"_{args.tag}" if args.tag else "")
         print("load average at end:", os.getloadavg(), "| XLA_FLAGS:", os.environ.get("XLA_FLAGS", ""))
         print("wrote", common.write_json(name, result, args.out_dir))
