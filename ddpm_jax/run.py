@@ -17,6 +17,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from ddpm_jax import viz
@@ -110,20 +111,21 @@ def evaluate_bpd(
         data_dir=config.data.data_dir or None, download=config.data.download,
     )
     bpd_fn = bpd_fn or make_bpd_fn(config, model, schedule)
-    totals, priors, decoders = [], [], []
+    rows, masks = [], []
     batches = dataset.ordered_batches(num_examples=num_examples)
     for i, batch in enumerate(_progress_bar(iterable=batches, desc="bits/dim", disable=not progress, leave=False)):
         out = bpd_fn(params, jnp.asarray(batch["image"]), jax.random.fold_in(key, i))
-        valid = batch["mask"]  # the last batch is padded to full size; its padding is not counted
-        totals.append(np.asarray(out.total_bpd)[valid])
-        priors.append(np.asarray(out.prior_bpd)[valid])
-        decoders.append(np.asarray(out.vb_terms[:, 0])[valid])
-    return {
-        "bpd": float(np.concatenate(totals).mean()),
-        "bpd_prior": float(np.concatenate(priors).mean()),
-        "bpd_decoder": float(np.concatenate(decoders).mean()),
-        "bpd_examples": int(sum(len(t) for t in totals)),
-    }
+        rows.append({"bpd": out.total_bpd, "bpd_prior": out.prior_bpd, "bpd_decoder": out.vb_terms[:, 0]})
+        masks.append(batch["mask"])  # the last batch is padded to full size; its padding is not counted
+    per_example = valid_rows_of_all_processes(jax.tree.map(lambda *r: np.concatenate(r), *rows), np.concatenate(masks))
+    return {**{k: float(v.mean()) for k, v in per_example.items()}, "bpd_examples": len(per_example["bpd"])}
+
+
+def valid_rows_of_all_processes(rows: dict[str, np.ndarray], mask: np.ndarray) -> dict[str, np.ndarray]:
+    """The rows (each [N_local]) where ``mask``, from every process, in process order (all processes get all)."""
+    if jax.process_count() > 1:
+        rows, mask = multihost_utils.process_allgather((rows, mask))
+    return {k: np.asarray(v)[np.asarray(mask)] for k, v in rows.items()}
 
 
 def _progress_bar(**kwargs) -> tqdm:

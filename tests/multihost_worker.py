@@ -6,7 +6,7 @@ python tests/multihost_worker.py sharded OUT.npz
 python tests/multihost_worker.py multihost WORKDIR PORT PROCESS_ID NUM_PROCESSES
     One process of a jax.distributed run on 127.0.0.1:PORT: run.train_and_evaluate of the same steps (each
     process reads only its own rows of every global batch, Orbax saves jointly); writes the final state this
-    process sees to WORKDIR/state_PROCESS_ID.npz.
+    process sees, and the rows run.valid_rows_of_all_processes pools from both, to WORKDIR/state_PROCESS_ID.npz.
 
 Also the helpers the test files share: the tiny swiss-roll overrides, the environment for subprocesses (the
 tests' persistent compilation cache), a free local port.
@@ -159,10 +159,14 @@ def main(argv: list[str]) -> None:
         config.training.sample_every = 0
         config.sampling.num_samples = 16
         state = run.train_and_evaluate(config, out, progress=False)
+        # How bits/dim pools its per-example rows: process p holds 10p, 10p+1, 10p+2, the last padding on p > 0.
+        pooled = run.valid_rows_of_all_processes(
+            {"v": 10.0 * process_id + np.arange(3)}, np.array([True, True, process_id == 0])
+        )
         np.savez(
             os.path.join(out, f"state_{process_id}.npz"),
             params=flat(state.params), ema_params=flat(state.ema_params), opt_state=flat(state.opt_state),
-            step=int(state.step.addressable_data(0)), num_devices=jax.device_count(),
+            step=int(state.step.addressable_data(0)), num_devices=jax.device_count(), pooled_rows=pooled["v"],
         )
         jax.distributed.shutdown()
     else:

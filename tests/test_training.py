@@ -518,6 +518,9 @@ def test_two_processes_agree_and_match_one_device(sharded_result, tmp_path):
     for name in ("params", "ema_params", "opt_state"):
         np.testing.assert_array_equal(states[0][name], states[1][name])
         np.testing.assert_allclose(states[0][name], sharded_result[f"single_{name}"], rtol=1e-5, atol=1e-7)
+    # Evaluation pools every process's valid rows on every process (bits/dim over all examples, not process 0's).
+    for state in states:
+        np.testing.assert_array_equal(state["pooled_rows"], [0.0, 1.0, 2.0, 10.0, 11.0])
     # One joint checkpoint series and one metrics file, written once (by process 0).
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6"]
     losses = [line["loss"] for line in training_lines(read_metrics(workdir))]
