@@ -87,6 +87,36 @@ def test_sigkill_then_rerun_reproduces_the_uninterrupted_run_exactly(killed_and_
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_saves_a_checkpoint_at_the_step_reached(sig, tmp_path):
+    workdir = str(tmp_path / "run")
+    proc = subprocess.Popen(train_command(workdir, "--config.training.num_steps=100000"), cwd=REPO,
+                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not (os.path.exists(os.path.join(workdir, "metrics.jsonl")) and metrics_lines(workdir)):
+        assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-3000:]
+    saved = re.search(r"interrupted: checkpoint saved at step (\d+)", out)
+    assert saved, out[-3000:]
+    assert finished_checkpoints(workdir)[-1] == int(saved.group(1)) >= 10
+
+
+def test_interrupts_in_the_train_step_block_arrive_after_it():
+    """The train step donates the state: Ctrl-C between its return and `state = ...` would lose the state."""
+    handler = signal.getsignal(signal.SIGINT)
+    finished = []
+    with pytest.raises(KeyboardInterrupt):
+        with run._interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # Python runs the (recording) handler here
+            finished.append(True)
+    assert finished == [True] and signal.getsignal(signal.SIGINT) is handler
+
+
 def test_sample_py_draws_from_a_finished_run(killed_and_uninterrupted, tmp_path):
     _, workdir, _ = killed_and_uninterrupted
     out_dir = str(tmp_path / "samples")
