@@ -298,11 +298,11 @@ def test_incompatible_checkpoint_is_refused_and_left_unchanged(swissroll_run, tm
     copy = str(tmp_path / "run")
     shutil.copytree(workdir, copy)
     checkpoints = os.path.join(copy, "checkpoints")
-    digest = tree_digest(checkpoints)
+    digest, config_digest = tree_digest(checkpoints), tree_digest(copy)["config.json"]
     wider = swissroll_config(training__num_steps=40, model__mlp_hidden=48)
     with pytest.raises(ValueError, match=r"config \(model.mlp_hidden: checkpoint 32 vs now 48\).*new --workdir"):
         run.train_and_evaluate(wider, copy, progress=False)
-    assert tree_digest(checkpoints) == digest
+    assert tree_digest(checkpoints) == digest and tree_digest(copy)["config.json"] == config_digest
     # Evaluating or sampling with the wrong config is refused the same way, before any restore.
     with pytest.raises(ValueError, match=r"model.mlp_hidden: checkpoint 32 vs now 48"):
         run.restore_params(wider, copy)
