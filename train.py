@@ -1,15 +1,18 @@
 """Train a DDPM: `python train.py [--config=configs/NAME.py] [--workdir=DIR] [--config.training.batch_size=64]`.
 
 With no flags it trains the 8x8 digits model (configs/digits.py, no download) into runs/digits, resuming from
-the latest checkpoint there. `--mode=eval` computes the test-set bits/dim of the latest checkpoint.
+the latest checkpoint there. `--mode=eval` computes the test-set bits/dim of the latest checkpoint in --workdir,
+under the run's own config (its config.json) unless --config flags are given.
 """
 
 import os
 import signal
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from configs.base import get_base_config
 from ddpm_jax import run
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -52,9 +55,17 @@ def _run(workdir: str) -> None:
         run.train_and_evaluate(FLAGS.config, workdir, progress=FLAGS.progress)
         print(f"done: checkpoint and samples.png in {workdir}")
     else:
-        result = run.evaluate_checkpoint(FLAGS.config, workdir, num_examples=FLAGS.eval_examples or None)
+        result = run.evaluate_checkpoint(eval_config(workdir), workdir, num_examples=FLAGS.eval_examples or None)
         print(f"test bits/dim: {result['bpd']:.4f} over {result['bpd_examples']} images "
               f"(prior {result['bpd_prior']:.2e}, decoder L_0 {result['bpd_decoder']:.4f}) -> {workdir}/eval.json")
+
+
+def eval_config(workdir: str):
+    """--mode=eval evaluates the run in ``workdir`` under its own config.json, unless --config flags are given."""
+    given = any(arg.startswith("--config") for arg in sys.argv[1:])
+    if given or not os.path.exists(os.path.join(workdir, "config.json")):
+        return FLAGS.config  # checked against config.json when the checkpoint is restored
+    return run.load_config(workdir, base=get_base_config())
 
 
 def parse_flags(argv):

@@ -117,6 +117,17 @@ def test_interrupts_in_the_train_step_block_arrive_after_it():
     assert finished == [True] and signal.getsignal(signal.SIGINT) is handler
 
 
+def test_eval_mode_uses_the_runs_own_config(killed_and_uninterrupted):
+    """Without --config, --mode=eval reads the run's config.json (swiss roll), not the default (digits)."""
+    _, workdir, _ = killed_and_uninterrupted
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "train.py"), f"--workdir={workdir}", "--mode=eval"],
+        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "error: bits/dim is defined for 8-bit images" in proc.stderr, proc.stderr[-3000:]
+
+
 def test_sample_py_draws_from_a_finished_run(killed_and_uninterrupted, tmp_path):
     _, workdir, _ = killed_and_uninterrupted
     out_dir = str(tmp_path / "samples")
