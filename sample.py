@@ -18,11 +18,11 @@ from ddpm_jax.config import validate_config
 flags.DEFINE_string("workdir", "runs/digits", "Workdir of a training run (its config.json and checkpoints).")
 flags.DEFINE_string("pretrained", None, "A diffusers UNet2DModel folder (config.json + safetensors) to sample from.")
 flags.DEFINE_enum("sampler", None, ["ddpm", "ddim"], "Sampler (default: the run's config.sampling.sampler).")
-flags.DEFINE_integer("steps", None, "DDIM steps.")
-flags.DEFINE_float("eta", None, "DDIM eta (0: deterministic; 1: ancestral-like).")
+flags.DEFINE_integer("steps", None, "DDIM steps (with --sampler=ddim or a run that samples with ddim).")
+flags.DEFINE_float("eta", None, "DDIM eta (0: deterministic; 1: ancestral-like); in the file names when not 0.")
 flags.DEFINE_integer("num", None, "Number of samples (default: config.sampling.num_samples).")
 flags.DEFINE_integer("seed", 0, "Random seed of the chain.")
-flags.DEFINE_bool("ema", True, "Use the EMA parameters.")
+flags.DEFINE_bool("ema", True, "Use the EMA parameters (false: the raw ones, files named _raw).")
 flags.DEFINE_bool("trajectory", False, "Also write pictures of the reverse chain.")
 flags.DEFINE_bool("metrics", False, "Print sample-quality metrics beside the data's own.")
 flags.DEFINE_string("out_dir", None, "Output folder (default: WORKDIR/samples, or ./samples with --pretrained).")
@@ -34,14 +34,16 @@ def _load():
     if FLAGS.pretrained:
         from configs.cifar10 import get_config
 
+        if not FLAGS.ema:
+            raise ValueError("--ema=false selects a checkpoint's raw parameters; --pretrained weights have one set")
         config = get_config()
         model, schedule, params = run.load_pretrained(FLAGS.pretrained, config)
-        return config, model, schedule, params, "pretrained"
+        return config, model, schedule, params, f"pretrained_{os.path.basename(os.path.normpath(FLAGS.pretrained))}"
     from configs.base import get_base_config
 
     config = run.load_config(FLAGS.workdir, base=get_base_config())
     model, schedule, params, step = run.restore_params(config, FLAGS.workdir, ema=FLAGS.ema)
-    return config, model, schedule, params, f"step{step}"
+    return config, model, schedule, params, f"step{step}" + ("" if FLAGS.ema else "_raw")
 
 
 def main(argv):
@@ -55,6 +57,10 @@ def main(argv):
             if value is not None:
                 config.sampling[name] = value
         validate_config(config)
+        if config.sampling.sampler == "ddpm" and (FLAGS.steps is not None or FLAGS.eta is not None):
+            raise ValueError("--steps and --eta are DDIM settings and this run samples with ddpm: add --sampler=ddim")
+        if config.sampling.sampler == "ddim" and config.sampling.eta:
+            tag += f"_eta{config.sampling.eta:g}"
         out_dir = FLAGS.out_dir or ("samples" if FLAGS.pretrained else os.path.join(FLAGS.workdir, "samples"))
         result = run.generate(
             config, model, schedule, params, out_dir=out_dir, tag=tag,
@@ -67,7 +73,11 @@ def main(argv):
         if key in result:
             print(f"  {key}: {result[key]}")
     if "metrics" in result:
-        print(json.dumps(result["metrics"], indent=2))
+        if result["metrics"]:
+            print(json.dumps(result["metrics"], indent=2))
+        else:
+            print(f"--metrics: no built-in metric for {config.data.dataset} (2-D sets and digits have one); for FID "
+                  "pass the .npz samples to ddpm_jax.metrics.fid_from_samples with Inception weights and statistics")
 
 
 if __name__ == "__main__":

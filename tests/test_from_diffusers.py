@@ -68,6 +68,12 @@ def test_unsupported_diffusers_configs_are_rejected(change, match):
         unet_kwargs_from_diffusers_config({**CIFAR10_CONFIG, **change})
 
 
+def test_absent_attention_head_dim_means_diffusers_default_of_8_heads_wide():
+    config = {k: v for k, v in CIFAR10_CONFIG.items() if k != "attention_head_dim"}
+    with pytest.raises(ValueError, match=r"attention_head_dim=8 gives several heads"):
+        unet_kwargs_from_diffusers_config(config)
+
+
 def _write_safetensors(path, header: dict, payload: bytes):
     encoded = json.dumps(header).encode()
     path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + payload)

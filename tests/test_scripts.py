@@ -143,6 +143,11 @@ def test_sample_py_draws_from_a_finished_run(killed_and_uninterrupted, tmp_path)
     npz = next(n for n in names if n.endswith(".npz"))
     assert np.load(os.path.join(out_dir, npz))["samples"].shape == (32, 2)
     assert '"swd_data"' in proc.stdout and "32 samples" in proc.stdout
+    ancestral_with_ddim_flag = subprocess.run(
+        [sys.executable, os.path.join(REPO, "sample.py"), f"--workdir={workdir}", f"--out_dir={out_dir}", "--steps=10"],
+        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120,
+    )
+    assert ancestral_with_ddim_flag.returncode == 1 and "add --sampler=ddim" in ancestral_with_ddim_flag.stderr
 
 
 # Each case: flags after the config file, extra environment, the message expected on stderr.

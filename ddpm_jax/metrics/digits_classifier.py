@@ -1,7 +1,8 @@
 """A small CNN classifier of scikit-learn's 8x8 digits, used as a feature space for sample quality.
 
 Data: `sklearn.datasets.load_digits` (1,797 images shipped inside scikit-learn), pixel values 0..16 scaled
-to [-1, 1] by pixel / 16 * 2 - 1, as the diffusion model sees them. Split: the first 1,500 images in
+to [-1, 1] by pixel / 16 * 2 - 1. (The diffusion model's data pipeline first stores them as 8-bit
+round(pixel * 255 / 16), so its values differ from these by at most 1/255.) Split: the first 1,500 images in
 scikit-learn's order are the training split, the last 297 the held-out split (no shuffling, so anyone can
 rebuild it). Inputs may be 8x8 or 16x16 (NHWC with one channel, or NHW): 16x16 images are average-pooled
 2x2 back to 8x8, which exactly undoes nearest-neighbour 2x upsampling.
@@ -96,7 +97,7 @@ def _apply(variables: dict, images: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _batched_apply(images, variables, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """(features, logits) as float64 NumPy, in fixed-size batches so one compiled shape serves all calls."""
+    """(features, logits) as float64 NumPy, in batches of ``batch_size`` (the last padded when there are several)."""
     images = _to_8x8(images)
     variables = load_digits_classifier() if variables is None else variables
     features, logits = [], []

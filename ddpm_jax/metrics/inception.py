@@ -391,12 +391,15 @@ def download_fid_weights(cache_dir: str | None = None) -> str:
             return path
         raise ValueError(f"{path} fails its sha256 check ({FID_WEIGHTS_SHA256_PREFIX}...): delete it to re-download")
     os.makedirs(cache_dir, exist_ok=True)
+    tmp = None
     try:
         with urllib.request.urlopen(FID_WEIGHTS_URL, timeout=30) as response:
             with tempfile.NamedTemporaryFile(dir=cache_dir, delete=False) as tmp:
                 for chunk in iter(lambda: response.read(1 << 20), b""):
                     tmp.write(chunk)
     except (urllib.error.URLError, OSError) as error:
+        if tmp is not None and os.path.exists(tmp.name):
+            os.remove(tmp.name)  # a partial download
         raise ValueError(
             f"could not download the FID Inception weights ({error}). Without internet, fetch {FID_WEIGHTS_URL} "
             f"elsewhere and pass its path (or an .npz of its state dict), or put it in {cache_dir}"

@@ -130,7 +130,7 @@ def unet_kwargs_from_diffusers_config(config: dict) -> dict:
                 "AttnDownBlock2D/AttnUpBlock2D mirrored between the down and up paths."
             )
         with_attn.append(pair)
-    head_dim = config.get("attention_head_dim")
+    head_dim = config.get("attention_head_dim", 8)  # diffusers' default when the key is absent
     attn_widths = {channels[-1]} | {c for c, a in zip(channels, with_attn, strict=True) if a}
     if head_dim is not None and attn_widths != {head_dim}:
         raise ValueError(
