@@ -59,7 +59,7 @@ class Checkpointer:
         # Fields the saved config lacks were added to the library since; their defaults keep old runs' behaviour.
         diff = [k for k in old if old[k] != new.get(k)]
         if diff:
-            details = "; ".join(f"{k}: checkpoint {old[k]} vs now {new[k]}" for k in diff)
+            details = "; ".join(f"{k}: checkpoint {old[k]} vs now {new.get(k)}" for k in diff)
             raise ValueError(
                 f"the checkpoints in {self.directory} were written with a different config ({details}); "
                 "use a new --workdir or the original config"

@@ -117,8 +117,9 @@ def evaluate_bpd(
     rows, masks = [], []
     batches = dataset.ordered_batches(num_examples=num_examples)
     for i, batch in enumerate(_progress_bar(iterable=batches, desc="bits/dim", disable=not progress, leave=False)):
-        out = bpd_fn(params, jnp.asarray(batch["image"]), jax.random.fold_in(key, i))
-        rows.append({"bpd": out.total_bpd, "bpd_prior": out.prior_bpd, "bpd_decoder": out.vb_terms[:, 0]})
+        bound = bpd_fn(params, jnp.asarray(batch["image"]), jax.random.fold_in(key, i))
+        row = {"bpd": bound.total_bpd, "bpd_prior": bound.prior_bpd, "bpd_decoder": bound.vb_terms[:, 0]}
+        rows.append(jax.device_get(row))  # fetched per batch, so that the progress bar follows the computation
         masks.append(batch["mask"])  # the last batch is padded to full size; its padding is not counted
     per_example = valid_rows_of_all_processes(jax.tree.map(lambda *r: np.concatenate(r), *rows), np.concatenate(masks))
     return {**{k: float(v.mean()) for k, v in per_example.items()}, "bpd_examples": len(per_example["bpd"])}
