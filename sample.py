@@ -36,6 +36,8 @@ def _load():
 
         if not FLAGS.ema:
             raise ValueError("--ema=false selects a checkpoint's raw parameters; --pretrained weights have one set")
+        if FLAGS["workdir"].present:
+            raise ValueError("--workdir and --pretrained each name a model to sample from: give one of them")
         config = get_config()
         model, schedule, params = run.load_pretrained(FLAGS.pretrained, config)
         return config, model, schedule, params, f"pretrained_{os.path.basename(os.path.normpath(FLAGS.pretrained))}"

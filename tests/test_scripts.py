@@ -148,6 +148,11 @@ def test_sample_py_draws_from_a_finished_run(killed_and_uninterrupted, tmp_path)
         cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120,
     )
     assert ancestral_with_ddim_flag.returncode == 1 and "add --sampler=ddim" in ancestral_with_ddim_flag.stderr
+    two_models = subprocess.run(
+        [sys.executable, os.path.join(REPO, "sample.py"), f"--workdir={workdir}", f"--pretrained={workdir}"],
+        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120,
+    )
+    assert two_models.returncode == 1 and "give one of them" in two_models.stderr
 
 
 # Each case: flags after the config file, extra environment, the message expected on stderr.
