@@ -29,6 +29,12 @@ def train_command(workdir, *flags: str) -> list[str]:
     ]
 
 
+def sample_py(*flags: str) -> subprocess.CompletedProcess:
+    """sample.py with ``flags``, run to completion; its output captured."""
+    return subprocess.run([sys.executable, os.path.join(REPO, "sample.py"), *flags], cwd=REPO, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=120)
+
+
 def finished_checkpoints(workdir) -> list[int]:
     """Steps of the checkpoints Orbax has finalised (in-flight saves live in temporary directories)."""
     directory = os.path.join(workdir, "checkpoints")
@@ -131,11 +137,8 @@ def test_eval_mode_uses_the_runs_own_config(killed_and_uninterrupted):
 def test_sample_py_draws_from_a_finished_run(killed_and_uninterrupted, tmp_path):
     _, workdir, _ = killed_and_uninterrupted
     out_dir = str(tmp_path / "samples")
-    proc = subprocess.run(
-        [sys.executable, os.path.join(REPO, "sample.py"), f"--workdir={workdir}", f"--out_dir={out_dir}",
-         "--num=32", "--sampler=ddim", "--steps=10", "--trajectory", "--metrics"],
-        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120,
-    )
+    proc = sample_py(f"--workdir={workdir}", f"--out_dir={out_dir}", "--num=32", "--sampler=ddim", "--steps=10",
+                     "--trajectory", "--metrics")
     assert proc.returncode == 0, proc.stderr[-3000:]
     names = sorted(os.listdir(out_dir))
     assert any(n.startswith("samples_ddim10") and n.endswith(".png") for n in names), names
@@ -143,15 +146,9 @@ def test_sample_py_draws_from_a_finished_run(killed_and_uninterrupted, tmp_path)
     npz = next(n for n in names if n.endswith(".npz"))
     assert np.load(os.path.join(out_dir, npz))["samples"].shape == (32, 2)
     assert '"swd_data"' in proc.stdout and "32 samples" in proc.stdout
-    ancestral_with_ddim_flag = subprocess.run(
-        [sys.executable, os.path.join(REPO, "sample.py"), f"--workdir={workdir}", f"--out_dir={out_dir}", "--steps=10"],
-        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120,
-    )
+    ancestral_with_ddim_flag = sample_py(f"--workdir={workdir}", f"--out_dir={out_dir}", "--steps=10")
     assert ancestral_with_ddim_flag.returncode == 1 and "add --sampler=ddim" in ancestral_with_ddim_flag.stderr
-    two_models = subprocess.run(
-        [sys.executable, os.path.join(REPO, "sample.py"), f"--workdir={workdir}", f"--pretrained={workdir}"],
-        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120,
-    )
+    two_models = sample_py(f"--workdir={workdir}", f"--pretrained={workdir}")
     assert two_models.returncode == 1 and "give one of them" in two_models.stderr
 
 
