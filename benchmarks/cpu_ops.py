@@ -1,11 +1,12 @@
 """Where XLA:CPU time goes: forward+backward of the U-Net's layers at the digits and CIFAR-10 shapes, JAX
 against PyTorch; 3x3 convolution formulations (lax.conv, im2col, 9 taps, 3 row taps); GroupNorm in flax's
-formulation against a reshape + mean/var one.
+formulation against a reshape + mean/var one and the library's (per-channel sums).
 
     python benchmarks/cpu_ops.py                                  # digits shapes, batch 128, all ops
     python benchmarks/cpu_ops.py --shapes cifar10 --batch 8 --ops conv
     python benchmarks/cpu_ops.py --step-ab train --shapes cifar10   # whole step: default vs Eigen convolutions
     python benchmarks/cpu_ops.py --step-ab sample                   # one ancestral sampling step, the same
+    python benchmarks/cpu_ops.py --step-ab sample --compare norm --vs-torch --tag norm  # flax's vs our GroupNorm
     taskset -c 0 python benchmarks/cpu_ops.py --step-ab train --vs-torch --tag 1core  # one core for both
     XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution \\
         python benchmarks/cpu_ops.py --ops conv --tag eigenconv   # XLA's convolutions on Eigen, not YNNPACK
@@ -22,6 +23,7 @@ busy): pin the process with taskset to compare one core with torch's one thread.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -38,6 +40,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from ddpm_jax.models.conv import convolutions_in_ynn_fusions, cpu_conv_compiler_options  # noqa: E402
+from ddpm_jax.models.layers import group_norm  # noqa: E402
 
 # (H, C) of each level, for GroupNorm and swish.
 LEVELS = {
@@ -164,7 +167,7 @@ def conv_rows(batch, shapes, repeats, rng):
 
 
 def layer_rows(batch, levels, groups, repeats, rng):
-    """fwd+bwd of flax nn.Conv, GroupNorm (two formulations) and swish against torch at each (H, C)."""
+    """fwd+bwd of flax nn.Conv, GroupNorm (three formulations) and swish against torch at each (H, C)."""
     rows = []
     for h, c in levels:
         x_np = rng.standard_normal((batch, h, h, c)).astype(np.float32)
@@ -180,6 +183,9 @@ def layer_rows(batch, levels, groups, repeats, rng):
             "groupnorm_reshape": (lambda p, x: group_norm_reshape(x, p["scale"], p["bias"], groups),
                                   {"scale": jnp.ones((c,)), "bias": jnp.zeros((c,))},
                                   torch.nn.GroupNorm(groups, c, eps=1e-6)),
+            "groupnorm_ours": (lambda p, x: group_norm(x, p["scale"], p["bias"], groups, 1e-6),
+                               {"scale": jnp.ones((c,)), "bias": jnp.zeros((c,))},
+                               torch.nn.GroupNorm(groups, c, eps=1e-6)),
             "swish": (lambda p, x: nn.swish(x), {}, torch.nn.SiLU()),
         }
         for name, (fn, params, tmod) in ops.items():
@@ -198,13 +204,41 @@ JAXLIB_DEFAULT_YNN_FUSIONS = {
 }
 
 
+@contextlib.contextmanager
+def flax_group_norm():
+    """Within: the U-Net's blocks build flax's nn.GroupNorm instead of the library's (same parameter tree)."""
+    from ddpm_jax.models import layers, unet
+
+    def flax_norm(num_groups, epsilon, dtype, name):
+        return nn.GroupNorm(num_groups, epsilon=epsilon, dtype=dtype, name=name)
+
+    saved = layers.GroupNorm
+    layers.GroupNorm = unet.GroupNorm = flax_norm
+    try:
+        yield
+    finally:
+        layers.GroupNorm = unet.GroupNorm = saved
+
+
+# --step-ab --compare: the two arms, each (name, context to trace in, compile options of the step).
+def _step_arms(compare: str) -> list[tuple[str, object, dict]]:
+    if compare == "conv":
+        return [("default", contextlib.nullcontext, JAXLIB_DEFAULT_YNN_FUSIONS),
+                ("eigen_conv", contextlib.nullcontext, cpu_conv_compiler_options())]
+    return [("flax_groupnorm", flax_group_norm, cpu_conv_compiler_options()),
+            ("ours", contextlib.nullcontext, cpu_conv_compiler_options())]
+
+
 def step_ab(
-    what: str, model_name: str, batch: int, rounds: int, vs_torch: bool = False, dtype: str = "float32"
+    what: str, model_name: str, batch: int, rounds: int, vs_torch: bool = False, dtype: str = "float32",
+    compare: str = "conv",
 ) -> dict:
-    """One training step (or one ancestral sampling step) of the model compiled twice, with XLA's default options
-    and with cpu_conv_compiler_options(), timed alternately in this process so both see the same load; with
-    vs_torch (train only) each round also times one step of the torch peer (a fresh peer, one warm-up step).
-    ``dtype`` is the compute dtype of both (bfloat16: our model.dtype, torch's CPU autocast)."""
+    """One training step (or one ancestral sampling step) of the model built and compiled twice, timed
+    alternately in this process so both see the same load. compare="conv": XLA's default options against
+    cpu_conv_compiler_options(); compare="norm": flax's nn.GroupNorm against the library's GroupNorm (both with
+    the library's options). With vs_torch each round also times the torch peer (a fresh peer): one training step
+    after one warm-up step, or one step of its ancestral loop (3 steps after 2 warm-up steps). ``dtype`` is the
+    compute dtype of both (bfloat16: our model.dtype, torch's CPU autocast)."""
     from train_throughput import get_config
 
     from ddpm_jax.config import build_model, schedule_from_config
@@ -217,19 +251,28 @@ def step_ab(
     images = np.random.default_rng(0).uniform(-1, 1, (1, batch, size, size, channels)).astype(np.float32)
     state = create_train_state(config, model, jax.random.key(0))
     if what == "train":
-        fn = jit_train_step(make_train_step(config, model, schedule), mesh)
         args = (state, global_batch({"image": images}, mesh))
     else:
+        args = (state.params, jnp.asarray(images[0]), jax.random.key(1))
+
+    def lower():
+        """Traces anew, so that flax_group_norm() applies."""
+        if what == "train":
+            return jit_train_step(make_train_step(config, model, schedule), mesh).lower(*args)
+
         def sample_step(params, x, key):
             t = jnp.full((batch,), config.diffusion.num_timesteps // 2, jnp.int32)
             return p_sample(schedule, lambda x, t: model.apply({"params": params}, x, t), x, t, key)[0]
 
-        fn, args = jax.jit(sample_step), (state.params, jnp.asarray(images[0]), jax.random.key(1))
-    lowered = fn.lower(*args)
+        return jax.jit(sample_step).lower(*args)
+
     # The library's jits carry cpu_conv_compiler_options() themselves: the "default" arm restores jaxlib 0.10.2's
     # own YNNPACK list explicitly (options given to compile() replace the jit's).
-    options = {"default": JAXLIB_DEFAULT_YNN_FUSIONS, "eigen_conv": cpu_conv_compiler_options()}
-    compiled = {name: lowered.compile(compiler_options=opts or None) for name, opts in options.items()}
+    arms = {name: (context, opts) for name, context, opts in _step_arms(compare)}
+    compiled = {}
+    for name, (context, opts) in arms.items():
+        with context():
+            compiled[name] = lower().compile(compiler_options=opts or None)
     # The train step donates its state: each executable steps its own copy.
     inputs = {name: jax.tree.map(jnp.copy, args) for name in compiled}
 
@@ -252,13 +295,17 @@ def step_ab(
     for r in range(rounds):
         for name in compiled if r % 2 == 0 else list(compiled)[::-1]:
             times[name].append(call(name))
-        if vs_torch and what == "train":
+        if vs_torch:
             import torch_peer
 
-            peer = torch_peer.train_step_bench(model_name, batch, dtype, "eager", repeats=1, warmup=1)
-            torch_times.append(peer["median_s"])
-    result = {"what": what, "model": model_name, "batch": batch, "dtype": dtype, "compiler_options": options,
-              "rounds": rounds}
+            if what == "train":
+                peer = torch_peer.train_step_bench(model_name, batch, dtype, "eager", repeats=1, warmup=1)
+                torch_times.append(peer["median_s"])
+            else:
+                peer = torch_peer.sample_bench(model_name, batch, dtype, "eager", 3, repeats=1, warmup_steps=2)
+                torch_times.append(peer["per_step"]["median_s"])
+    result = {"what": what, "model": model_name, "batch": batch, "dtype": dtype, "compare": compare,
+              "compiler_options": {name: opts for name, (_, opts) in arms.items()}, "rounds": rounds}
     for name, samples in times.items():
         total, in_ynn = convolutions_in_ynn_fusions(compiled[name].as_text())
         # Process CPU time over wall time: how many cores XLA kept busy (flags that look single-threaded may not be).
@@ -267,8 +314,13 @@ def step_ab(
                         "convolutions_in_ynn": in_ynn}
         print(f"{what} step {name}: {common.fmt_time(result[name])}, {cores:.2f} cores busy, "
               f"convolutions in YNNPACK {in_ynn}/{total}")
-    result["speedup"] = statistics.median(times["default"]) / statistics.median(times["eigen_conv"])
-    print(f"speedup {result['speedup']:.2f}x")
+    first, second = compiled
+    # Speedup of the second arm over the first: the ratio of medians, and the median of the per-round ratios.
+    result["speedup"] = statistics.median(times[first]) / statistics.median(times[second])
+    paired = [a / b for a, b in zip(times[first], times[second], strict=True)]
+    result["paired_speedup"] = {"median": statistics.median(paired), "rounds_faster": sum(p > 1 for p in paired)}
+    print(f"{second} over {first}: {result['speedup']:.3f}x (paired median {statistics.median(paired):.3f}x, "
+          f"faster in {result['paired_speedup']['rounds_faster']}/{rounds} rounds)")
     if torch_times:
         result["torch_eager"] = {**common.summarize(torch_times), "threads": torch.get_num_threads()}
         result["ours/torch"] = {name: statistics.median(torch_times) / statistics.median(times[name]) for name in times}
@@ -290,7 +342,10 @@ def main() -> None:
     parser.add_argument("--step-ab", choices=("train", "sample"), default=None,
                         help="instead of ops: the whole step with default vs cpu_conv_compiler_options, interleaved")
     parser.add_argument("--rounds", type=int, default=10, help="--step-ab: timed calls of each")
-    parser.add_argument("--vs-torch", action="store_true", help="--step-ab train: also time the torch peer each round")
+    parser.add_argument("--vs-torch", action="store_true", help="--step-ab: also time the torch peer each round")
+    parser.add_argument("--compare", choices=("conv", "norm"), default="conv",
+                        help="--step-ab arms: conv = default vs Eigen-convolution compile options; "
+                             "norm = flax's nn.GroupNorm vs the library's GroupNorm")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="--step-ab compute dtype")
     parser.add_argument("--out-dir", default=None)
     args = parser.parse_args()
@@ -299,7 +354,7 @@ def main() -> None:
     batch = args.batch or (128 if args.shapes == "digits" else 8)
     groups = args.groups or DEFAULT_GROUPS[args.shapes]
     if args.step_ab:
-        result = step_ab(args.step_ab, args.shapes, batch, args.rounds, args.vs_torch, args.dtype)
+        result = step_ab(args.step_ab, args.shapes, batch, args.rounds, args.vs_torch, args.dtype, args.compare)
         name = f"step_ab_{args.step_ab}_{args.shapes}" + (f"_{args.tag}" if args.tag else "")
         print("load average at end:", os.getloadavg(), "| XLA_FLAGS:", os.environ.get("XLA_FLAGS", ""))
         print("wrote", common.write_json(name, result, args.out_dir))

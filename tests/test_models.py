@@ -2,13 +2,14 @@
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from ddpm_jax.models import MLP, UNet, count_params, timestep_embedding
-from ddpm_jax.models.layers import AttnBlock, Downsample, Upsample
+from ddpm_jax.models.layers import AttnBlock, Downsample, GroupNorm, Upsample
 
 # A tiny U-Net used wherever values are compared: 2 levels, attention at the 4x4 level, heavy dropout.
 TINY = dict(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.5, num_groups=4)
@@ -111,6 +112,44 @@ def _group_norm(x, groups, eps, scale, bias):
     g = x.reshape(b, h * w, groups, c // groups)
     g = (g - g.mean(axis=(1, 3), keepdims=True)) / np.sqrt(g.var(axis=(1, 3), keepdims=True) + eps)
     return g.reshape(b, h, w, c) * scale + bias
+
+
+def test_group_norm_matches_numpy_and_flax_gradients():
+    # Offset data (mean 3, std 0.5) so that the one-pass variance E[x^2] - E[x]^2 is tested where it loses digits.
+    rng = np.random.default_rng(1)
+    x = (3.0 + 0.5 * rng.standard_normal((2, 4, 6, 12))).astype(np.float32)
+    cotangent = rng.standard_normal(x.shape).astype(np.float32)
+    norm = GroupNorm(num_groups=3, epsilon=1e-6)
+    params = _random_params(norm, x)
+    flax_norm = nn.GroupNorm(num_groups=3, epsilon=1e-6)
+    # Same parameter tree as flax's GroupNorm, so checkpoints and converted diffusers weights load either way.
+    flax_shapes = jax.eval_shape(flax_norm.init, jax.random.key(0), x)
+    assert jax.tree.map(np.shape, params) == jax.tree.map(np.shape, flax_shapes)
+
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params["params"])
+    expected = _group_norm(x.astype(np.float64), 3, 1e-6, p["scale"], p["bias"])
+    np.testing.assert_allclose(norm.apply(params, x), expected, atol=2e-4)
+
+    def grads(module):
+        return jax.grad(lambda prm, x_: jnp.sum(module.apply(prm, x_) * cotangent), argnums=(0, 1))(params, x)
+
+    flax_grads = grads(flax_norm)
+    for ours, flax_grad in zip(jax.tree.leaves(grads(norm)), jax.tree.leaves(flax_grads), strict=True):
+        np.testing.assert_allclose(ours, flax_grad, rtol=1e-3, atol=1e-3 * np.abs(flax_grad).max())
+
+    # Statistics in float32, output and input gradient in the module's dtype.
+    norm_bf16 = GroupNorm(num_groups=3, dtype=jnp.bfloat16)
+    out_bf16 = norm_bf16.apply(params, x.astype(jnp.bfloat16))
+    assert out_bf16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out_bf16, np.float32), expected, atol=0.1)
+    dx_bf16 = jax.grad(lambda x_: jnp.sum(norm_bf16.apply(params, x_).astype(jnp.float32) * cotangent))(
+        x.astype(jnp.bfloat16)
+    )
+    assert dx_bf16.dtype == jnp.bfloat16
+    flax_dx = flax_grads[1]
+    np.testing.assert_allclose(np.asarray(dx_bf16, np.float32), flax_dx, atol=0.05 * np.abs(flax_dx).max())
+    with pytest.raises(ValueError, match="12 channels do not split into 5 groups"):
+        GroupNorm(num_groups=5).init(jax.random.key(0), x)
 
 
 def test_attention_block_matches_numpy():

@@ -1,5 +1,6 @@
 """Building blocks of the DDPM U-Net (Ho et al. 2020, Appendix B): time embedding, ResNet block, attention."""
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -22,6 +23,79 @@ def count_params(model: nn.Module, input_shape: Sequence[int]) -> int:
     t = jax.ShapeDtypeStruct(tuple(input_shape[:1]), jnp.int32)
     shapes = jax.eval_shape(model.init, jax.random.key(0), x, t)
     return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes["params"]))
+
+
+def _group_stats(x: jax.Array, num_groups: int, eps: float) -> tuple[jax.Array, jax.Array]:
+    """Mean and 1/sqrt(var + eps) [B, G] of float32 x [B, ..., C], from per-channel sums over the middle axes."""
+    b, c = x.shape[0], x.shape[-1]
+    spatial = tuple(range(1, x.ndim - 1))
+    count = math.prod(x.shape[1:-1]) * (c // num_groups)
+    mean = jnp.sum(x, spatial).reshape(b, num_groups, -1).sum(-1) / count
+    mean_sq = jnp.sum(x * x, spatial).reshape(b, num_groups, -1).sum(-1) / count
+    return mean, jax.lax.rsqrt(jnp.maximum(mean_sq - mean * mean, 0.0) + eps)
+
+
+def _per_channel(stat: jax.Array, x: jax.Array) -> jax.Array:
+    """[B, G] -> [B, 1, ..., 1, C], broadcastable against x [B, ..., C]."""
+    per_group = x.shape[-1] // stat.shape[1]
+    return jnp.repeat(stat, per_group, axis=1).reshape(x.shape[:1] + (1,) * (x.ndim - 2) + x.shape[-1:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int, eps: float) -> jax.Array:
+    """GroupNorm (Wu & He 2018, eq. 1-2) of x [B, ..., C] over its middle axes and C/num_groups channels; float32.
+
+    Statistics from per-channel sums over the middle axes, then summed into groups; the variance is
+    E[x^2] - E[x]^2 clipped at 0, as flax's default. The gradient is written out (one pass for the two per-channel
+    sums it needs, one for dx) because autodiff's, fused by XLA:CPU across consecutive layers, made the digits
+    training step 12% slower than flax's nn.GroupNorm; this one made it faster, and a sampling step too
+    (benchmarks/NOTES.md).
+    """
+    return _group_norm_fwd(x, scale, bias, num_groups, eps)[0]
+
+
+def _group_norm_fwd(x, scale, bias, num_groups, eps):
+    if x.shape[-1] % num_groups:
+        raise ValueError(f"GroupNorm: {x.shape[-1]} channels do not split into {num_groups} groups.")
+    x32 = x.astype(jnp.float32)
+    mean, inv_std = _group_stats(x32, num_groups, eps)
+    a = _per_channel(inv_std, x32) * scale
+    return x32 * a + (bias - _per_channel(mean, x32) * a), (x, mean, inv_std, scale)
+
+
+def _group_norm_bwd(num_groups, eps, residuals, g):
+    """dx = inv_std * (g * scale - mean_group(g * scale) - x_hat * mean_group(g * scale * x_hat)); x_hat recomputed."""
+    x, mean, inv_std, scale = residuals
+    x32, g = x.astype(jnp.float32), g.astype(jnp.float32)
+    spatial = tuple(range(1, x.ndim - 1))
+    inv_std_c = _per_channel(inv_std, x32)
+    x_hat = (x32 - _per_channel(mean, x32)) * inv_std_c
+    sum_g, sum_g_xhat = jnp.sum(g, spatial), jnp.sum(g * x_hat, spatial)  # [B, C]
+    b, count = x.shape[0], math.prod(x.shape[1:-1]) * (x.shape[-1] // num_groups)
+    mean_g = (sum_g * scale).reshape(b, num_groups, -1).sum(-1) / count
+    mean_g_xhat = (sum_g_xhat * scale).reshape(b, num_groups, -1).sum(-1) / count
+    dx = inv_std_c * (g * scale - _per_channel(mean_g, x32) - x_hat * _per_channel(mean_g_xhat, x32))
+    return dx.astype(x.dtype), jnp.sum(sum_g_xhat, 0), jnp.sum(sum_g, 0)
+
+
+group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
+
+
+class GroupNorm(nn.Module):
+    """GroupNorm over [B, ..., C] with the parameters of flax's nn.GroupNorm ('scale', 'bias'; float32).
+
+    Statistics in float32 whatever the input dtype; the output is cast to dtype.
+    """
+
+    num_groups: int = 32
+    epsilon: float = 1e-6
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],), jnp.float32)
+        return group_norm(x, scale, bias, self.num_groups, self.epsilon).astype(self.dtype)
 
 
 def timestep_embedding(t: jax.Array, dim: int) -> jax.Array:
@@ -52,12 +126,12 @@ class ResnetBlock(nn.Module):
         conv = lambda features, kernel, name, scale=1.0: nn.Conv(
             features, kernel, padding="SAME", dtype=self.dtype, kernel_init=default_init(scale), name=name
         )
-        h = nn.GroupNorm(self.num_groups, epsilon=self.norm_eps, dtype=self.dtype, name="norm_0")(x)
+        h = GroupNorm(self.num_groups, epsilon=self.norm_eps, dtype=self.dtype, name="norm_0")(x)
         h = conv(self.out_ch, (3, 3), "conv_0")(nn.swish(h))
         # The time embedding shifts every channel of every pixel: broadcast over H and W.
         temb_proj = nn.Dense(self.out_ch, dtype=self.dtype, kernel_init=default_init(), name="temb_proj")
         h = h + temb_proj(nn.swish(temb))[:, None, None, :]
-        h = nn.GroupNorm(self.num_groups, epsilon=self.norm_eps, dtype=self.dtype, name="norm_1")(h)
+        h = GroupNorm(self.num_groups, epsilon=self.norm_eps, dtype=self.dtype, name="norm_1")(h)
         h = nn.Dropout(self.dropout, deterministic=not train)(nn.swish(h))
         # Near-zero init of the last conv makes every block start as the identity (paper code, scale 1e-10).
         h = conv(self.out_ch, (3, 3), "conv_1", scale=1e-10)(h)
@@ -78,7 +152,7 @@ class AttnBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         b, height, width, c = x.shape
-        h = nn.GroupNorm(self.num_groups, epsilon=self.norm_eps, dtype=self.dtype, name="norm")(x)
+        h = GroupNorm(self.num_groups, epsilon=self.norm_eps, dtype=self.dtype, name="norm")(x)
         dense = lambda name, scale=1.0: nn.Dense(c, dtype=self.dtype, kernel_init=default_init(scale), name=name)
         # [B, HW, heads=1, C] is the layout dot_product_attention (and cuDNN) expects; its softmax is float32.
         q, k, v = (dense(name)(h).reshape(b, height * width, 1, c) for name in ("q", "k", "v"))

@@ -10,6 +10,7 @@ from ddpm_jax.models.layers import (
     AttnBlock,
     Downsample,
     Dtype,
+    GroupNorm,
     ResnetBlock,
     Upsample,
     default_init,
@@ -122,7 +123,7 @@ class UNet(nn.Module):
             if level != 0:
                 h = Upsample(self.resamp_with_conv, self.dtype, name=f"up_{level}_upsample")(h)
 
-        h = nn.GroupNorm(self.num_groups, epsilon=self.norm_eps, dtype=self.dtype, name="norm_out")(h)
+        h = GroupNorm(self.num_groups, epsilon=self.norm_eps, dtype=self.dtype, name="norm_out")(h)
         conv_out = nn.Conv(
             self.out_channels,
             (3, 3),
