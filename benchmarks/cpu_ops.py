@@ -340,7 +340,7 @@ def main() -> None:
     parser.add_argument("--torch-threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     parser.add_argument("--tag", default="", help="suffix of the result file name (e.g. eigenconv)")
     parser.add_argument("--step-ab", choices=("train", "sample"), default=None,
-                        help="instead of ops: the whole step with default vs cpu_conv_compiler_options, interleaved")
+                        help="instead of ops: the whole step in the two variants of --compare, interleaved")
     parser.add_argument("--rounds", type=int, default=10, help="--step-ab: timed calls of each")
     parser.add_argument("--vs-torch", action="store_true", help="--step-ab: also time the torch peer each round")
     parser.add_argument("--compare", choices=("conv", "norm"), default="conv",
