@@ -25,13 +25,16 @@ def count_params(model: nn.Module, input_shape: Sequence[int]) -> int:
     return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes["params"]))
 
 
+def _group_means(x: jax.Array, per_channel_sums: tuple[jax.Array, ...], num_groups: int) -> list[jax.Array]:
+    """Group means [B, G] of values of x's shape [B, ..., C] from their per-channel sums [B, C] over the middle axes."""
+    count = math.prod(x.shape[1:-1]) * (x.shape[-1] // num_groups)
+    return [s.reshape(s.shape[0], num_groups, -1).sum(-1) / count for s in per_channel_sums]
+
+
 def _group_stats(x: jax.Array, num_groups: int, eps: float) -> tuple[jax.Array, jax.Array]:
     """Mean and 1/sqrt(var + eps) [B, G] of float32 x [B, ..., C], from per-channel sums over the middle axes."""
-    b, c = x.shape[0], x.shape[-1]
     spatial = tuple(range(1, x.ndim - 1))
-    count = math.prod(x.shape[1:-1]) * (c // num_groups)
-    mean = jnp.sum(x, spatial).reshape(b, num_groups, -1).sum(-1) / count
-    mean_sq = jnp.sum(x * x, spatial).reshape(b, num_groups, -1).sum(-1) / count
+    mean, mean_sq = _group_means(x, (jnp.sum(x, spatial), jnp.sum(x * x, spatial)), num_groups)
     return mean, jax.lax.rsqrt(jnp.maximum(mean_sq - mean * mean, 0.0) + eps)
 
 
@@ -71,9 +74,7 @@ def _group_norm_bwd(num_groups, eps, residuals, g):
     inv_std_c = _per_channel(inv_std, x32)
     x_hat = (x32 - _per_channel(mean, x32)) * inv_std_c
     sum_g, sum_g_xhat = jnp.sum(g, spatial), jnp.sum(g * x_hat, spatial)  # [B, C]
-    b, count = x.shape[0], math.prod(x.shape[1:-1]) * (x.shape[-1] // num_groups)
-    mean_g = (sum_g * scale).reshape(b, num_groups, -1).sum(-1) / count
-    mean_g_xhat = (sum_g_xhat * scale).reshape(b, num_groups, -1).sum(-1) / count
+    mean_g, mean_g_xhat = _group_means(x, (sum_g * scale, sum_g_xhat * scale), num_groups)
     dx = inv_std_c * (g * scale - _per_channel(mean_g, x32) - x_hat * _per_channel(mean_g_xhat, x32))
     return dx.astype(x.dtype), jnp.sum(sum_g_xhat, 0), jnp.sum(sum_g, 0)
 
