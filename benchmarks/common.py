@@ -6,6 +6,7 @@ Timing: the first call (compile + one run) is timed on its own, then ``warmup`` 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -39,6 +40,24 @@ def block(value: Any) -> Any:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
     return value
+
+
+@contextlib.contextmanager
+def flax_group_norm():
+    """Within: the U-Net's blocks build flax's nn.GroupNorm instead of the library's (same parameter tree)."""
+    import flax.linen as nn
+
+    from ddpm_jax.models import layers, unet
+
+    def flax_norm(num_groups, epsilon, dtype, name):
+        return nn.GroupNorm(num_groups, epsilon=epsilon, dtype=dtype, name=name)
+
+    saved = layers.GroupNorm
+    layers.GroupNorm = unet.GroupNorm = flax_norm
+    try:
+        yield
+    finally:
+        layers.GroupNorm = unet.GroupNorm = saved
 
 
 def summarize(times: Sequence[float]) -> dict[str, Any]:

@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from ddpm_jax.models.conv import convolutions_in_ynn_fusions, cpu_conv_compiler_options  # noqa: E402
-from ddpm_jax.models.layers import group_norm  # noqa: E402
+from ddpm_jax.models.layers import denoiser_fn, group_norm  # noqa: E402
 
 # (H, C) of each level, for GroupNorm and swish.
 LEVELS = {
@@ -204,28 +204,12 @@ JAXLIB_DEFAULT_YNN_FUSIONS = {
 }
 
 
-@contextlib.contextmanager
-def flax_group_norm():
-    """Within: the U-Net's blocks build flax's nn.GroupNorm instead of the library's (same parameter tree)."""
-    from ddpm_jax.models import layers, unet
-
-    def flax_norm(num_groups, epsilon, dtype, name):
-        return nn.GroupNorm(num_groups, epsilon=epsilon, dtype=dtype, name=name)
-
-    saved = layers.GroupNorm
-    layers.GroupNorm = unet.GroupNorm = flax_norm
-    try:
-        yield
-    finally:
-        layers.GroupNorm = unet.GroupNorm = saved
-
-
 # --step-ab --compare: the two arms, each (name, context to trace in, compile options of the step).
 def _step_arms(compare: str) -> list[tuple[str, object, dict]]:
     if compare == "conv":
         return [("default", contextlib.nullcontext, JAXLIB_DEFAULT_YNN_FUSIONS),
                 ("eigen_conv", contextlib.nullcontext, cpu_conv_compiler_options())]
-    return [("flax_groupnorm", flax_group_norm, cpu_conv_compiler_options()),
+    return [("flax_groupnorm", common.flax_group_norm, cpu_conv_compiler_options()),
             ("ours", contextlib.nullcontext, cpu_conv_compiler_options())]
 
 
@@ -256,13 +240,13 @@ def step_ab(
         args = (state.params, jnp.asarray(images[0]), jax.random.key(1))
 
     def lower():
-        """Traces anew, so that flax_group_norm() applies."""
+        """Traces anew, so that common.flax_group_norm() applies."""
         if what == "train":
             return jit_train_step(make_train_step(config, model, schedule), mesh).lower(*args)
 
         def sample_step(params, x, key):
             t = jnp.full((batch,), config.diffusion.num_timesteps // 2, jnp.int32)
-            return p_sample(schedule, lambda x, t: model.apply({"params": params}, x, t), x, t, key)[0]
+            return p_sample(schedule, denoiser_fn(model, params), x, t, key)[0]
 
         return jax.jit(sample_step).lower(*args)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import ast
 import collections
+import contextlib
 import glob
 import gzip
 import json
@@ -33,6 +34,7 @@ from train_throughput import get_config  # noqa: E402
 
 from ddpm_jax.config import build_model, schedule_from_config  # noqa: E402
 from ddpm_jax.diffusion import p_sample  # noqa: E402
+from ddpm_jax.models.layers import denoiser_fn  # noqa: E402
 from ddpm_jax.training import global_batch, init_train_state, jit_train_step, make_mesh, make_train_step  # noqa: E402
 
 # First match wins; names are cuDNN / cuBLAS / CUTLASS kernel names or XLA fusion names.
@@ -168,9 +170,10 @@ def sample_call(args):
 
     @jax.jit
     def chain(params, x, key):
+        model_fn = denoiser_fn(model, params)  # as the library's samplers: parameters cast once, outside the scan
+
         def body(x, t):
             tb = jnp.full((x.shape[0],), t, jnp.int32)
-            model_fn = lambda x, t: model.apply({"params": params}, x, t)
             return p_sample(schedule, model_fn, x, tb, jax.random.fold_in(key, t))[0], None
 
         return jax.lax.scan(body, x, jnp.arange(args.steps_per_call - 1, -1, -1))[0]
@@ -192,12 +195,16 @@ def main() -> None:
     parser.add_argument("--hlo", action="store_true", help="also write the optimised HLO (gzip) to --out-dir")
     parser.add_argument("--keep-trace", action="store_true", help="copy the trace (json.gz) to --out-dir")
     parser.add_argument("--set", action="append", default=[], help="config override, e.g. model.dropout=0.0")
+    parser.add_argument("--group-norm", choices=("ours", "flax"), default="ours",
+                        help="flax: the U-Net built with flax's nn.GroupNorm instead of the library's")
     parser.add_argument("--tag", default="")
     parser.add_argument("--out-dir", default=None)
     args = parser.parse_args()
     args.batch = args.batch or (128 if args.what == "train" else 256)
 
-    call, steps, compiled = (train_call if args.what == "train" else sample_call)(args)
+    context = common.flax_group_norm if args.group_norm == "flax" else contextlib.nullcontext
+    with context():
+        call, steps, compiled = (train_call if args.what == "train" else sample_call)(args)
     for _ in range(3):
         common.block(call())
     blocked = common.time_calls(call, repeats=args.calls * 2, warmup=0)
@@ -218,6 +225,7 @@ def main() -> None:
         "dtype": args.dtype,
         "batch": args.batch,
         "overrides": args.set,
+        "group_norm": args.group_norm,
         "steps_per_call": steps,
         "wall_ms_per_step_blocked": blocked["median_s"] * 1e3 / steps,
         "wall_ms_per_step_pipelined": pipelined_s * 1e3 / steps,

@@ -30,6 +30,7 @@ from train_throughput import get_config  # noqa: E402
 from ddpm_jax.config import build_model  # noqa: E402
 from ddpm_jax.diffusion import p_sample  # noqa: E402
 from ddpm_jax.models.conv import cpu_conv_compiler_options  # noqa: E402
+from ddpm_jax.models.layers import denoiser_fn  # noqa: E402
 from ddpm_jax.sampling import chain_keys, ddim_sample, ddpm_sample  # noqa: E402
 from ddpm_jax.schedules import make_schedule  # noqa: E402
 
@@ -45,12 +46,9 @@ def linear_schedule(num_timesteps: int):
 
 
 def make_sampler(model, schedule, shape, kind: str, ddim_steps: int = 50):
-    def model_fn_of(params):
-        return lambda x, t: model.apply({"params": params}, x, t)
-
     if kind == "ddpm":
-        return jit(lambda params, key: ddpm_sample(model_fn_of(params), schedule, key, shape))
-    return jit(lambda params, key: ddim_sample(model_fn_of(params), schedule, key, shape, ddim_steps))
+        return jit(lambda params, key: ddpm_sample(denoiser_fn(model, params), schedule, key, shape))
+    return jit(lambda params, key: ddim_sample(denoiser_fn(model, params), schedule, key, shape, ddim_steps))
 
 
 def time_sampler(jitted, params, key, repeats: int, steps: int) -> dict:
@@ -81,8 +79,7 @@ def scan_vs_loop(model, params, shape, num_steps: int, repeats: int) -> dict:
     @jit
     def one_step(params, x, t):
         tb = jnp.full((shape[0],), t, jnp.int32)
-        model_fn = lambda x, t: model.apply({"params": params}, x, t)
-        return p_sample(schedule, model_fn, x, tb, jax.random.fold_in(step_key, t))[0]
+        return p_sample(schedule, denoiser_fn(model, params), x, tb, jax.random.fold_in(step_key, t))[0]
 
     def loop():
         x = jax.random.normal(init_key, shape, jnp.float32)

@@ -29,6 +29,7 @@ from ddpm_jax.config import DEFAULT_DDIM_STEPS, build_model, data_shape, schedul
 from ddpm_jax.data import DATASETS, make_dataset
 from ddpm_jax.likelihood import calc_bpd_loop
 from ddpm_jax.models.conv import cpu_conv_compiler_options
+from ddpm_jax.models.layers import denoiser_fn
 from ddpm_jax.sampling import ddim_sample, ddpm_sample
 from ddpm_jax.training import (
     NUM_LOSS_QUARTILES,
@@ -82,7 +83,7 @@ def make_sample_fn(config, model, schedule, *, trajectory_every: int | None = No
     )
 
     def sample(params, key):
-        model_fn = partial(model.apply, {"params": params})
+        model_fn = denoiser_fn(model, params)
         if s.sampler == "ddim":
             num_steps = num_sampling_steps(config, schedule)
             return ddim_sample(model_fn, schedule, key, shape, num_steps=num_steps, eta=s.eta, **kwargs)
@@ -96,7 +97,7 @@ def make_bpd_fn(config, model, schedule):
     d = config.diffusion
 
     def bpd(params, x0, key):
-        model_fn = partial(model.apply, {"params": params})
+        model_fn = denoiser_fn(model, params)
         return calc_bpd_loop(schedule, model_fn, x0, key, mean_type=d.mean_type, var_type=d.var_type)
 
     return jax.jit(bpd, compiler_options=cpu_conv_compiler_options())

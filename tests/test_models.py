@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax.models import MLP, UNet, count_params, timestep_embedding
+from ddpm_jax.models import MLP, UNet, count_params, denoiser_fn, inference_params, timestep_embedding
 from ddpm_jax.models.layers import AttnBlock, Downsample, GroupNorm, Upsample
 
 # A tiny U-Net used wherever values are compared: 2 levels, attention at the 4x4 level, heavy dropout.
@@ -79,14 +79,18 @@ def tiny_outputs():
     t = jnp.array([3, 900], jnp.int32)
     params = _random_params(model, x, t)
     eval_f32 = jax.jit(model.apply)(params, x, t)
-    eval_bf16 = jax.jit(model.clone(dtype=jnp.bfloat16).apply)(params, x, t)
+    model_bf16 = model.clone(dtype=jnp.bfloat16)
+    eval_bf16 = jax.jit(model_bf16.apply)(params, x, t)
     train = jax.jit(lambda params, key: model.apply(params, x, t, True, rngs={"dropout": key}))
     keys = [jax.random.key(k) for k in (7, 7, 8)]
-    return [np.asarray(o) for o in (eval_f32, eval_bf16, *(train(params, k) for k in keys))]
+    # What the samplers run: parameters cast once by denoiser_fn.
+    sampler_bf16 = jax.jit(lambda p, x, t: denoiser_fn(model_bf16, p)(x, t))(params["params"], x, t)
+    outputs = (eval_f32, eval_bf16, *(train(params, k) for k in keys), sampler_bf16)
+    return [np.asarray(o) for o in outputs]
 
 
 def test_dropout_only_in_training_and_reproducible_from_the_rng(tiny_outputs):
-    eval_out, _, train_a, train_a_again, train_b = tiny_outputs
+    eval_out, _, train_a, train_a_again, train_b, _ = tiny_outputs
     assert np.array_equal(train_a, train_a_again)  # same key, same mask
     assert not np.allclose(train_a, train_b, atol=1e-3)  # another key, another mask
     assert not np.allclose(train_a, eval_out, atol=1e-3)  # dropout acts only with train=True
@@ -99,6 +103,19 @@ def test_bf16_output_close_to_float32(tiny_outputs):
     # bfloat16 keeps 8 mantissa bits (~0.4% per rounding); a few layers deep the relative error stays < 5%.
     relative = np.linalg.norm(bf16 - f32) / np.linalg.norm(f32)
     assert 0 < relative < 0.05
+
+
+def test_inference_params_cast_conv_and_dense_once_without_changing_outputs(tiny_outputs):
+    eval_bf16, sampler_bf16 = tiny_outputs[1], tiny_outputs[5]
+    # Bit for bit: the modules would cast these leaves to bf16 themselves; the norms' stay float32.
+    np.testing.assert_array_equal(sampler_bf16, eval_bf16)
+    params = _random_params(UNet(**TINY), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32))["params"]
+    cast = inference_params(params, jnp.bfloat16)
+    block = cast["down_0_block_0"]
+    assert block["conv_0"]["kernel"].dtype == block["temb_proj"]["bias"].dtype == jnp.bfloat16
+    assert block["norm_0"]["scale"].dtype == cast["norm_out"]["bias"].dtype == jnp.float32
+    assert jax.tree.structure(cast) == jax.tree.structure(params)
+    assert inference_params(params, jnp.float32) is params
 
 
 def test_time_changes_the_output(tiny_outputs):

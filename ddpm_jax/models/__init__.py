@@ -7,7 +7,7 @@ from ddpm_jax.models.from_diffusers import (
     read_safetensors,
     unet_kwargs_from_diffusers_config,
 )
-from ddpm_jax.models.layers import count_params, timestep_embedding
+from ddpm_jax.models.layers import count_params, denoiser_fn, inference_params, timestep_embedding
 from ddpm_jax.models.mlp import MLP
 from ddpm_jax.models.unet import UNet
 
@@ -16,6 +16,8 @@ __all__ = [
     "UNet",
     "convert_diffusers_state_dict",
     "count_params",
+    "denoiser_fn",
+    "inference_params",
     "load_diffusers_unet",
     "read_diffusers_config",
     "read_safetensors",

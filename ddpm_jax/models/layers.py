@@ -2,7 +2,7 @@
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -23,6 +23,31 @@ def count_params(model: nn.Module, input_shape: Sequence[int]) -> int:
     t = jax.ShapeDtypeStruct(tuple(input_shape[:1]), jnp.int32)
     shapes = jax.eval_shape(model.init, jax.random.key(0), x, t)
     return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes["params"]))
+
+
+def inference_params(params: Mapping[str, Any], dtype: Dtype) -> Mapping[str, Any]:
+    """Conv and Dense parameters cast to the compute ``dtype`` once, before a sampling or evaluation loop.
+
+    Their modules cast float32 parameters to ``dtype`` at every call, and XLA does not hoist those casts out of a
+    `lax.scan` body (on an H100 they were ~150 of the ~620 kernels of a bf16 sampling step). GroupNorm's
+    {'scale', 'bias'} stay float32, as the norm uses them, so the model's outputs are unchanged bit for bit.
+    """
+    if jnp.dtype(dtype) == jnp.float32:
+        return params
+
+    def cast(tree):
+        if not isinstance(tree, Mapping):
+            return tree.astype(dtype)
+        if set(tree) == {"scale", "bias"}:
+            return tree
+        return {name: cast(sub) for name, sub in tree.items()}
+
+    return cast(params)
+
+
+def denoiser_fn(model: nn.Module, params: Mapping[str, Any]) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """``(x_t, t) -> model output`` for sampling and evaluation, with `inference_params` in the model's dtype."""
+    return functools.partial(model.apply, {"params": inference_params(params, getattr(model, "dtype", jnp.float32))})
 
 
 def _group_means(x: jax.Array, per_channel_sums: tuple[jax.Array, ...], num_groups: int) -> list[jax.Array]:
@@ -129,6 +154,9 @@ class ResnetBlock(nn.Module):
         )
         h = GroupNorm(self.num_groups, epsilon=self.norm_eps, dtype=self.dtype, name="norm_0")(x)
         h = conv(self.out_ch, (3, 3), "conv_0")(nn.swish(h))
+        # Without the barrier XLA:GPU folds the add below into cuDNN's convolution as a full-size "side input",
+        # writing the broadcast embedding out at every block (H100 bf16 sampling step: 10.1 -> 9.5 ms).
+        h = jax.lax.optimization_barrier(h)
         # The time embedding shifts every channel of every pixel: broadcast over H and W.
         temb_proj = nn.Dense(self.out_ch, dtype=self.dtype, kernel_init=default_init(), name="temb_proj")
         h = h + temb_proj(nn.swish(temb))[:, None, None, :]
