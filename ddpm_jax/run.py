@@ -253,9 +253,17 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> TrainS
     """
     maybe_initialize_distributed(config)
     validate_config(config, num_devices=jax.device_count(), process_count=jax.process_count())
-    tr = config.training
     os.makedirs(workdir, exist_ok=True)
-    checkpointer = Checkpointer(workdir, keep=tr.keep_checkpoints)
+    checkpointer = Checkpointer(workdir, keep=config.training.keep_checkpoints)
+    try:
+        return _train(config, workdir, checkpointer, progress)
+    finally:
+        checkpointer.close()  # on errors too: a pending save completes and Orbax's background threads end
+
+
+def _train(config, workdir: str, checkpointer: Checkpointer, progress: bool) -> TrainState:
+    """train_and_evaluate's loop, with the checkpointer it closes."""
+    tr = config.training
     checkpointer.check_config(config.to_dict())
 
     dataset = make_dataset(
@@ -355,7 +363,6 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> TrainS
     checkpointer.wait()
     write_samples(step, "samples.png")
     writer.close()
-    checkpointer.close()
     return state
 
 

@@ -243,8 +243,12 @@ def test_training_stops_when_every_update_is_skipped(monkeypatch, tmp_path):
     assert [line["skipped"] for line in training_lines(read_metrics(tmp_path / "one_bad"))] == [1, 0]
 
     monkeypatch.setattr(run, "make_dataset", lambda *a, **k: _PoisonedDataset(real(*a, **k)))
+    closed, close = [], Checkpointer.close
+    monkeypatch.setattr(Checkpointer, "close", lambda self: (closed.append(self.directory), close(self)))
     with pytest.raises(FloatingPointError, match=r"10 of the last 10 updates had a non-finite loss .*step 10"):
         run.train_and_evaluate(config, str(tmp_path / "all_bad"), progress=False)
+    # Closed on the way out too, so that an asynchronous save in flight completes.
+    assert closed == [str(tmp_path / "all_bad" / "checkpoints")]
 
 
 def test_crossed_fires_once_per_multiple_passed():
