@@ -7,6 +7,7 @@ formulation against a reshape + mean/var one and the library's (per-channel sums
     python benchmarks/cpu_ops.py --step-ab train --shapes cifar10   # whole step: default vs Eigen convolutions
     python benchmarks/cpu_ops.py --step-ab sample                   # one ancestral sampling step, the same
     python benchmarks/cpu_ops.py --step-ab sample --compare norm --vs-torch --tag norm  # flax's vs our GroupNorm
+    python benchmarks/cpu_ops.py --step-ab train --compare steps --steps-per-call 10 --vs-torch  # 1 vs 10 per call
     taskset -c 0 python benchmarks/cpu_ops.py --step-ab train --vs-torch --tag 1core  # one core for both
     XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution \\
         python benchmarks/cpu_ops.py --ops conv --tag eigenconv   # XLA's convolutions on Eigen, not YNNPACK
@@ -204,42 +205,51 @@ JAXLIB_DEFAULT_YNN_FUSIONS = {
 }
 
 
-# --step-ab --compare: the two arms, each (name, context to trace in, compile options of the step).
-def _step_arms(compare: str) -> list[tuple[str, object, dict]]:
+# --step-ab --compare: the two arms, each (name, context to trace in, compile options, training steps per call).
+def _step_arms(compare: str, steps_per_call: int) -> list[tuple[str, object, dict, int]]:
+    k = steps_per_call
     if compare == "conv":
-        return [("default", contextlib.nullcontext, JAXLIB_DEFAULT_YNN_FUSIONS),
-                ("eigen_conv", contextlib.nullcontext, cpu_conv_compiler_options())]
-    return [("flax_groupnorm", common.flax_group_norm, cpu_conv_compiler_options()),
-            ("ours", contextlib.nullcontext, cpu_conv_compiler_options())]
+        return [("default", contextlib.nullcontext, JAXLIB_DEFAULT_YNN_FUSIONS, k),
+                ("eigen_conv", contextlib.nullcontext, cpu_conv_compiler_options(), k)]
+    if compare == "steps":
+        return [("1_step_per_call", contextlib.nullcontext, cpu_conv_compiler_options(), 1),
+                (f"{k}_steps_per_call", contextlib.nullcontext, cpu_conv_compiler_options(), k)]
+    return [("flax_groupnorm", common.flax_group_norm, cpu_conv_compiler_options(), k),
+            ("ours", contextlib.nullcontext, cpu_conv_compiler_options(), k)]
 
 
 def step_ab(
     what: str, model_name: str, batch: int, rounds: int, vs_torch: bool = False, dtype: str = "float32",
-    compare: str = "conv",
+    compare: str = "conv", steps_per_call: int = 1,
 ) -> dict:
     """One training step (or one ancestral sampling step) of the model built and compiled twice, timed
     alternately in this process so both see the same load. compare="conv": XLA's default options against
     cpu_conv_compiler_options(); compare="norm": flax's nn.GroupNorm against the library's GroupNorm (both with
-    the library's options). With vs_torch each round also times the torch peer (a fresh peer): one training step
-    after one warm-up step, or one step of its ancestral loop (3 steps after 2 warm-up steps). ``dtype`` is the
-    compute dtype of both (bfloat16: our model.dtype, torch's CPU autocast)."""
+    the library's options); compare="steps": one training step per call against ``steps_per_call`` steps per
+    call (one `lax.scan`, as train.py runs them), timed per step. With vs_torch each round also times the torch
+    peer (a fresh peer): one training step after one warm-up step, or one step of its ancestral loop (3 steps
+    after 2 warm-up steps). ``dtype`` is the compute dtype of both (bfloat16: our model.dtype, torch's CPU
+    autocast)."""
     from train_throughput import get_config
 
     from ddpm_jax.config import build_model, schedule_from_config
     from ddpm_jax.diffusion import p_sample
     from ddpm_jax.training import create_train_state, global_batch, jit_train_step, make_mesh, make_train_step
 
+    if what != "train" and (compare == "steps" or steps_per_call != 1):
+        raise ValueError("steps per call apply to the training step only")
     config = get_config(model_name, batch, dtype)
     model, schedule, mesh = build_model(config), schedule_from_config(config.diffusion), make_mesh()
     size, channels = config.data.image_size, config.data.num_channels
-    images = np.random.default_rng(0).uniform(-1, 1, (1, batch, size, size, channels)).astype(np.float32)
+    images = np.random.default_rng(0).uniform(-1, 1, (steps_per_call, batch, size, size, channels)).astype(np.float32)
     state = create_train_state(config, model, jax.random.key(0))
-    if what == "train":
-        args = (state, global_batch({"image": images}, mesh))
-    else:
-        args = (state.params, jnp.asarray(images[0]), jax.random.key(1))
 
-    def lower():
+    def arguments(k):
+        if what == "train":
+            return (state, global_batch({"image": images[:k]}, mesh))
+        return (state.params, jnp.asarray(images[0]), jax.random.key(1))
+
+    def lower(args):
         """Traces anew, so that common.flax_group_norm() applies."""
         if what == "train":
             return jit_train_step(make_train_step(config, model, schedule), mesh).lower(*args)
@@ -252,24 +262,26 @@ def step_ab(
 
     # The library's jits carry cpu_conv_compiler_options() themselves: the "default" arm restores jaxlib 0.10.2's
     # own YNNPACK list explicitly (options given to compile() replace the jit's).
-    arms = {name: (context, opts) for name, context, opts in _step_arms(compare)}
-    compiled = {}
-    for name, (context, opts) in arms.items():
+    arms = {name: (context, opts, k) for name, context, opts, k in _step_arms(compare, steps_per_call)}
+    compiled, inputs = {}, {}
+    for name, (context, opts, k) in arms.items():
+        # The train step donates its state: each executable steps its own copy.
+        inputs[name] = jax.tree.map(jnp.copy, arguments(k))
         with context():
-            compiled[name] = lower().compile(compiler_options=opts or None)
-    # The train step donates its state: each executable steps its own copy.
-    inputs = {name: jax.tree.map(jnp.copy, args) for name in compiled}
+            compiled[name] = lower(inputs[name]).compile(compiler_options=opts or None)
 
     cpu_seconds = {name: [] for name in compiled}
 
     def call(name):
+        """Seconds per step."""
+        steps = arms[name][2]
         start, cpu_start = time.perf_counter(), time.process_time()
         out = compiled[name](*inputs[name])
         jax.block_until_ready(out)
         if what == "train":
             inputs[name] = (out[0], *inputs[name][1:])
-        cpu_seconds[name].append(time.process_time() - cpu_start)
-        return time.perf_counter() - start
+        cpu_seconds[name].append((time.process_time() - cpu_start) / steps)
+        return (time.perf_counter() - start) / steps
 
     for name in compiled:
         for _ in range(2):
@@ -289,7 +301,8 @@ def step_ab(
                 peer = torch_peer.sample_bench(model_name, batch, dtype, "eager", 3, repeats=1, warmup_steps=2)
                 torch_times.append(peer["per_step"]["median_s"])
     result = {"what": what, "model": model_name, "batch": batch, "dtype": dtype, "compare": compare,
-              "compiler_options": {name: opts for name, (_, opts) in arms.items()}, "rounds": rounds}
+              "compiler_options": {name: opts for name, (_, opts, _) in arms.items()},
+              "steps_per_call": {name: k for name, (_, _, k) in arms.items()}, "rounds": rounds}
     for name, samples in times.items():
         total, in_ynn = convolutions_in_ynn_fusions(compiled[name].as_text())
         # Process CPU time over wall time: how many cores XLA kept busy (flags that look single-threaded may not be).
@@ -327,9 +340,12 @@ def main() -> None:
                         help="instead of ops: the whole step in the two variants of --compare, interleaved")
     parser.add_argument("--rounds", type=int, default=10, help="--step-ab: timed calls of each")
     parser.add_argument("--vs-torch", action="store_true", help="--step-ab: also time the torch peer each round")
-    parser.add_argument("--compare", choices=("conv", "norm"), default="conv",
+    parser.add_argument("--compare", choices=("conv", "norm", "steps"), default="conv",
                         help="--step-ab arms: conv = default vs Eigen-convolution compile options; "
-                             "norm = flax's nn.GroupNorm vs the library's GroupNorm")
+                             "norm = flax's nn.GroupNorm vs the library's GroupNorm; "
+                             "steps = 1 vs --steps-per-call training steps per call")
+    parser.add_argument("--steps-per-call", type=int, default=1,
+                        help="--step-ab train: training steps per jitted call (times are per step)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="--step-ab compute dtype")
     parser.add_argument("--out-dir", default=None)
     args = parser.parse_args()
@@ -338,7 +354,8 @@ def main() -> None:
     batch = args.batch or (128 if args.shapes == "digits" else 8)
     groups = args.groups or DEFAULT_GROUPS[args.shapes]
     if args.step_ab:
-        result = step_ab(args.step_ab, args.shapes, batch, args.rounds, args.vs_torch, args.dtype, args.compare)
+        result = step_ab(args.step_ab, args.shapes, batch, args.rounds, args.vs_torch, args.dtype, args.compare,
+                         args.steps_per_call)
         name = f"step_ab_{args.step_ab}_{args.shapes}" + (f"_{args.tag}" if args.tag else "")
         print("load average at end:", os.getloadavg(), "| XLA_FLAGS:", os.environ.get("XLA_FLAGS", ""))
         print("wrote", common.write_json(name, result, args.out_dir))

@@ -9,7 +9,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ddpm_jax.models.conv import conv_general_dilated
+
 Dtype = Any
+# The U-Net's convolutions: flax's, with a gradient XLA:CPU can run inside a lax.scan (ddpm_jax.models.conv).
+Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
 
 
 def default_init(scale: float = 1.0) -> nn.initializers.Initializer:
@@ -148,7 +152,7 @@ class ResnetBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array, train: bool = False) -> jax.Array:
-        conv = lambda features, kernel, name, scale=1.0: nn.Conv(
+        conv = lambda features, kernel, name, scale=1.0: Conv(
             features, kernel, padding="SAME", dtype=self.dtype, kernel_init=default_init(scale), name=name
         )
         h = GroupNorm(self.num_groups, epsilon=self.norm_eps, dtype=self.dtype, name="norm_0")(x)
@@ -199,7 +203,7 @@ class Downsample(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         if not self.with_conv:
             return nn.avg_pool(x, (2, 2), strides=(2, 2))
-        return nn.Conv(
+        return Conv(
             x.shape[-1],
             (3, 3),
             strides=(2, 2),
@@ -222,7 +226,7 @@ class Upsample(nn.Module):
         x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, height, 2, width, 2, c))
         x = x.reshape(b, 2 * height, 2 * width, c)
         if self.with_conv:
-            x = nn.Conv(x.shape[-1], (3, 3), padding="SAME", dtype=self.dtype, kernel_init=default_init(), name="conv")(
+            x = Conv(x.shape[-1], (3, 3), padding="SAME", dtype=self.dtype, kernel_init=default_init(), name="conv")(
                 x
             )
         return x

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from ddpm_jax.models.layers import (
     AttnBlock,
+    Conv,
     Downsample,
     Dtype,
     GroupNorm,
@@ -97,7 +98,7 @@ class UNet(nn.Module):
         temb = dense(4 * self.ch, "temb_dense_1")(nn.swish(dense(4 * self.ch, "temb_dense_0")(temb)))
 
         x = x.astype(self.dtype)
-        conv_in = nn.Conv(self.ch, (3, 3), padding="SAME", dtype=self.dtype, kernel_init=default_init(), name="conv_in")
+        conv_in = Conv(self.ch, (3, 3), padding="SAME", dtype=self.dtype, kernel_init=default_init(), name="conv_in")
         skips = [conv_in(x)]
         for level, mult in enumerate(self.ch_mult):
             for i in range(self.num_res_blocks):
@@ -124,7 +125,7 @@ class UNet(nn.Module):
                 h = Upsample(self.resamp_with_conv, self.dtype, name=f"up_{level}_upsample")(h)
 
         h = GroupNorm(self.num_groups, epsilon=self.norm_eps, dtype=self.dtype, name="norm_out")(h)
-        conv_out = nn.Conv(
+        conv_out = Conv(
             self.out_channels,
             (3, 3),
             padding="SAME",
