@@ -395,6 +395,7 @@ def test_digits_unet_trains_samples_and_evaluates(tmp_path):
         "model.num_groups": 4,
         "diffusion.num_timesteps": 50,
         "training.batch_size": 8, "training.num_steps": 2, "training.log_every": 1, "training.checkpoint_every": 2,
+        "training.steps_per_call": 1,
         "sampling.sampler": "ddim", "sampling.num_steps": 2, "sampling.num_samples": 8,
         "eval.batch_size": 8,
     })
