@@ -102,7 +102,7 @@ def _conv2d(x: jax.Array, w: jax.Array, strides: tuple[int, int], padding: Paddi
 
 
 def _conv2d_fwd(x, w, strides, padding, precision):
-    return _nhwc_conv(x, w, padding, strides, precision=precision), (x, w)
+    return _conv2d(x, w, strides, padding, precision), (x, w)
 
 
 def _conv2d_bwd(strides, padding, precision, residuals, dy):
