@@ -25,21 +25,31 @@ def loss(params, x, cotangent):
     return jnp.sum(conv_then_dense(params, x) * cotangent)
 
 
+def strided_conv_reference(x, w, dy, stride, pad):
+    """float64 y, dx, dw of a 2-D NHWC/HWIO convolution as sums of per-tap [.., Cin] @ [Cin, Cout] products."""
+    x, w, dy = (np.asarray(a, np.float64) for a in (x, w, dy))
+    kh, kw = w.shape[:2]
+    ho, wo = dy.shape[1:3]
+    xp = np.pad(x, ((0, 0), *pad, (0, 0)))
+    window = lambda i, j: np.s_[:, i : i + stride * ho : stride, j : j + stride * wo : stride]
+    taps = [(i, j, window(i, j)) for i in range(kh) for j in range(kw)]
+    y = sum(xp[sl] @ w[i, j] for i, j, sl in taps)
+    dxp, dw = np.zeros_like(xp), np.zeros_like(w)
+    for i, j, sl in taps:
+        dxp[sl] += dy @ w[i, j].T
+        dw[i, j] = np.einsum("bhwc,bhwd->cd", xp[sl], dy)
+    return y, dxp[:, pad[0][0] : pad[0][0] + x.shape[1], pad[1][0] : pad[1][0] + x.shape[2]], dw
+
+
 def numpy_reference(params, x, cotangent):
-    """float64 loss and gradients: the conv as a sum of 9 shifted [.., Cin] @ [Cin, Cout] products."""
+    """float64 loss, parameter gradients and input gradient."""
     k, bias, dense = (np.asarray(params[n], np.float64) for n in ("kernel", "bias", "dense"))
-    x, cot = np.asarray(x, np.float64), np.asarray(cotangent, np.float64)
-    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    y = sum(xp[:, i : i + H, j : j + W] @ k[i, j] for i in range(3) for j in range(3)) + bias
+    cot = np.asarray(cotangent, np.float64)
     dy = cot @ dense.T
-    dxp = np.zeros_like(xp)
-    dk = np.zeros_like(k)
-    for i in range(3):
-        for j in range(3):
-            dxp[:, i : i + H, j : j + W] += dy @ k[i, j].T
-            dk[i, j] = np.einsum("bhwc,bhwd->cd", xp[:, i : i + H, j : j + W], dy)
+    conv, dx, dk = strided_conv_reference(x, k, dy, 1, ((1, 1), (1, 1)))
+    y = conv + bias
     grads = {"kernel": dk, "bias": dy.sum((0, 1, 2)), "dense": np.einsum("bhwc,bhwd->cd", y, cot)}
-    return np.sum((y @ dense) * cot), grads, dxp[:, 1:-1, 1:-1]
+    return np.sum((y @ dense) * cot), grads, dx
 
 
 @pytest.fixture(scope="module")
@@ -98,22 +108,6 @@ def test_default_and_eigen_agree(problem, compiled):
     b = jax.tree.leaves(compiled["eigen"](*problem))
     for u, v in zip(a, b, strict=True):
         np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(v))))
-
-
-def strided_conv_reference(x, w, dy, stride, pad):
-    """float64 y, dx, dw of a 2-D NHWC/HWIO convolution as sums of per-tap [.., Cin] @ [Cin, Cout] products."""
-    x, w, dy = (np.asarray(a, np.float64) for a in (x, w, dy))
-    kh, kw = w.shape[:2]
-    ho, wo = dy.shape[1:3]
-    xp = np.pad(x, ((0, 0), *pad, (0, 0)))
-    window = lambda i, j: np.s_[:, i : i + stride * ho : stride, j : j + stride * wo : stride]
-    taps = [(i, j, window(i, j)) for i in range(kh) for j in range(kw)]
-    y = sum(xp[sl] @ w[i, j] for i, j, sl in taps)
-    dxp, dw = np.zeros_like(xp), np.zeros_like(w)
-    for i, j, sl in taps:
-        dxp[sl] += dy @ w[i, j].T
-        dw[i, j] = np.einsum("bhwc,bhwd->cd", xp[sl], dy)
-    return y, dxp[:, pad[0][0] : pad[0][0] + x.shape[1], pad[1][0] : pad[1][0] + x.shape[2]], dw
 
 
 @pytest.mark.parametrize(

@@ -73,10 +73,6 @@ def conv_general_dilated(
     Pass it to `nn.Conv(conv_general_dilated=...)`. Anything else (other backends, dilations, groups, layouts)
     goes to `lax.conv_general_dilated` as it is.
     """
-    plain = functools.partial(
-        lax.conv_general_dilated, lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-        feature_group_count, batch_group_count, precision, preferred_element_type,
-    )
     if (
         jax.default_backend() != "cpu" or lhs.ndim != 4 or feature_group_count != 1 or batch_group_count != 1
         or preferred_element_type is not None or tuple(lhs_dilation or (1, 1)) != (1, 1)
@@ -84,7 +80,10 @@ def conv_general_dilated(
         or lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
         != lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC_HWIO)
     ):
-        return plain()
+        return lax.conv_general_dilated(
+            lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
+            batch_group_count, precision, preferred_element_type,
+        )
     strides = tuple(int(s) for s in window_strides)
     if isinstance(padding, str):
         padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
