@@ -8,6 +8,7 @@ formulation against a reshape + mean/var one and the library's (per-channel sums
     python benchmarks/cpu_ops.py --step-ab sample                   # one ancestral sampling step, the same
     python benchmarks/cpu_ops.py --step-ab sample --compare norm --vs-torch --tag norm  # flax's vs our GroupNorm
     python benchmarks/cpu_ops.py --step-ab train --compare steps --steps-per-call 10 --vs-torch  # 1 vs 10 per call
+    python benchmarks/cpu_ops.py --step-ab train --shapes cifar10 --compare update --vs-torch  # optimizer update
     taskset -c 0 python benchmarks/cpu_ops.py --step-ab train --vs-torch --tag 1core  # one core for both
     XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution \\
         python benchmarks/cpu_ops.py --ops conv --tag eigenconv   # XLA's convolutions on Eigen, not YNNPACK
@@ -38,6 +39,7 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import optax  # noqa: E402
 import torch  # noqa: E402
 
 from ddpm_jax.models.conv import convolutions_in_ynn_fusions, cpu_conv_compiler_options  # noqa: E402
@@ -205,17 +207,17 @@ JAXLIB_DEFAULT_YNN_FUSIONS = {
 }
 
 
-# --step-ab --compare: the two arms, each (name, context to trace in, compile options, training steps per call).
-def _step_arms(compare: str, steps_per_call: int) -> list[tuple[str, object, dict, int]]:
-    k = steps_per_call
+# --step-ab --compare: the two arms, each (name, context to trace in, compile options, training steps per call,
+# whether the state's optimizer is plain optax).
+def _step_arms(compare: str, steps_per_call: int) -> list[tuple[str, object, dict, int, bool]]:
+    k, nothing, options = steps_per_call, contextlib.nullcontext, cpu_conv_compiler_options()
     if compare == "conv":
-        return [("default", contextlib.nullcontext, JAXLIB_DEFAULT_YNN_FUSIONS, k),
-                ("eigen_conv", contextlib.nullcontext, cpu_conv_compiler_options(), k)]
+        return [("default", nothing, JAXLIB_DEFAULT_YNN_FUSIONS, k, False), ("eigen_conv", nothing, options, k, False)]
     if compare == "steps":
-        return [("1_step_per_call", contextlib.nullcontext, cpu_conv_compiler_options(), 1),
-                (f"{k}_steps_per_call", contextlib.nullcontext, cpu_conv_compiler_options(), k)]
-    return [("flax_groupnorm", common.flax_group_norm, cpu_conv_compiler_options(), k),
-            ("ours", contextlib.nullcontext, cpu_conv_compiler_options(), k)]
+        return [("1_step_per_call", nothing, options, 1, False), (f"{k}_steps_per_call", nothing, options, k, False)]
+    if compare == "update":
+        return [("optax_apply_gradients", nothing, options, k, True), ("one_pass", nothing, options, k, False)]
+    return [("flax_groupnorm", common.flax_group_norm, options, k, False), ("ours", nothing, options, k, False)]
 
 
 def step_ab(
@@ -226,17 +228,18 @@ def step_ab(
     alternately in this process so both see the same load. compare="conv": XLA's default options against
     cpu_conv_compiler_options(); compare="norm": flax's nn.GroupNorm against the library's GroupNorm (both with
     the library's options); compare="steps": one training step per call against ``steps_per_call`` steps per
-    call (one `lax.scan`, as train.py runs them), timed per step. With vs_torch each round also times the torch
-    peer (a fresh peer): one training step after one warm-up step, or one step of its ancestral loop (3 steps
-    after 2 warm-up steps). ``dtype`` is the compute dtype of both (bfloat16: our model.dtype, torch's CPU
-    autocast)."""
+    call (one `lax.scan`, as train.py runs them), timed per step; compare="update": the state's optimizer as plain
+    optax (`apply_gradients`, then a select) against the library's one-pass `Optimizer.apply`. With vs_torch
+    each round also times the torch peer (a fresh peer): one training step after one warm-up step, or one step
+    of its ancestral loop (3 steps after 2 warm-up steps). ``dtype`` is the compute dtype of both (bfloat16:
+    our model.dtype, torch's CPU autocast)."""
     from train_throughput import get_config
 
     from ddpm_jax.config import build_model, schedule_from_config
     from ddpm_jax.diffusion import p_sample
     from ddpm_jax.training import create_train_state, global_batch, jit_train_step, make_mesh, make_train_step
 
-    if what != "train" and (compare == "steps" or steps_per_call != 1):
+    if what != "train" and (compare in ("steps", "update") or steps_per_call != 1):
         raise ValueError("steps per call apply to the training step only")
     config = get_config(model_name, batch, dtype)
     model, schedule, mesh = build_model(config), schedule_from_config(config.diffusion), make_mesh()
@@ -262,11 +265,15 @@ def step_ab(
 
     # The library's jits carry cpu_conv_compiler_options() themselves: the "default" arm restores jaxlib 0.10.2's
     # own YNNPACK list explicitly (options given to compile() replace the jit's).
-    arms = {name: (context, opts, k) for name, context, opts, k in _step_arms(compare, steps_per_call)}
+    arms = {name: (context, opts, k, plain) for name, context, opts, k, plain in _step_arms(compare, steps_per_call)}
     compiled, inputs = {}, {}
-    for name, (context, opts, k) in arms.items():
+    for name, (context, opts, k, plain_optax) in arms.items():
         # The train step donates its state: each executable steps its own copy.
         inputs[name] = jax.tree.map(jnp.copy, arguments(k))
+        if plain_optax:
+            tx = inputs[name][0].tx
+            inputs[name] = (inputs[name][0].replace(tx=optax.GradientTransformation(tx.init, tx.update)),
+                            *inputs[name][1:])
         with context():
             compiled[name] = lower(inputs[name]).compile(compiler_options=opts or None)
 
@@ -301,8 +308,8 @@ def step_ab(
                 peer = torch_peer.sample_bench(model_name, batch, dtype, "eager", 3, repeats=1, warmup_steps=2)
                 torch_times.append(peer["per_step"]["median_s"])
     result = {"what": what, "model": model_name, "batch": batch, "dtype": dtype, "compare": compare,
-              "compiler_options": {name: opts for name, (_, opts, _) in arms.items()},
-              "steps_per_call": {name: k for name, (_, _, k) in arms.items()}, "rounds": rounds}
+              "compiler_options": {name: opts for name, (_, opts, _, _) in arms.items()},
+              "steps_per_call": {name: k for name, (_, _, k, _) in arms.items()}, "rounds": rounds}
     for name, samples in times.items():
         total, in_ynn = convolutions_in_ynn_fusions(compiled[name].as_text())
         # Process CPU time over wall time: how many cores XLA kept busy (flags that look single-threaded may not be).
@@ -340,10 +347,11 @@ def main() -> None:
                         help="instead of ops: the whole step in the two variants of --compare, interleaved")
     parser.add_argument("--rounds", type=int, default=10, help="--step-ab: timed calls of each")
     parser.add_argument("--vs-torch", action="store_true", help="--step-ab: also time the torch peer each round")
-    parser.add_argument("--compare", choices=("conv", "norm", "steps"), default="conv",
+    parser.add_argument("--compare", choices=("conv", "norm", "steps", "update"), default="conv",
                         help="--step-ab arms: conv = default vs Eigen-convolution compile options; "
                              "norm = flax's nn.GroupNorm vs the library's GroupNorm; "
-                             "steps = 1 vs --steps-per-call training steps per call")
+                             "steps = 1 vs --steps-per-call training steps per call; "
+                             "update = optax's apply_gradients vs the library's one-pass optimizer update")
     parser.add_argument("--steps-per-call", type=int, default=1,
                         help="--step-ab train: training steps per jitted call (times are per step)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="--step-ab compute dtype")

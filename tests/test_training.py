@@ -5,6 +5,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
@@ -162,21 +164,29 @@ def test_generate_writes_png_npz_trajectory_and_metrics(swissroll_run, tmp_path)
 
 @pytest.mark.parametrize("optimizer", ["adam", "adamw"])
 def test_optimizer_is_clipped_adam_with_warmup_like_a_numpy_reference(optimizer):
+    """Both ways of stepping: optax's ``update`` + ``apply_updates``, and the one-pass ``apply`` the train step uses."""
     training = {"optimizer": optimizer, "lr": 1e-2, "warmup_steps": 3, "grad_clip": 1.0, "adam_b1": 0.9,
                 "adam_b2": 0.999, "adam_eps": 1e-8, "weight_decay": 0.1}
     rng = np.random.default_rng(0)
     shapes = {"a": (3, 4), "b": {"c": (5,), "d": (2, 2, 2)}}
     params = jax.tree.map(lambda s: rng.normal(size=s), shapes, is_leaf=lambda s: isinstance(s, tuple))
     tx = make_optimizer(training)
-    state, p = tx.init(jax.tree.map(jnp.float32, params)), jax.tree.map(jnp.float32, params)
+    apply = jax.jit(tx.apply)
+    p = jax.tree.map(jnp.float32, params)
+    state = tx.init(p)
+    applied_p, applied_state = p, state
     ref_p = [np.asarray(x, np.float64) for x in jax.tree.leaves(params)]
     mu, nu = [np.zeros_like(x) for x in ref_p], [np.zeros_like(x) for x in ref_p]
     for step in range(4):
         # Gradient norms of ~10 (clipped to 1) and of ~0.1 (left alone).
         size = 3.0 if step % 2 == 0 else 0.03
         grads = jax.tree.map(lambda x, size=size: rng.normal(size=x.shape) * size, params)
-        updates, state = tx.update(jax.tree.map(jnp.float32, grads), state, p)
+        grads32 = jax.tree.map(jnp.float32, grads)
+        updates, state = tx.update(grads32, state, p)
         p = jax.tree.map(lambda x, u: x + u, p, updates)
+        # apply with finite=False changes nothing, with finite=True takes the step.
+        assert_trees_equal(apply(grads32, applied_state, applied_p, False), (applied_p, applied_state))
+        applied_p, applied_state = apply(grads32, applied_state, applied_p, True)
         g = [np.asarray(x, np.float64) for x in jax.tree.leaves(grads)]
         norm = np.sqrt(sum(np.sum(x**2) for x in g))
         g = [x * min(1.0, 1.0 / norm) for x in g]
@@ -188,8 +198,41 @@ def test_optimizer_is_clipped_adam_with_warmup_like_a_numpy_reference(optimizer)
             if optimizer == "adamw":
                 update = update + 0.1 * ref_p[i]
             ref_p[i] = ref_p[i] - lr * update
-        for got, want in zip(jax.tree.leaves(p), ref_p, strict=True):
+        for got, got_applied, want in zip(jax.tree.leaves(p), jax.tree.leaves(applied_p), ref_p, strict=True):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(got_applied, want, rtol=1e-5, atol=1e-6)
+        for got, want in zip(jax.tree.leaves(applied_state), jax.tree.leaves(state), strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-9)
+
+
+def copied_entry_arrays(compiled_hlo_text: str) -> list[str]:
+    """The non-scalar parameters of a compiled program's entry computation that it copies before use."""
+    entry = compiled_hlo_text[compiled_hlo_text.index("\nENTRY"):]
+    arrays = set(re.findall(r"%?([\w.\-]+) = \w+\[[\d,]+\]\S* parameter\(", entry))
+    return sorted(arrays & set(re.findall(r" copy\(%?([\w.\-]+)\)", entry)))
+
+
+def test_train_step_updates_in_place_and_equals_optax_apply_gradients():
+    """The one-pass update equals the step through any optax transformation (apply_gradients, then a select),
+    over finite steps and a NaN step between; compiled, it copies no parameter, moment or EMA buffer first."""
+    config = swissroll_config()
+    model = build_model(config)
+    mesh = make_mesh(jax.devices()[:1])
+    one_pass = init_train_state(config, model, jax.random.PRNGKey(0), mesh)
+    plain_optax = one_pass.replace(tx=optax.GradientTransformation(one_pass.tx.init, one_pass.tx.update))
+    step_fn = jit_train_step(make_train_step(config, model, schedule_from_config(config.diffusion)), mesh)
+    batches = np.random.default_rng(0).normal(size=(3, 1, 64, 2)).astype(np.float32)
+    batches[1, 0, 5, 1] = np.nan
+    states = {"one_pass": one_pass, "plain_optax": jax.tree.map(jnp.copy, plain_optax)}
+    compiled = {name: step_fn.lower(state, {"image": batches[0]}).compile() for name, state in states.items()}
+    assert copied_entry_arrays(compiled["one_pass"].as_text()) == []
+    for batch in batches:
+        for name in states:
+            states[name], metrics = compiled[name](states[name], {"image": jnp.asarray(batch)})
+    assert int(states["one_pass"].num_skipped) == int(states["plain_optax"].num_skipped) == 1
+    for name in ("params", "opt_state", "ema_params"):
+        for got, want in zip(*(jax.tree.leaves(getattr(states[k], name)) for k in states), strict=True):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-6, atol=1e-7)
 
 
 def test_nonfinite_batch_skips_the_update_and_is_counted():
