@@ -35,6 +35,11 @@ class TrainState(train_state.TrainState):
     num_skipped: jax.Array | None = None  # updates skipped for a non-finite loss or gradient
 
 
+def _keep_if_finite(finite: jax.Array, new, old):
+    """``new`` where the scalar bool ``finite`` is true, else ``old``, leaf by leaf: a skipped step changes nothing."""
+    return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+
 class Optimizer(NamedTuple):
     """An optax transformation (``init``, ``update``) that can also apply its step in one pass per parameter.
 
@@ -66,7 +71,7 @@ def make_optimizer(training: Mapping[str, Any]) -> Optimizer:
     def apply(grads, opt_state, params, finite):
         """Adam's step (Kingma & Ba 2015, Algorithm 1; AdamW's decoupled decay) from the moments optax updates."""
         _, new_state = tx.update(grads, opt_state, params)
-        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, opt_state)
+        new_state = _keep_if_finite(finite, new_state, opt_state)
         # opt_state: (clip's empty state, (ScaleByAdamState, [adamw's empty decay state,] ScaleByScheduleState)).
         adam, schedule_count = new_state[1][0], opt_state[1][-1].count
         count = optax.safe_increment(opt_state[1][0].count)
@@ -159,9 +164,8 @@ def make_train_step(config, model: nn.Module, schedule: Schedule) -> Callable:
             params, opt_state = state.tx.apply(grads, state.opt_state, state.params, finite)
         else:  # any other optax transformation
             updated = state.apply_gradients(grads=grads)
-            params, opt_state = jax.tree.map(
-                lambda new, old: jnp.where(finite, new, old),
-                (updated.params, updated.opt_state), (state.params, state.opt_state),
+            params, opt_state = _keep_if_finite(
+                finite, (updated.params, updated.opt_state), (state.params, state.opt_state)
             )
         decay = ema_decay_at(state.step, tr.ema_decay, tr.ema_warmup)
         # From the new parameters as written, so that the old ones are read by their update alone.
