@@ -232,9 +232,9 @@ def step_ab(
     optax (`apply_gradients`, then a select) against the library's one-pass `Optimizer.apply`. With vs_torch
     each round also times the torch peer (a fresh peer): one training step after one warm-up step, or one step
     of its ancestral loop (3 steps after 2 warm-up steps). ``dtype`` is the compute dtype of both (bfloat16:
-    our model.dtype, torch's CPU autocast). ``second_arm_first`` builds and compiles the second arm first: in this
-    process the arm compiled first has run 1-3% faster than the same step compiled second (benchmarks/NOTES.md),
-    so a comparison is run in both orders."""
+    our model.dtype, torch's CPU autocast). ``second_arm_first`` builds and compiles the second arm first: the
+    digits step compiled first in a process has run ~2% faster than the same step compiled second
+    (benchmarks/NOTES.md), so a comparison is run in both orders."""
     from train_throughput import get_config
 
     from ddpm_jax.config import build_model, schedule_from_config
@@ -361,7 +361,7 @@ def main() -> None:
                         help="--step-ab train: training steps per jitted call (times are per step)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="--step-ab compute dtype")
     parser.add_argument("--second-arm-first", action="store_true",
-                        help="--step-ab: compile the second arm first (the first-compiled arm has run 1-3%% faster)")
+                        help="--step-ab: compile the second arm first (the arm compiled first may run faster)")
     parser.add_argument("--out-dir", default=None)
     args = parser.parse_args()
     if args.torch_threads:
