@@ -123,6 +123,29 @@ def test_interrupts_in_the_train_step_block_arrive_after_it():
     assert finished == [True] and signal.getsignal(signal.SIGINT) is handler
 
 
+def test_ctrl_c_during_a_checkpoint_save_lets_that_save_finish(monkeypatch, tmp_path):
+    """A SIGINT that lands inside the periodic save is delivered after it: the save runs to its end once, and
+    the run stops with that checkpoint (interrupted inside Orbax, the process hung at exit)."""
+    entered, completed, save = [], [], run.Checkpointer.save
+
+    def save_interrupted_at_its_start(self, step, state, *, force=False):
+        entered.append(step)
+        if len(entered) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # where Python runs the handler
+        save(self, step, state, force=force)
+        completed.append(step)
+
+    monkeypatch.setattr(run.Checkpointer, "save", save_interrupted_at_its_start)
+    config = apply_overrides(swissroll.get_config(), {**TINY_SWISSROLL, "training.num_steps": 60})
+    workdir = str(tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt):
+        run.train_and_evaluate(config, workdir, progress=False)
+    checkpoint_every = TINY_SWISSROLL["training.checkpoint_every"]
+    assert entered == completed == [checkpoint_every]
+    assert finished_checkpoints(workdir) == [checkpoint_every]
+
+
 def test_eval_mode_uses_the_runs_own_config(killed_and_uninterrupted):
     """Without --config, --mode=eval reads the run's config.json (swiss roll), not the default (digits)."""
     _, workdir, _ = killed_and_uninterrupted
