@@ -9,6 +9,7 @@ e.g. a local copy of google/ddpm-cifar10-32) with the diffusion settings of conf
 
 import json
 import os
+import sys
 
 from absl import app, flags, logging
 
@@ -70,6 +71,9 @@ def main(argv):
         )
     except ValueError as err:
         raise SystemExit(f"error: {err}") from err
+    except KeyboardInterrupt:
+        print("interrupted: no samples written", file=sys.stderr)
+        raise SystemExit(130) from None
     print(f"{config.sampling.num_samples} samples ({tag}) in {result['seconds']:.1f} s")
     for key in ("png", "npz", "trajectory_png", "trajectory_gif"):
         if key in result:

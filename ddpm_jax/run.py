@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import signal
@@ -224,6 +225,79 @@ def _interrupts_deferred():
             previous[signum](signum, frame)
 
 
+class _ChainStopped(Exception):
+    """Raised by a chain's progress callback to end the jitted computation at Ctrl-C or SIGTERM."""
+
+
+class _DropChainStopped(logging.Filter):
+    """JAX logs every exception of a debug callback with its traceback; a stop asked for is not an error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], _ChainStopped))
+
+
+class _ChainWatch:
+    """The ``progress_fn`` of a jitted chain (one `lax.scan` over its steps) that lets Ctrl-C and SIGTERM stop it.
+
+    Python runs signal handlers only between bytecodes of the main thread, and the whole chain is one XLA call:
+    a Ctrl-C took effect only when the chain had ended (46 s later in a sample.py run; minutes for 1000 steps of
+    the CIFAR-10 U-Net on a CPU). While `watching`, the C-level signal handler also writes the signal's number to
+    a pipe (`signal.set_wakeup_fd`); the callback, run on the host after every step, reads it and raises, which
+    ends the computation, and the signal is delivered when the block ends. In a multi-process run the chain runs
+    to its end: the processes must stop together.
+    """
+
+    def __init__(self):
+        self._read_fd: int | None = None
+        self._on_step = None
+        self.stopped = False
+
+    def __call__(self, t) -> None:
+        if self._on_step is not None:
+            self._on_step(t)
+        if self._read_fd is None:
+            return
+        try:
+            signals = os.read(self._read_fd, 64)
+        except BlockingIOError:
+            signals = b""
+        self.stopped = self.stopped or bool({signal.SIGINT, signal.SIGTERM} & set(signals))
+        if self.stopped:
+            raise _ChainStopped
+
+    @contextlib.contextmanager
+    def watching(self, on_step=None):
+        """Run the chain in this block; ``on_step(t)`` is called after each of its steps (e.g. a progress bar)."""
+        self._on_step, self.stopped = on_step, False
+        if threading.current_thread() is not threading.main_thread() or jax.process_count() > 1:
+            try:
+                yield
+            finally:
+                self._on_step = None
+            return
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(read_fd, False)
+        os.set_blocking(write_fd, False)
+        log_filter, debugging_log = _DropChainStopped(), logging.getLogger("jax._src.debugging")
+        with _interrupts_deferred():  # records the signal, so that it is delivered when the block ends
+            previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+            self._read_fd = read_fd
+            debugging_log.addFilter(log_filter)
+            try:
+                yield
+            except jax.errors.JaxRuntimeError:
+                if not self.stopped:
+                    raise
+            finally:
+                debugging_log.removeFilter(log_filter)
+                signal.set_wakeup_fd(previous_fd)
+                self._read_fd, self._on_step = None, None
+                os.close(read_fd)
+                os.close(write_fd)
+        if self.stopped:  # the signal's handler returned, but the chain has no result to give
+            raise KeyboardInterrupt
+
+
 def _crossed(step: int, num: int, every: int) -> bool:
     """Whether the call that took the run from ``step - num`` to ``step`` passed a multiple of ``every`` (0: never).
 
@@ -286,13 +360,21 @@ def _train(config, workdir: str, checkpointer: Checkpointer, progress: bool) -> 
     checkpointer.record_config(config.to_dict())  # only now: a failed restore leaves the run's config.json as it was
     step_fn = jit_train_step(make_train_step(config, model, schedule), mesh)
     writer = MetricsWriter(workdir, start_step)
-    sample_fn = make_sample_fn(config, model, schedule)
+    watch = _ChainWatch()
+    sample_fn = make_sample_fn(config, model, schedule, progress_fn=watch)
     reference = None if is_image_data(config) else dataset.examples[: config.sampling.num_samples]
     eval_key = jax.random.PRNGKey(config.seed + 1)
 
     def write_samples(step: int, name: str) -> None:
         """Sample from the EMA parameters, save the picture and log the sample-quality metrics."""
-        samples = np.asarray(sample_fn(state.ema_params, jax.random.fold_in(eval_key, step)))
+        # On one device, from its copy of the replicated parameters: the chain's progress callback is an ordered
+        # effect, which JAX allows on one device only, and every process draws the same samples without collectives.
+        params = jax.tree.map(lambda a: a.addressable_data(0), state.ema_params)
+        with _progress_bar(
+            total=num_sampling_steps(config, schedule), desc="sampling", unit="step", leave=False,
+            disable=not progress or jax.process_index() != 0,
+        ) as sample_bar, watch.watching(on_step=lambda t: sample_bar.update(1)):
+            samples = np.asarray(sample_fn(params, jax.random.fold_in(eval_key, step)))
         if jax.process_index() == 0:
             save_samples(config, samples, os.path.join(workdir, name), reference)
             quality = sample_metrics(config, samples, seed=step)
@@ -475,13 +557,13 @@ def generate(config, model, schedule, params, *, out_dir: str, tag: str, traject
     if trajectory:  # sampling.trajectory_every, or about ten pictures of the chain
         every = s.trajectory_every if 0 < s.trajectory_every <= num_steps else num_steps // 10
         trajectory_every = max(1, every)
+    watch = _ChainWatch()
+    sample_fn = make_sample_fn(config, model, schedule, trajectory_every=trajectory_every, progress_fn=watch)
     with _progress_bar(total=num_steps, desc=f"{s.sampler} sampling", unit="step", leave=False) as bar:
-        sample_fn = make_sample_fn(
-            config, model, schedule, trajectory_every=trajectory_every, progress_fn=lambda t: bar.update(1)
-        )
-        start = time.perf_counter()
-        out = jax.device_get(sample_fn(params, jax.random.PRNGKey(seed)))
-        seconds = time.perf_counter() - start
+        with watch.watching(on_step=lambda t: bar.update(1)):
+            start = time.perf_counter()
+            out = jax.device_get(sample_fn(params, jax.random.PRNGKey(seed)))
+            seconds = time.perf_counter() - start
     samples, traj = out if trajectory else (out, None)
     samples = np.asarray(samples)
 

@@ -10,6 +10,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -144,6 +145,54 @@ def test_ctrl_c_during_a_checkpoint_save_lets_that_save_finish(monkeypatch, tmp_
     checkpoint_every = TINY_SWISSROLL["training.checkpoint_every"]
     assert entered == completed == [checkpoint_every]
     assert finished_checkpoints(workdir) == [checkpoint_every]
+
+
+
+def test_ctrl_c_stops_a_sampling_chain_at_once():
+    """A jitted chain is one XLA call: Python would raise the KeyboardInterrupt only after its last step."""
+    watch, steps = run._ChainWatch(), []
+    total = 2000
+
+    def on_step(t):
+        steps.append(int(t))
+        if len(steps) == 10:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def body(x, t):
+        jax.debug.callback(watch, t, ordered=True)
+        return x * 0.5 + 1.0, None
+
+    chain = jax.jit(lambda x: jax.lax.scan(body, x, jnp.arange(total))[0])
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt), watch.watching(on_step=on_step):
+        jax.device_get(chain(jnp.zeros(4)))
+    assert 10 <= len(steps) < total // 2 and watch.stopped
+    assert signal.getsignal(signal.SIGINT) is handler and signal.set_wakeup_fd(-1) == -1
+
+    steps.clear()  # without a signal the chain runs to its end with the same result
+    with watch.watching(on_step=lambda t: steps.append(int(t))):
+        out = jax.device_get(chain(jnp.zeros(4)))
+    np.testing.assert_allclose(out, 2.0)
+    assert steps == list(range(total)) and not watch.stopped
+
+
+def test_ctrl_c_during_the_samples_of_a_run_stops_them_and_saves_a_checkpoint(monkeypatch, tmp_path):
+    calls, watch_call = [], run._ChainWatch.__call__
+
+    def interrupted_at_the_fifth_step(self, t):
+        calls.append(int(t))
+        if len(calls) == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+        watch_call(self, t)
+
+    monkeypatch.setattr(run._ChainWatch, "__call__", interrupted_at_the_fifth_step)
+    config = apply_overrides(swissroll.get_config(), {**TINY_SWISSROLL, "training.sample_every": 30})
+    workdir = str(tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt):
+        run.train_and_evaluate(config, workdir, progress=False)
+    assert 5 <= len(calls) < config.diffusion.num_timesteps // 2
+    assert finished_checkpoints(workdir)[-1] == 30
+    assert not os.path.exists(os.path.join(workdir, "samples"))
 
 
 def test_eval_mode_uses_the_runs_own_config(killed_and_uninterrupted):
