@@ -147,7 +147,6 @@ def test_ctrl_c_during_a_checkpoint_save_lets_that_save_finish(monkeypatch, tmp_
     assert finished_checkpoints(workdir) == [checkpoint_every]
 
 
-
 def test_ctrl_c_stops_a_sampling_chain_at_once():
     """A jitted chain is one XLA call: Python would raise the KeyboardInterrupt only after its last step."""
     watch, steps = run._ChainWatch(), []
