@@ -229,13 +229,6 @@ class _ChainStopped(Exception):
     """Raised by a chain's progress callback to end the jitted computation at Ctrl-C or SIGTERM."""
 
 
-class _DropChainStopped(logging.Filter):
-    """JAX logs every exception of a debug callback with its traceback; a stop asked for is not an error."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], _ChainStopped))
-
-
 class _ChainWatch:
     """The ``progress_fn`` of a jitted chain (one `lax.scan` over its steps) that lets Ctrl-C and SIGTERM stop it.
 
@@ -278,7 +271,12 @@ class _ChainWatch:
         read_fd, write_fd = os.pipe()
         os.set_blocking(read_fd, False)
         os.set_blocking(write_fd, False)
-        log_filter, debugging_log = _DropChainStopped(), logging.getLogger("jax._src.debugging")
+        # JAX logs every exception of a debug callback with its traceback; a stop asked for is not an error.
+        debugging_log = logging.getLogger("jax._src.debugging")
+
+        def log_filter(record: logging.LogRecord) -> bool:
+            return not (record.exc_info and isinstance(record.exc_info[1], _ChainStopped))
+
         with _interrupts_deferred():  # records the signal, so that it is delivered when the block ends
             previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
             self._read_fd = read_fd
