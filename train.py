@@ -55,7 +55,11 @@ def _run(workdir: str) -> None:
         run.train_and_evaluate(FLAGS.config, workdir, progress=FLAGS.progress)
         print(f"done: checkpoint and samples.png in {workdir}")
     else:
-        result = run.evaluate_checkpoint(eval_config(workdir), workdir, num_examples=FLAGS.eval_examples or None)
+        try:
+            result = run.evaluate_checkpoint(eval_config(workdir), workdir, num_examples=FLAGS.eval_examples or None)
+        except KeyboardInterrupt:
+            print("interrupted: no bits/dim written", file=sys.stderr)
+            raise
         print(f"test bits/dim: {result['bpd']:.4f} over {result['bpd_examples']} images "
               f"(prior {result['bpd_prior']:.2e}, decoder L_0 {result['bpd_decoder']:.4f}) -> {workdir}/eval.json")
 

@@ -8,6 +8,7 @@ a resumed run must agree with it on everything that shapes the parameters or the
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any
 
@@ -35,14 +36,26 @@ def _compatibility_view(config_dict: dict) -> dict:
     return {key: value for key, value in view.items() if key not in _COMPUTE_ONLY_KEYS}
 
 
+def _not_read_only_notice(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Given directory is read only")
+
+
 class Checkpointer:
     """Save/restore a TrainState pytree under ``workdir/checkpoints``, keeping the last ``keep`` steps."""
 
     def __init__(self, workdir: str, keep: int = 3, *, read_only: bool = False):
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
         self.config_path = os.path.join(os.path.abspath(workdir), "config.json")
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        if read_only:  # the values Orbax would otherwise replace, with a warning each
+            options = ocp.CheckpointManagerOptions(save_interval_steps=0, create=False, read_only=True)
+        else:
+            options = ocp.CheckpointManagerOptions(max_to_keep=keep)
+        absl_log = logging.getLogger("absl")
+        absl_log.addFilter(_not_read_only_notice)  # Orbax warns about a read-only manager, which is what was asked
+        try:
+            self.manager = ocp.CheckpointManager(self.directory, options=options)
+        finally:
+            absl_log.removeFilter(_not_read_only_notice)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

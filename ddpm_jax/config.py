@@ -148,6 +148,14 @@ def validate_config(config, *, num_devices: int = 1, process_count: int = 1) -> 
             )
         if tr.batch_size % process_count:
             problems.append(f"training.batch_size={tr.batch_size} is not divisible by the {process_count} hosts")
+    image_data = d.dataset in DATASETS and DATASETS[d.dataset].kind != "toy"
+    if image_data and ev.bpd_every and isinstance(ev.batch_size, int) and ev.batch_size > 0 \
+            and ev.batch_size % num_devices:
+        # bits/dim during training splits each eval batch over the devices (and so over the hosts)
+        problems.append(
+            f"eval.batch_size={ev.batch_size} is not divisible by the {num_devices} devices; "
+            f"use a multiple of {num_devices}"
+        )
     if isinstance(tr.steps_per_call, int) and tr.steps_per_call > 0:
         for path, value in [
             ("training.log_every", tr.log_every),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -39,11 +40,13 @@ def calc_bpd_loop(
     mean_type: str = "eps",
     var_type: str = "fixedlarge",
     clip_denoised: bool = True,
+    progress_fn: Callable[[jnp.ndarray], None] | None = None,
 ) -> BpdResult:
     """Every term of the variational bound, Eq. 5, per example in bits/dim, by one `lax.scan` over all T.
 
     Each term draws x_t ~ q(x_t | x_0) with its own noise (key folded with t), so the total is an unbiased
-    single-sample estimate of the bound.
+    single-sample estimate of the bound. ``progress_fn(t)``, if given, is called on the host after each term
+    (an unordered `jax.debug.callback`: once per step, also when ``x0`` is sharded over several devices).
     """
     batch = x0.shape[0]
 
@@ -61,6 +64,8 @@ def calc_bpd_loop(
             var_type=var_type,
             clip_denoised=clip_denoised,
         )
+        if progress_fn is not None:
+            jax.debug.callback(progress_fn, t_scalar)
         return carry, (vb, mean_flat(jnp.square(pred_x0 - x0)))
 
     timesteps = jnp.arange(schedule.num_timesteps - 1, -1, -1, dtype=jnp.int32)

@@ -35,12 +35,14 @@ from ddpm_jax.sampling import ddim_sample, ddpm_sample
 from ddpm_jax.training import (
     NUM_LOSS_QUARTILES,
     TrainState,
+    batch_sharding,
     create_train_state,
     global_batch,
     init_train_state,
     jit_train_step,
     make_mesh,
     make_train_step,
+    replicated,
 )
 
 
@@ -93,38 +95,68 @@ def make_sample_fn(config, model, schedule, *, trajectory_every: int | None = No
     return jax.jit(sample, compiler_options=cpu_conv_compiler_options())
 
 
-def make_bpd_fn(config, model, schedule):
-    """jitted ``(params, x0, key) -> BpdResult``: the full variational bound in bits/dim (one lax.scan over T)."""
+def make_bpd_fn(config, model, schedule, mesh, *, progress_fn=None):
+    """jitted ``(params, x0, key) -> {"bpd", "bpd_prior", "bpd_decoder"}``, each [B]: the variational bound's total,
+    L_T and L_0 in bits/dim (calc_bpd_loop, one lax.scan over T).
+
+    Data-parallel over ``mesh``: ``x0`` [B, ...] and the outputs are sharded along the batch, the parameters
+    replicated. ``progress_fn(t)`` is called on the host after each of the T terms.
+    """
     d = config.diffusion
 
     def bpd(params, x0, key):
         model_fn = denoiser_fn(model, params)
-        return calc_bpd_loop(schedule, model_fn, x0, key, mean_type=d.mean_type, var_type=d.var_type)
+        bound = calc_bpd_loop(
+            schedule, model_fn, x0, key, mean_type=d.mean_type, var_type=d.var_type, progress_fn=progress_fn
+        )
+        return {"bpd": bound.total_bpd, "bpd_prior": bound.prior_bpd, "bpd_decoder": bound.vb_terms[:, 0]}
 
-    return jax.jit(bpd, compiler_options=cpu_conv_compiler_options())
+    return jax.jit(bpd, out_shardings=batch_sharding(mesh), compiler_options=cpu_conv_compiler_options())
 
 
 def evaluate_bpd(
-    config, params, model, schedule, *, num_examples: int, key: jax.Array, progress=False, bpd_fn=None
+    config, params, model, schedule, *, num_examples: int, key: jax.Array, mesh=None, progress=False,
+    bpd_fn=None, watch: _ChainWatch | None = None,
 ) -> dict:
     """Mean bits/dim (total, prior, decoder L_0) over the first ``num_examples`` of the test split.
 
-    ``bpd_fn``: a `make_bpd_fn` to reuse (its compiled 1000-step scan) across evaluations; made here if None.
+    Each eval batch is split over the devices of ``mesh`` (default: all) and each process reads only its own
+    rows. ``bpd_fn``: a ``make_bpd_fn(..., progress_fn=watch)`` to reuse (its compiled 1000-step scan) across
+    evaluations, given with its ``watch``; made here if None. Ctrl-C stops a batch's chain after the step in
+    progress on a one-device mesh; on several devices the KeyboardInterrupt comes when the batch is done (a
+    callback's error in a sharded computation resurfaces in JAX's exit handlers).
     """
+    mesh = mesh or make_mesh()
     dataset = make_dataset(
         config.data, "test", batch_size=config.eval.batch_size, seed=config.seed,
+        process_index=jax.process_index(), process_count=jax.process_count(),
         data_dir=config.data.data_dir or None, download=config.data.download,
     )
-    bpd_fn = bpd_fn or make_bpd_fn(config, model, schedule)
+    if bpd_fn is None:
+        watch = _ChainWatch()
+        bpd_fn = make_bpd_fn(config, model, schedule, mesh, progress_fn=watch)
+    watch = watch or _ChainWatch()  # for a bpd_fn given without its watch: no per-step progress, no early stop
+    params = jax.device_put(params, replicated(mesh))
+    num_batches = math.ceil(min(num_examples, dataset.num_examples) / config.eval.batch_size)
     rows, masks = [], []
-    batches = dataset.ordered_batches(num_examples=num_examples)
-    for i, batch in enumerate(_progress_bar(iterable=batches, desc="bits/dim", disable=not progress, leave=False)):
-        bound = bpd_fn(params, jnp.asarray(batch["image"]), jax.random.fold_in(key, i))
-        row = {"bpd": bound.total_bpd, "bpd_prior": bound.prior_bpd, "bpd_decoder": bound.vb_terms[:, 0]}
-        rows.append(jax.device_get(row))  # fetched per batch, so that the progress bar follows the computation
-        masks.append(batch["mask"])  # the last batch is padded to full size; its padding is not counted
+    with _progress_bar(
+        total=num_batches * schedule.num_timesteps, desc="bits/dim", unit="step", leave=False,
+        disable=not progress or jax.process_index() != 0,
+    ) as bar:
+        for i, batch in enumerate(dataset.ordered_batches(num_examples=num_examples)):
+            x0 = jax.make_array_from_process_local_data(batch_sharding(mesh), batch["image"])
+            with watch.watching(on_step=lambda t: bar.update(1), stop=mesh.size == 1):
+                rows.append(_process_rows(bpd_fn(params, x0, jax.random.fold_in(key, i)), mesh))
+            masks.append(batch["mask"])  # the last batch is padded to full size; its padding is not counted
     per_example = valid_rows_of_all_processes(jax.tree.map(lambda *r: np.concatenate(r), *rows), np.concatenate(masks))
     return {**{k: float(v.mean()) for k, v in per_example.items()}, "bpd_examples": len(per_example["bpd"])}
+
+
+def _process_rows(rows: dict[str, jax.Array], mesh) -> dict[str, np.ndarray]:
+    """This process's rows of batch-sharded global arrays, in the order of its local batch."""
+    if jax.process_count() > 1:
+        rows = multihost_utils.global_array_to_host_local_array(rows, mesh, batch_sharding(mesh).spec)
+    return jax.tree.map(np.asarray, rows)
 
 
 def valid_rows_of_all_processes(rows: dict[str, np.ndarray], mask: np.ndarray) -> dict[str, np.ndarray]:
@@ -259,10 +291,13 @@ class _ChainWatch:
             raise _ChainStopped
 
     @contextlib.contextmanager
-    def watching(self, on_step=None):
-        """Run the chain in this block; ``on_step(t)`` is called after each of its steps (e.g. a progress bar)."""
+    def watching(self, on_step=None, *, stop: bool = True):
+        """Run the chain in this block; ``on_step(t)`` is called after each of its steps (e.g. a progress bar).
+
+        ``stop=False``: the chain runs to its end, and a Ctrl-C arrives as usual after it.
+        """
         self._on_step, self.stopped = on_step, False
-        if threading.current_thread() is not threading.main_thread() or jax.process_count() > 1:
+        if not stop or threading.current_thread() is not threading.main_thread() or jax.process_count() > 1:
             try:
                 yield
             finally:
@@ -434,10 +469,10 @@ def _train(config, workdir: str, checkpointer: Checkpointer, progress: bool) -> 
             if _crossed(step, num, tr.sample_every) and step < tr.num_steps:
                 write_samples(step, os.path.join("samples", f"step_{step:08d}.png"))
             if _crossed(step, num, config.eval.bpd_every) and is_image_data(config):
-                bpd_fn = bpd_fn or make_bpd_fn(config, model, schedule)
+                bpd_fn = bpd_fn or make_bpd_fn(config, model, schedule, mesh, progress_fn=watch)
                 result = evaluate_bpd(
-                    config, state.ema_params, model, schedule,
-                    num_examples=config.eval.num_bpd_examples, key=jax.random.fold_in(eval_key, step), bpd_fn=bpd_fn,
+                    config, state.ema_params, model, schedule, num_examples=config.eval.num_bpd_examples,
+                    key=jax.random.fold_in(eval_key, step), mesh=mesh, progress=progress, bpd_fn=bpd_fn, watch=watch,
                 )
                 writer.write(step, result)
                 bar.write(f"step {step}: held-out {result['bpd']:.3f} bits/dim ({result['bpd_examples']} images)")
@@ -473,14 +508,19 @@ def restore_params(config, workdir: str, *, ema: bool = True):
 
 
 def evaluate_checkpoint(config, workdir: str, *, num_examples: int | None = None, progress: bool = True) -> dict:
-    """Test-set bits/dim of the latest checkpoint's EMA parameters; also written to ``workdir/eval.json``."""
+    """Test-set bits/dim of the latest checkpoint's EMA parameters; also written to ``workdir/eval.json``.
+
+    Runs on as many of the devices as divide ``eval.batch_size`` evenly (all of them where their number does).
+    """
     validate_config(config)
     if not is_image_data(config):
         raise ValueError("bits/dim is defined for 8-bit images; 2-D data sets are evaluated with sample.py --metrics")
     model, schedule, params, step = restore_params(config, workdir)
+    devices = jax.devices()
+    num_devices = max(n for n in range(1, len(devices) + 1) if config.eval.batch_size % n == 0)
     result = evaluate_bpd(
         config, params, model, schedule, num_examples=num_examples or 10**9,
-        key=jax.random.PRNGKey(config.seed + 2), progress=progress,
+        key=jax.random.PRNGKey(config.seed + 2), mesh=make_mesh(devices[:num_devices]), progress=progress,
     )
     result["step"] = step
     with open(os.path.join(workdir, "eval.json"), "w") as f:

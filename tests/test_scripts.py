@@ -16,7 +16,8 @@ import pytest
 
 from configs import swissroll
 from ddpm_jax import run
-from tests.multihost_worker import REPO, TINY_SWISSROLL, apply_overrides, subprocess_env
+from ddpm_jax.training import make_mesh
+from tests.multihost_worker import REPO, TINY_SWISSROLL, apply_overrides, subprocess_env, tiny_unet_bpd
 
 NUM_STEPS = 600  # with a checkpoint every 100 steps: long enough to be killed between two of them
 
@@ -175,16 +176,22 @@ def test_ctrl_c_stops_a_sampling_chain_at_once():
     assert steps == list(range(total)) and not watch.stopped
 
 
-def test_ctrl_c_during_the_samples_of_a_run_stops_them_and_saves_a_checkpoint(monkeypatch, tmp_path):
+def interrupt_chains_at_step(monkeypatch, step: int) -> list[int]:
+    """Send SIGINT from a chain's progress callback at its ``step``-th call; the list of the calls' t, filled."""
     calls, watch_call = [], run._ChainWatch.__call__
 
-    def interrupted_at_the_fifth_step(self, t):
+    def interrupted(self, t):
         calls.append(int(t))
-        if len(calls) == 5:
+        if len(calls) == step:
             os.kill(os.getpid(), signal.SIGINT)
         watch_call(self, t)
 
-    monkeypatch.setattr(run._ChainWatch, "__call__", interrupted_at_the_fifth_step)
+    monkeypatch.setattr(run._ChainWatch, "__call__", interrupted)
+    return calls
+
+
+def test_ctrl_c_during_the_samples_of_a_run_stops_them_and_saves_a_checkpoint(monkeypatch, tmp_path):
+    calls = interrupt_chains_at_step(monkeypatch, 5)
     config = apply_overrides(swissroll.get_config(), {**TINY_SWISSROLL, "training.sample_every": 30})
     workdir = str(tmp_path / "run")
     with pytest.raises(KeyboardInterrupt):
@@ -192,6 +199,26 @@ def test_ctrl_c_during_the_samples_of_a_run_stops_them_and_saves_a_checkpoint(mo
     assert 5 <= len(calls) < config.diffusion.num_timesteps // 2
     assert finished_checkpoints(workdir)[-1] == 30
     assert not os.path.exists(os.path.join(workdir, "samples"))
+
+
+def test_ctrl_c_stops_the_chain_of_sample_py_and_writes_nothing(killed_and_uninterrupted, monkeypatch, tmp_path):
+    _, workdir, _ = killed_and_uninterrupted
+    config = run.load_config(workdir, base=swissroll.get_config())
+    model, schedule, params, _ = run.restore_params(config, workdir)
+    calls = interrupt_chains_at_step(monkeypatch, 5)
+    out_dir = str(tmp_path / "samples")
+    with pytest.raises(KeyboardInterrupt):
+        run.generate(config, model, schedule, params, out_dir=out_dir, tag="t")
+    assert 5 <= len(calls) < schedule.num_timesteps // 2
+    assert not os.path.exists(out_dir)
+
+
+def test_ctrl_c_stops_bits_per_dim_within_its_batch(monkeypatch):
+    """Each eval batch is one 10-step chain here (two batches in all): the stop comes inside the first."""
+    calls = interrupt_chains_at_step(monkeypatch, 5)
+    with pytest.raises(KeyboardInterrupt):
+        tiny_unet_bpd(make_mesh(jax.devices()[:1]))
+    assert 5 <= len(calls) < 10 and calls[:5] == [9, 8, 7, 6, 5]
 
 
 def test_eval_mode_uses_the_runs_own_config(killed_and_uninterrupted):

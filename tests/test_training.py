@@ -34,7 +34,7 @@ from ddpm_jax.training import (
     make_optimizer,
     make_train_step,
 )
-from tests.multihost_worker import TINY_SWISSROLL, apply_overrides, free_port, subprocess_env
+from tests.multihost_worker import BPD_EXAMPLES, TINY_SWISSROLL, apply_overrides, free_port, subprocess_env
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")
 
@@ -398,6 +398,7 @@ def test_unreadable_checkpoint_gives_a_clear_error_and_is_not_overwritten(swissr
         (swissroll.get_config, {"training.adam_b2": 1.0}, 1, r"adam_b2=1.0 must be in \[0, 1\)"),
         (swissroll.get_config, {"diffusion.num_timesteps": 1}, 1, "num_timesteps=1 must be >= 2"),
         (swissroll.get_config, {"diffusion.num_timesteps": 20, "sampling.sampler": "ddim"}, 1, "means 50 DDIM steps"),
+        (digits.get_config, {"eval.bpd_every": 100, "eval.batch_size": 100}, 8, "eval.batch_size=100 is not divisible"),
     ],
 )
 def test_validate_config_names_the_problem(config_fn, overrides, num_devices, message):
@@ -527,6 +528,9 @@ def test_sharded_step_equals_single_device_step(sharded_result):
     for name in ("params", "ema_params", "opt_state", "losses"):
         np.testing.assert_allclose(r[f"sharded_{name}"], r[f"single_{name}"], rtol=1e-5, atol=1e-7)
     assert not np.allclose(r["single_params"][:100], 0)
+    # Bits/dim split over the 8 devices (one example each) is the one-device figure, over the same 11 examples.
+    assert r["sharded_bpd"][3] == r["single_bpd"][3] == BPD_EXAMPLES
+    np.testing.assert_allclose(r["sharded_bpd"], r["single_bpd"], rtol=1e-5)
 
 
 def run_two_workers(workdir: str) -> list[tuple[int, str]]:
@@ -569,6 +573,8 @@ def test_two_processes_agree_and_match_one_device(sharded_result, tmp_path):
     # Evaluation pools every process's valid rows on every process (bits/dim over all examples, not process 0's).
     for state in states:
         np.testing.assert_array_equal(state["pooled_rows"], [0.0, 1.0, 2.0, 10.0, 11.0])
+        # ... each process evaluating only its own rows: every example counted once, as on one device.
+        np.testing.assert_allclose(state["bpd"], sharded_result["single_bpd"], rtol=1e-5)
     # One joint checkpoint series and one metrics file, written once (by process 0).
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6"]
     losses = [line["loss"] for line in training_lines(read_metrics(workdir))]
