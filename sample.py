@@ -3,13 +3,14 @@
 Reads the run's config from WORKDIR/config.json and its latest checkpoint, and writes a PNG grid (a scatter plot
 beside the data for 2-D sets) and an .npz into WORKDIR/samples; --trajectory adds pictures of the reverse chain
 (x_t and the predicted x_0); --metrics prints sample-quality metrics beside their data-vs-data baselines.
+Many samples (e.g. `--num=50000` for FID) are drawn in chains of --batch_size, each kept on disk as it ends: after
+a Ctrl-C or a crash the same command goes on from the chains kept.
 `--pretrained=DIR` samples from a diffusers UNet2DModel folder instead (the DDPM authors' released weights,
 e.g. a local copy of google/ddpm-cifar10-32) with the diffusion settings of configs/cifar10.py.
 """
 
 import json
 import os
-import sys
 
 from absl import app, flags, logging
 
@@ -22,7 +23,8 @@ flags.DEFINE_enum("sampler", None, ["ddpm", "ddim"], "Sampler (default: the run'
 flags.DEFINE_integer("steps", None, "DDIM steps (with --sampler=ddim or a run that samples with ddim).")
 flags.DEFINE_float("eta", None, "DDIM eta (0: deterministic; 1: ancestral-like); in the file names when not 0.")
 flags.DEFINE_integer("num", None, "Number of samples (default: config.sampling.num_samples).")
-flags.DEFINE_integer("seed", 0, "Random seed of the chain.")
+flags.DEFINE_integer("batch_size", None, "Samples per chain, split over the devices (default: sampling.batch_size).")
+flags.DEFINE_integer("seed", 0, "Random seed of the chains.")
 flags.DEFINE_bool("ema", True, "Use the EMA parameters (false: the raw ones, files named _raw).")
 flags.DEFINE_bool("trajectory", False, "Also write pictures of the reverse chain.")
 flags.DEFINE_bool("metrics", False, "Print sample-quality metrics beside the data's own.")
@@ -55,7 +57,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
     try:
         config, model, schedule, params, tag = _load()
-        overrides = {"sampler": FLAGS.sampler, "num_steps": FLAGS.steps, "eta": FLAGS.eta, "num_samples": FLAGS.num}
+        overrides = {"sampler": FLAGS.sampler, "num_steps": FLAGS.steps, "eta": FLAGS.eta, "num_samples": FLAGS.num,
+                     "batch_size": FLAGS.batch_size}
         for name, value in overrides.items():
             if value is not None:
                 config.sampling[name] = value
@@ -71,8 +74,7 @@ def main(argv):
         )
     except ValueError as err:
         raise SystemExit(f"error: {err}") from err
-    except KeyboardInterrupt:
-        print("interrupted: no samples written", file=sys.stderr)
+    except KeyboardInterrupt:  # run.generate said what it kept
         raise SystemExit(130) from None
     print(f"{config.sampling.num_samples} samples ({tag}) in {result['seconds']:.1f} s")
     for key in ("png", "npz", "trajectory_png", "trajectory_gif"):

@@ -76,6 +76,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     sampling.num_steps = 0  # ddim steps (0 = 50)
     sampling.eta = 0.0
     sampling.num_samples = 64
+    sampling.batch_size = 256  # samples per chain of sample.py, split over the devices (0: all in one chain)
     sampling.clip_denoised = True
     sampling.trajectory_every = 0  # steps between pictures of the chain (sample.py --trajectory); 0: a tenth
 

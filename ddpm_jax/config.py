@@ -115,6 +115,7 @@ def validate_config(config, *, num_devices: int = 1, process_count: int = 1) -> 
         ("eval.bpd_every", ev.bpd_every),
         ("sampling.num_steps", s.num_steps),
         ("sampling.trajectory_every", s.trajectory_every),
+        ("sampling.batch_size", s.batch_size),
     ]:
         positive(path, value, allow_zero=True)
     if not 0.0 < tr.lr < 1.0:

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -31,7 +32,7 @@ from ddpm_jax.data import DATASETS, make_dataset
 from ddpm_jax.likelihood import calc_bpd_loop
 from ddpm_jax.models.conv import cpu_conv_compiler_options
 from ddpm_jax.models.layers import denoiser_fn
-from ddpm_jax.sampling import ddim_sample, ddpm_sample
+from ddpm_jax.sampling import Trajectory, ddim_sample, ddpm_sample
 from ddpm_jax.training import (
     NUM_LOSS_QUARTILES,
     TrainState,
@@ -76,10 +77,17 @@ def num_sampling_steps(config, schedule) -> int:
     return config.sampling.num_steps or DEFAULT_DDIM_STEPS
 
 
-def make_sample_fn(config, model, schedule, *, trajectory_every: int | None = None, progress_fn=None):
-    """jitted ``(params, key) -> samples`` (and a Trajectory if asked) with the config's sampler."""
+def make_sample_fn(
+    config, model, schedule, *, num_samples: int | None = None, mesh=None, trajectory_every: int | None = None,
+    progress_fn=None,
+):
+    """jitted ``(params, key) -> samples`` [num_samples, ...] (and a Trajectory if asked) with the config's sampler.
+
+    ``num_samples`` defaults to ``sampling.num_samples``. With a ``mesh`` the chain is data-parallel: the samples
+    (and the trajectory's records) are sharded along the batch over its devices, the parameters replicated.
+    """
     s, d = config.sampling, config.diffusion
-    shape = (s.num_samples, *data_shape(config))
+    shape = (num_samples or s.num_samples, *data_shape(config))
     kwargs = dict(
         mean_type=d.mean_type, var_type=d.var_type, clip_denoised=s.clip_denoised and is_image_data(config),
         trajectory_every=trajectory_every, progress_fn=progress_fn,
@@ -92,7 +100,13 @@ def make_sample_fn(config, model, schedule, *, trajectory_every: int | None = No
             return ddim_sample(model_fn, schedule, key, shape, num_steps=num_steps, eta=s.eta, **kwargs)
         return ddpm_sample(model_fn, schedule, key, shape, **kwargs)
 
-    return jax.jit(sample, compiler_options=cpu_conv_compiler_options())
+    if mesh is None:
+        return jax.jit(sample, compiler_options=cpu_conv_compiler_options())
+    out_shardings = batch_sharding(mesh)
+    if trajectory_every is not None:
+        records = batch_sharding(mesh, 2)
+        out_shardings = (out_shardings, Trajectory(records, records, replicated(mesh)))
+    return jax.jit(sample, out_shardings=out_shardings, compiler_options=cpu_conv_compiler_options())
 
 
 def make_bpd_fn(config, model, schedule, mesh, *, progress_fn=None):
@@ -123,8 +137,7 @@ def evaluate_bpd(
     Each eval batch is split over the devices of ``mesh`` (default: all) and each process reads only its own
     rows. ``bpd_fn``: a ``make_bpd_fn(..., progress_fn=watch)`` to reuse (its compiled 1000-step scan) across
     evaluations, given with its ``watch``; made here if None. Ctrl-C stops a batch's chain after the step in
-    progress on a one-device mesh; on several devices the KeyboardInterrupt comes when the batch is done (a
-    callback's error in a sharded computation resurfaces in JAX's exit handlers).
+    progress on a one-device mesh; on several devices the KeyboardInterrupt comes when the batch is done.
     """
     mesh = mesh or make_mesh()
     dataset = make_dataset(
@@ -157,6 +170,19 @@ def _process_rows(rows: dict[str, jax.Array], mesh) -> dict[str, np.ndarray]:
     if jax.process_count() > 1:
         rows = multihost_utils.global_array_to_host_local_array(rows, mesh, batch_sharding(mesh).spec)
     return jax.tree.map(np.asarray, rows)
+
+
+def _save_npz_atomically(path: str, **arrays: np.ndarray) -> None:
+    """np.savez to ``path`` through a temporary file: a crash leaves the old file or none, never half of one."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(path + ".tmp", path)
+
+
+def _load_npz(path: str) -> dict[str, np.ndarray]:
+    with np.load(path) as arrays:
+        return dict(arrays)
 
 
 def valid_rows_of_all_processes(rows: dict[str, np.ndarray], mask: np.ndarray) -> dict[str, np.ndarray]:
@@ -268,8 +294,9 @@ class _ChainWatch:
     a Ctrl-C took effect only when the chain had ended (46 s later in a sample.py run; minutes for 1000 steps of
     the CIFAR-10 U-Net on a CPU). While `watching`, the C-level signal handler also writes the signal's number to
     a pipe (`signal.set_wakeup_fd`); the callback, run on the host after every step, reads it and raises, which
-    ends the computation, and the signal is delivered when the block ends. In a multi-process run the chain runs
-    to its end: the processes must stop together.
+    ends the computation, and the signal is delivered when the block ends. In a multi-process run, and for a chain
+    sharded over several devices (``watching(stop=False)``), the chain runs to its end: the processes must stop
+    together, and the callback's error in a sharded computation would resurface in JAX's exit handlers.
     """
 
     def __init__(self):
@@ -400,8 +427,8 @@ def _train(config, workdir: str, checkpointer: Checkpointer, progress: bool) -> 
 
     def write_samples(step: int, name: str) -> None:
         """Sample from the EMA parameters, save the picture and log the sample-quality metrics."""
-        # On one device, from its copy of the replicated parameters: the chain's progress callback is an ordered
-        # effect, which JAX allows on one device only, and every process draws the same samples without collectives.
+        # On one device, from its copy of the replicated parameters: there Ctrl-C stops the chain (see _ChainWatch),
+        # and every process draws the same samples without collectives.
         params = jax.tree.map(lambda a: a.addressable_data(0), state.ema_params)
         with _progress_bar(
             total=num_sampling_steps(config, schedule), desc="sampling", unit="step", leave=False,
@@ -583,11 +610,18 @@ def load_pretrained(path: str, config):
     return UNet(**kwargs), schedule_from_config(config.diffusion), jax.tree.map(jnp.asarray, params)
 
 
+MAX_GRID_SAMPLES = 256  # the PNG of an image run shows at most these (the .npz has them all)
+
+
 def generate(config, model, schedule, params, *, out_dir: str, tag: str, trajectory: bool = False,
-             with_metrics: bool = False, seed: int = 0) -> dict:
+             with_metrics: bool = False, seed: int = 0, mesh=None) -> dict:
     """Draw ``config.sampling.num_samples`` samples; write a PNG, an .npz and, if asked, pictures of the chain.
 
-    Returns a dict with the written paths, the sampling time and, if asked, the sample metrics.
+    The samples come from chains of ``sampling.batch_size`` (0: one chain for all); chain c starts from
+    ``fold_in(PRNGKey(seed), c)`` and is split over the devices of ``mesh`` (default: as many as divide its
+    size), which leaves its samples unchanged. Each finished chain is kept in ``OUT_DIR/samples_TAG.parts/``
+    until all are done: after a Ctrl-C or a crash the same call goes on from the chains kept.
+    Returns a dict with the written paths, the sampling time of this call and, if asked, the sample metrics.
     """
     s = config.sampling
     num_steps = num_sampling_steps(config, schedule)
@@ -595,29 +629,57 @@ def generate(config, model, schedule, params, *, out_dir: str, tag: str, traject
     if trajectory:  # sampling.trajectory_every, or about ten pictures of the chain
         every = s.trajectory_every if 0 < s.trajectory_every <= num_steps else num_steps // 10
         trajectory_every = max(1, every)
-    watch = _ChainWatch()
-    sample_fn = make_sample_fn(config, model, schedule, trajectory_every=trajectory_every, progress_fn=watch)
-    with _progress_bar(total=num_steps, desc=f"{s.sampler} sampling", unit="step", leave=False) as bar:
-        with watch.watching(on_step=lambda t: bar.update(1)):
-            start = time.perf_counter()
-            out = jax.device_get(sample_fn(params, jax.random.PRNGKey(seed)))
-            seconds = time.perf_counter() - start
-    samples, traj = out if trajectory else (out, None)
-    samples = np.asarray(samples)
-
-    os.makedirs(out_dir, exist_ok=True)
+    chain_size = min(s.batch_size or s.num_samples, s.num_samples)
+    num_chains = math.ceil(s.num_samples / chain_size)
+    if mesh is None:
+        devices = jax.devices()
+        mesh = make_mesh(devices[: max(n for n in range(1, len(devices) + 1) if chain_size % n == 0)])
     sampler = f"ddim{num_steps}" if s.sampler == "ddim" else "ddpm"
     tag = f"{sampler}_seed{seed}_{tag}"
+    parts_dir = os.path.join(out_dir, f"samples_{tag}.parts")
+    part_paths = [os.path.join(parts_dir, f"chain{chain_size}_{c:05d}.npz") for c in range(num_chains)]
+    todo = [c for c, path in enumerate(part_paths) if not os.path.exists(path) or (trajectory and c == 0)]
+
+    watch = _ChainWatch()
+    sample_fn = make_sample_fn(
+        config, model, schedule, num_samples=chain_size, mesh=mesh, trajectory_every=trajectory_every,
+        progress_fn=watch,
+    )
+    params = jax.device_put(params, replicated(mesh))
+    key = jax.random.PRNGKey(seed)
+    seconds, traj = 0.0, None
+    try:
+        with _progress_bar(total=len(todo) * num_steps, desc=f"{s.sampler} sampling", unit="step",
+                           leave=False) as bar:
+            for c in todo:
+                with watch.watching(on_step=lambda t: bar.update(1), stop=mesh.size == 1):
+                    start = time.perf_counter()
+                    out = jax.device_get(sample_fn(params, jax.random.fold_in(key, c)))
+                    seconds += time.perf_counter() - start
+                if trajectory:
+                    out, traj = out[0], (out[1] if c == 0 else traj)
+                _save_npz_atomically(part_paths[c], samples=np.asarray(out))
+    except KeyboardInterrupt:
+        kept = sum(os.path.exists(path) for path in part_paths)
+        if kept:
+            print(f"interrupted: {kept} of {num_chains} chains of {chain_size} samples kept in {parts_dir}; "
+                  "the same command goes on from them", file=sys.stderr)
+        else:
+            print("interrupted: no samples written", file=sys.stderr)
+        raise
+    samples = np.concatenate([_load_npz(path)["samples"] for path in part_paths])[: s.num_samples]
+
     result = {"seconds": seconds, "png": os.path.join(out_dir, f"samples_{tag}.png"),
               "npz": os.path.join(out_dir, f"samples_{tag}.npz")}
     reference = None
     if not is_image_data(config):
         reference = make_dataset(config.data, "test", batch_size=1, seed=0).examples[: len(samples)]
-    save_samples(config, samples, result["png"], reference)
+    save_samples(config, samples[:MAX_GRID_SAMPLES] if is_image_data(config) else samples, result["png"], reference)
     arrays = {"samples": samples}
     if is_image_data(config):
         arrays["uint8"] = viz.to_uint8(samples)
     np.savez_compressed(result["npz"], **arrays)
+    shutil.rmtree(parts_dir)
     if traj is not None:
         result["trajectory_png"] = os.path.join(out_dir, f"chain_{tag}.png")
         if is_image_data(config):

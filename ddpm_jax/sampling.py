@@ -50,8 +50,9 @@ def _run_chain(
 ):
     """Scan ``step(x, inputs) -> (x, pred_x0)`` over the rows of ``per_step``; record every k-th step if asked.
 
-    ``progress_fn(t)`` is called on the host after each step (through `jax.debug.callback`), e.g. to move a
-    progress bar; it costs one host round trip per step.
+    ``progress_fn(t)`` is called on the host after each step (through an unordered `jax.debug.callback`: once
+    per step, also when the chain is sharded over several devices), e.g. to move a progress bar; it costs one
+    host round trip per step.
     """
     num_steps = len(per_step["t"])
     if progress_fn is not None:
@@ -59,7 +60,7 @@ def _run_chain(
 
         def step(x, inp):
             out = inner_step(x, inp)
-            jax.debug.callback(progress_fn, inp["t"], ordered=True)
+            jax.debug.callback(progress_fn, inp["t"])
             return out
     if trajectory_every is None:
         x, _ = jax.lax.scan(lambda x, inp: (step(x, inp)[0], None), x_init, per_step)

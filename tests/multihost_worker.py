@@ -2,7 +2,8 @@
 
 python tests/multihost_worker.py sharded OUT.npz
     On 8 (fake) CPU devices: one jitted training call on a mesh of all 8 and one on a mesh of device 0 only,
-    from the same state and batch, and the held-out bits/dim of a tiny digits U-Net on each; writes the results.
+    from the same state and batch, and the held-out bits/dim and samples of a tiny digits U-Net on each; writes
+    the results.
 python tests/multihost_worker.py multihost WORKDIR PORT PROCESS_ID NUM_PROCESSES
     One process of a jax.distributed run on 127.0.0.1:PORT: run.train_and_evaluate of the same steps (each
     process reads only its own rows of every global batch, Orbax saves jointly); writes the final state this
@@ -131,22 +132,39 @@ def train_calls(mesh, process_index: int, process_count: int) -> dict:
 BPD_EXAMPLES = 11  # at eval.batch_size 8: a full batch and one with 5 padding rows
 
 
-def tiny_unet_bpd(mesh) -> np.ndarray:
-    """run.evaluate_bpd over BPD_EXAMPLES digits of an untrained tiny U-Net on ``mesh``: [bpd, prior, L_0, count]."""
+def tiny_unet():
+    """(config, model, schedule, params): an untrained U-Net of one level, 8 channels, on the digits, T = 10."""
     from configs import digits
-    from ddpm_jax import run
     from ddpm_jax.config import build_model, schedule_from_config
 
     config = apply_overrides(digits.get_config(), {
         "model.ch": 8, "model.ch_mult": (1,), "model.attn_resolutions": (), "model.num_res_blocks": 1,
         "model.num_groups": 4, "diffusion.num_timesteps": 10, "eval.batch_size": 8,
+        "sampling.num_samples": 20, "sampling.batch_size": 8,
     })
     model, schedule = build_model(config), schedule_from_config(config.diffusion)
     params = model.init(jax.random.PRNGKey(0), np.zeros((1, 8, 8, 1), np.float32), np.zeros((1,), np.int32))["params"]
+    return config, model, schedule, params
+
+
+def tiny_unet_bpd(mesh) -> np.ndarray:
+    """run.evaluate_bpd over BPD_EXAMPLES digits of the tiny U-Net on ``mesh``: [bpd, prior, L_0, count]."""
+    from ddpm_jax import run
+
+    config, model, schedule, params = tiny_unet()
     result = run.evaluate_bpd(
         config, params, model, schedule, num_examples=BPD_EXAMPLES, key=jax.random.PRNGKey(1), mesh=mesh
     )
     return np.array([result["bpd"], result["bpd_prior"], result["bpd_decoder"], result["bpd_examples"]])
+
+
+def tiny_unet_samples(mesh, out_dir: str) -> np.ndarray:
+    """run.generate's 20 samples of the tiny U-Net, in chains of 8 split over ``mesh``."""
+    from ddpm_jax import run
+
+    config, model, schedule, params = tiny_unet()
+    result = run.generate(config, model, schedule, params, out_dir=out_dir, tag="tiny", mesh=mesh)
+    return np.load(result["npz"])["samples"]
 
 
 def main(argv: list[str]) -> None:
@@ -164,7 +182,9 @@ def main(argv: list[str]) -> None:
         sharded = train_calls(make_mesh(), 0, 1)
         single = train_calls(make_mesh(jax.devices()[:1]), 0, 1)
         arrays = {f"sharded_{k}": v for k, v in sharded.items()} | {f"single_{k}": v for k, v in single.items()}
-        arrays |= {"sharded_bpd": tiny_unet_bpd(make_mesh()), "single_bpd": tiny_unet_bpd(make_mesh(jax.devices()[:1]))}
+        for name, mesh in (("sharded", make_mesh()), ("single", make_mesh(jax.devices()[:1]))):
+            arrays[f"{name}_bpd"] = tiny_unet_bpd(mesh)
+            arrays[f"{name}_samples"] = tiny_unet_samples(mesh, os.path.join(os.path.dirname(out), name))
         np.savez(out, **arrays)
     elif mode == "multihost":
         port, process_id, num_processes = int(argv[3]), int(argv[4]), int(argv[5])

@@ -176,8 +176,9 @@ def test_ctrl_c_stops_a_sampling_chain_at_once():
     assert steps == list(range(total)) and not watch.stopped
 
 
-def interrupt_chains_at_step(monkeypatch, step: int) -> list[int]:
-    """Send SIGINT from a chain's progress callback at its ``step``-th call; the list of the calls' t, filled."""
+def interrupt_chains_at_step(monkeypatch, step: int | None) -> list[int]:
+    """Send SIGINT from a chain's progress callback at its ``step``-th call (None: never); the list of the calls' t,
+    filled as they come."""
     calls, watch_call = [], run._ChainWatch.__call__
 
     def interrupted(self, t):
@@ -211,6 +212,31 @@ def test_ctrl_c_stops_the_chain_of_sample_py_and_writes_nothing(killed_and_unint
         run.generate(config, model, schedule, params, out_dir=out_dir, tag="t")
     assert 5 <= len(calls) < schedule.num_timesteps // 2
     assert not os.path.exists(out_dir)
+
+
+def test_sample_py_goes_on_from_the_chains_it_kept(killed_and_uninterrupted, monkeypatch, tmp_path, capsys):
+    """50 samples in chains of 16 (the last one 2 of 16), interrupted in the third: a rerun draws only the
+    third and the fourth, and the samples equal those of an uninterrupted call."""
+    _, workdir, _ = killed_and_uninterrupted
+    config = run.load_config(workdir, base=swissroll.get_config())
+    config.sampling.num_samples, config.sampling.batch_size = 50, 16
+    model, schedule, params, _ = run.restore_params(config, workdir)
+    num_steps = schedule.num_timesteps
+    out_dir = str(tmp_path / "samples")
+    calls = interrupt_chains_at_step(monkeypatch, 2 * num_steps + 5)
+    with pytest.raises(KeyboardInterrupt):
+        run.generate(config, model, schedule, params, out_dir=out_dir, tag="t")
+    assert 2 * num_steps + 5 <= len(calls) < 3 * num_steps
+    assert "interrupted: 2 of 4 chains of 16 samples kept in" in capsys.readouterr().err
+
+    calls = interrupt_chains_at_step(monkeypatch, None)
+    resumed = run.generate(config, model, schedule, params, out_dir=out_dir, tag="t")
+    assert len(calls) == 2 * num_steps
+    assert sorted(os.listdir(out_dir)) == sorted(os.path.basename(resumed[k]) for k in ("png", "npz"))
+    uninterrupted = run.generate(config, model, schedule, params, out_dir=str(tmp_path / "again"), tag="t")
+    samples = np.load(resumed["npz"])["samples"]
+    np.testing.assert_array_equal(samples, np.load(uninterrupted["npz"])["samples"])
+    assert samples.shape == (50, 2) and not np.allclose(samples[:16], samples[16:32])  # each chain its own key
 
 
 def test_ctrl_c_stops_bits_per_dim_within_its_batch(monkeypatch):

@@ -531,6 +531,9 @@ def test_sharded_step_equals_single_device_step(sharded_result):
     # Bits/dim split over the 8 devices (one example each) is the one-device figure, over the same 11 examples.
     assert r["sharded_bpd"][3] == r["single_bpd"][3] == BPD_EXAMPLES
     np.testing.assert_allclose(r["sharded_bpd"], r["single_bpd"], rtol=1e-5)
+    # Samples drawn in chains of 8 split over the 8 devices are those of one device.
+    assert r["sharded_samples"].shape == (20, 8, 8, 1)
+    np.testing.assert_allclose(r["sharded_samples"], r["single_samples"], rtol=1e-5, atol=1e-6)
 
 
 def run_two_workers(workdir: str) -> list[tuple[int, str]]:
