@@ -76,7 +76,9 @@ def main(argv):
         raise SystemExit(f"error: {err}") from err
     except KeyboardInterrupt:  # run.generate said what it kept
         raise SystemExit(130) from None
-    print(f"{config.sampling.num_samples} samples ({tag}) in {result['seconds']:.1f} s")
+    drawn = "" if result["chains_drawn"] == result["num_chains"] else f"{result['chains_drawn']} of "
+    print(f"{config.sampling.num_samples} samples ({tag}); {drawn}{result['num_chains']} chains drawn in "
+          f"{result['seconds']:.1f} s")
     for key in ("png", "npz", "trajectory_png", "trajectory_gif"):
         if key in result:
             print(f"  {key}: {result[key]}")

@@ -621,7 +621,8 @@ def generate(config, model, schedule, params, *, out_dir: str, tag: str, traject
     ``fold_in(PRNGKey(seed), c)`` and is split over the devices of ``mesh`` (default: as many as divide its
     size), which leaves its samples unchanged. Each finished chain is kept in ``OUT_DIR/samples_TAG.parts/``
     until all are done: after a Ctrl-C or a crash the same call goes on from the chains kept.
-    Returns a dict with the written paths, the sampling time of this call and, if asked, the sample metrics.
+    Returns a dict with the written paths, the chains this call drew (``chains_drawn`` of ``num_chains``) and
+    their time in seconds, and, if asked, the sample metrics.
     """
     s = config.sampling
     num_steps = num_sampling_steps(config, schedule)
@@ -669,8 +670,8 @@ def generate(config, model, schedule, params, *, out_dir: str, tag: str, traject
         raise
     samples = np.concatenate([_load_npz(path)["samples"] for path in part_paths])[: s.num_samples]
 
-    result = {"seconds": seconds, "png": os.path.join(out_dir, f"samples_{tag}.png"),
-              "npz": os.path.join(out_dir, f"samples_{tag}.npz")}
+    result = {"seconds": seconds, "chains_drawn": len(todo), "num_chains": num_chains,
+              "png": os.path.join(out_dir, f"samples_{tag}.png"), "npz": os.path.join(out_dir, f"samples_{tag}.npz")}
     reference = None
     if not is_image_data(config):
         reference = make_dataset(config.data, "test", batch_size=1, seed=0).examples[: len(samples)]
