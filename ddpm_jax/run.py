@@ -504,9 +504,10 @@ def _train(config, workdir: str, checkpointer: Checkpointer, progress: bool) -> 
                 writer.write(step, result)
                 bar.write(f"step {step}: held-out {result['bpd']:.3f} bits/dim ({result['bpd_examples']} images)")
     except KeyboardInterrupt:
-        save_now()
-        checkpointer.wait()
-        bar.write(f"interrupted: checkpoint saved at step {step} in {checkpointer.directory}")
+        with _interrupts_deferred():  # a second Ctrl-C arrives once the checkpoint is saved and said so
+            save_now()
+            checkpointer.wait()
+            bar.write(f"interrupted: checkpoint saved at step {step} in {checkpointer.directory}")
         raise
     finally:
         bar.close()

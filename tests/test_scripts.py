@@ -176,6 +176,32 @@ def test_ctrl_c_stops_a_sampling_chain_at_once():
     assert steps == list(range(total)) and not watch.stopped
 
 
+def test_a_second_ctrl_c_during_the_save_it_asked_for_lets_that_save_finish(monkeypatch, tmp_path, capsys):
+    """The first Ctrl-C comes as step 10's metrics are written; the second inside the checkpoint save it causes."""
+    entered, completed, save, write = [], [], run.Checkpointer.save, run.MetricsWriter.write
+
+    def save_interrupted_at_its_start(self, step, state, *, force=False):
+        entered.append(step)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # where Python runs the handler
+        save(self, step, state, force=force)
+        completed.append(step)
+
+    def write_interrupted(self, step, metrics):
+        write(self, step, metrics)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+
+    monkeypatch.setattr(run.Checkpointer, "save", save_interrupted_at_its_start)
+    monkeypatch.setattr(run.MetricsWriter, "write", write_interrupted)
+    config = apply_overrides(swissroll.get_config(), {**TINY_SWISSROLL, "training.checkpoint_every": 1000})
+    workdir = str(tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt):
+        run.train_and_evaluate(config, workdir, progress=False)
+    assert entered == completed == [10] and finished_checkpoints(workdir) == [10]
+    assert "interrupted: checkpoint saved at step 10" in capsys.readouterr().out
+
+
 def interrupt_chains_at_step(monkeypatch, step: int | None) -> list[int]:
     """Send SIGINT from a chain's progress callback at its ``step``-th call (None: never); the list of the calls' t,
     filled as they come."""
