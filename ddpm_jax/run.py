@@ -139,7 +139,7 @@ def evaluate_bpd(
     evaluations, given with its ``watch``; made here if None. Ctrl-C stops a batch's chain after the step in
     progress on a one-device mesh; on several devices the KeyboardInterrupt comes when the batch is done.
     """
-    mesh = mesh or make_mesh()
+    mesh = make_mesh() if mesh is None else mesh
     dataset = make_dataset(
         config.data, "test", batch_size=config.eval.batch_size, seed=config.seed,
         process_index=jax.process_index(), process_count=jax.process_count(),
@@ -170,6 +170,12 @@ def _process_rows(rows: dict[str, jax.Array], mesh) -> dict[str, np.ndarray]:
     if jax.process_count() > 1:
         rows = multihost_utils.global_array_to_host_local_array(rows, mesh, batch_sharding(mesh).spec)
     return jax.tree.map(np.asarray, rows)
+
+
+def _mesh_dividing(batch_size: int):
+    """A mesh over the first n devices, for the largest n that divides ``batch_size`` (all where their number does)."""
+    devices = jax.devices()
+    return make_mesh(devices[: max(n for n in range(1, len(devices) + 1) if batch_size % n == 0)])
 
 
 def _save_npz_atomically(path: str, **arrays: np.ndarray) -> None:
@@ -538,17 +544,15 @@ def restore_params(config, workdir: str, *, ema: bool = True):
 def evaluate_checkpoint(config, workdir: str, *, num_examples: int | None = None, progress: bool = True) -> dict:
     """Test-set bits/dim of the latest checkpoint's EMA parameters; also written to ``workdir/eval.json``.
 
-    Runs on as many of the devices as divide ``eval.batch_size`` evenly (all of them where their number does).
+    Runs on as many of the devices as divide ``eval.batch_size`` (all of them where their number does).
     """
     validate_config(config)
     if not is_image_data(config):
         raise ValueError("bits/dim is defined for 8-bit images; 2-D data sets are evaluated with sample.py --metrics")
     model, schedule, params, step = restore_params(config, workdir)
-    devices = jax.devices()
-    num_devices = max(n for n in range(1, len(devices) + 1) if config.eval.batch_size % n == 0)
     result = evaluate_bpd(
         config, params, model, schedule, num_examples=num_examples or 10**9,
-        key=jax.random.PRNGKey(config.seed + 2), mesh=make_mesh(devices[:num_devices]), progress=progress,
+        key=jax.random.PRNGKey(config.seed + 2), mesh=_mesh_dividing(config.eval.batch_size), progress=progress,
     )
     result["step"] = step
     with open(os.path.join(workdir, "eval.json"), "w") as f:
@@ -633,9 +637,7 @@ def generate(config, model, schedule, params, *, out_dir: str, tag: str, traject
         trajectory_every = max(1, every)
     chain_size = min(s.batch_size or s.num_samples, s.num_samples)
     num_chains = math.ceil(s.num_samples / chain_size)
-    if mesh is None:
-        devices = jax.devices()
-        mesh = make_mesh(devices[: max(n for n in range(1, len(devices) + 1) if chain_size % n == 0)])
+    mesh = _mesh_dividing(chain_size) if mesh is None else mesh
     sampler = f"ddim{num_steps}" if s.sampler == "ddim" else "ddpm"
     tag = f"{sampler}_seed{seed}_{tag}"
     parts_dir = os.path.join(out_dir, f"samples_{tag}.parts")
