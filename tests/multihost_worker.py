@@ -2,8 +2,8 @@
 
 python tests/multihost_worker.py sharded OUT.npz
     On 8 (fake) CPU devices: one jitted training call on a mesh of all 8 and one on a mesh of device 0 only,
-    from the same state and batch, and the held-out bits/dim and samples of a tiny digits U-Net on each; writes
-    the results.
+    from the same state and batch, and the held-out bits/dim, samples and per-device FLOPs of a tiny digits
+    U-Net on each; writes the results.
 python tests/multihost_worker.py multihost WORKDIR PORT PROCESS_ID NUM_PROCESSES
     One process of a jax.distributed run on 127.0.0.1:PORT: run.train_and_evaluate of the same steps (each
     process reads only its own rows of every global batch, Orbax saves jointly); writes the final state this
@@ -167,6 +167,22 @@ def tiny_unet_samples(mesh, out_dir: str) -> np.ndarray:
     return np.load(result["npz"])["samples"]
 
 
+def tiny_unet_flops_per_device(mesh) -> np.ndarray:
+    """XLA's FLOP count per device of the tiny U-Net's sampling chain (8 samples) and bits/dim batch (8 images)."""
+    from ddpm_jax import run
+    from ddpm_jax.training import batch_sharding, replicated
+
+    config, model, schedule, params = tiny_unet()
+    params, key = jax.device_put(params, replicated(mesh)), jax.random.PRNGKey(0)
+    x0 = jax.device_put(np.zeros((8, 8, 8, 1), np.float32), batch_sharding(mesh))
+    compiled = [
+        run.make_sample_fn(config, model, schedule, num_samples=8, mesh=mesh).lower(params, key).compile(),
+        run.make_bpd_fn(config, model, schedule, mesh).lower(params, x0, key).compile(),
+    ]
+    costs = [c.cost_analysis() for c in compiled]
+    return np.array([(c[0] if isinstance(c, list) else c)["flops"] for c in costs])
+
+
 def main(argv: list[str]) -> None:
     mode, out = argv[1], argv[2]
     jax.config.update("jax_platforms", "cpu")
@@ -185,6 +201,7 @@ def main(argv: list[str]) -> None:
         for name, mesh in (("sharded", make_mesh()), ("single", make_mesh(jax.devices()[:1]))):
             arrays[f"{name}_bpd"] = tiny_unet_bpd(mesh)
             arrays[f"{name}_samples"] = tiny_unet_samples(mesh, os.path.join(os.path.dirname(out), name))
+            arrays[f"{name}_flops"] = tiny_unet_flops_per_device(mesh)
         np.savez(out, **arrays)
     elif mode == "multihost":
         port, process_id, num_processes = int(argv[3]), int(argv[4]), int(argv[5])

@@ -534,6 +534,8 @@ def test_sharded_step_equals_single_device_step(sharded_result):
     # Samples drawn in chains of 8 split over the 8 devices are those of one device.
     assert r["sharded_samples"].shape == (20, 8, 8, 1)
     np.testing.assert_allclose(r["sharded_samples"], r["single_samples"], rtol=1e-5, atol=1e-6)
+    # ... and each device does an eighth of the work (XLA's FLOP count), where a replicated chain would do all.
+    assert np.all(r["single_flops"] / r["sharded_flops"] > 6), (r["single_flops"], r["sharded_flops"])
 
 
 def run_two_workers(workdir: str) -> list[tuple[int, str]]:
