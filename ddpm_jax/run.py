@@ -145,10 +145,8 @@ def evaluate_bpd(
         process_index=jax.process_index(), process_count=jax.process_count(),
         data_dir=config.data.data_dir or None, download=config.data.download,
     )
-    if bpd_fn is None:
-        watch = _ChainWatch()
-        bpd_fn = make_bpd_fn(config, model, schedule, mesh, progress_fn=watch)
-    watch = watch or _ChainWatch()  # for a bpd_fn given without its watch: no per-step progress, no early stop
+    watch = watch or _ChainWatch()  # a bpd_fn given without its watch has no per-step progress or early stop
+    bpd_fn = bpd_fn or make_bpd_fn(config, model, schedule, mesh, progress_fn=watch)
     params = jax.device_put(params, replicated(mesh))
     num_batches = math.ceil(min(num_examples, dataset.num_examples) / config.eval.batch_size)
     rows, masks = [], []

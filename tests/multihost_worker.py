@@ -14,6 +14,7 @@ Also the helpers the test files share: the tiny swiss-roll overrides, the enviro
 tests' persistent compilation cache), a free local port.
 """
 
+import functools
 import os
 import socket
 import sys
@@ -132,6 +133,7 @@ def train_calls(mesh, process_index: int, process_count: int) -> dict:
 BPD_EXAMPLES = 11  # at eval.batch_size 8: a full batch and one with 5 padding rows
 
 
+@functools.cache
 def tiny_unet():
     """(config, model, schedule, params): an untrained U-Net of one level, 8 channels, on the digits, T = 10."""
     from configs import digits
