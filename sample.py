@@ -2,7 +2,8 @@
 
 Reads the run's config from WORKDIR/config.json and its latest checkpoint, and writes a PNG grid (a scatter plot
 beside the data for 2-D sets) and an .npz into WORKDIR/samples; --trajectory adds pictures of the reverse chain
-(x_t and the predicted x_0); --metrics prints sample-quality metrics beside their data-vs-data baselines.
+(x_t and the predicted x_0); --metrics prints sample-quality metrics beside their data-vs-data baselines;
+--fid_stats adds FID and Inception Score (e.g. `--num=50000 --fid_stats=train`).
 Many samples (e.g. `--num=50000` for FID) are drawn in chains of --batch_size, each kept on disk as it ends: after
 a Ctrl-C or a crash the same command goes on from the chains kept.
 `--pretrained=DIR` samples from a diffusers UNet2DModel folder instead (the DDPM authors' released weights,
@@ -28,6 +29,10 @@ flags.DEFINE_integer("seed", 0, "Random seed of the chains.")
 flags.DEFINE_bool("ema", True, "Use the EMA parameters (false: the raw ones, files named _raw).")
 flags.DEFINE_bool("trajectory", False, "Also write pictures of the reverse chain.")
 flags.DEFINE_bool("metrics", False, "Print sample-quality metrics beside the data's own.")
+flags.DEFINE_string("fid_stats", None, "FID and Inception Score against a pytorch-fid statistics .npz, or 'train' / "
+                    "'test': the run's own data split (statistics computed once, kept in the output folder).")
+flags.DEFINE_string("inception_weights", None, "pytorch-fid's pt_inception .pth (or an .npz of it) for --fid_stats "
+                    "(default: downloaded once into ~/.cache/ddpm_jax).")
 flags.DEFINE_string("out_dir", None, "Output folder (default: WORKDIR/samples, or ./samples with --pretrained).")
 FLAGS = flags.FLAGS
 
@@ -68,16 +73,22 @@ def main(argv):
         if config.sampling.sampler == "ddim" and config.sampling.eta:
             tag += f"_eta{config.sampling.eta:g}"
         out_dir = FLAGS.out_dir or ("samples" if FLAGS.pretrained else os.path.join(FLAGS.workdir, "samples"))
+        fid_reference = None
+        if FLAGS.fid_stats:  # before sampling: a missing file or weights should not wait for 50,000 samples
+            fid_reference = run.load_fid_reference(
+                config, FLAGS.fid_stats, inception_weights=FLAGS.inception_weights, out_dir=out_dir
+            )
         result = run.generate(
-            config, model, schedule, params, out_dir=out_dir, tag=tag,
-            trajectory=FLAGS.trajectory, with_metrics=FLAGS.metrics, seed=FLAGS.seed,
+            config, model, schedule, params, out_dir=out_dir, tag=tag, trajectory=FLAGS.trajectory,
+            with_metrics=FLAGS.metrics, fid_reference=fid_reference, seed=FLAGS.seed,
         )
     except ValueError as err:
         raise SystemExit(f"error: {err}") from err
     except KeyboardInterrupt:  # run.generate said what it kept
         raise SystemExit(130) from None
     drawn = "" if result["chains_drawn"] == result["num_chains"] else f"{result['chains_drawn']} of "
-    print(f"{config.sampling.num_samples} samples ({tag}); {drawn}{result['num_chains']} chains drawn in "
+    chains = "chain" if result["num_chains"] == 1 else "chains"
+    print(f"{config.sampling.num_samples} samples ({tag}); {drawn}{result['num_chains']} {chains} drawn in "
           f"{result['seconds']:.1f} s")
     for key in ("png", "npz", "trajectory_png", "trajectory_gif"):
         if key in result:
@@ -86,8 +97,8 @@ def main(argv):
         if result["metrics"]:
             print(json.dumps(result["metrics"], indent=2))
         else:
-            print(f"--metrics: no built-in metric for {config.data.dataset} (2-D sets and digits have one); for FID "
-                  "pass the .npz samples to ddpm_jax.metrics.fid_from_samples with Inception weights and statistics")
+            print(f"--metrics: no built-in metric for {config.data.dataset} (2-D sets and digits have one); "
+                  "--fid_stats=train adds FID and Inception Score")
 
 
 if __name__ == "__main__":

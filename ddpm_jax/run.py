@@ -574,6 +574,52 @@ def sample_metrics(config, samples: np.ndarray, *, seed: int = 0) -> dict:
     return {}
 
 
+FID_SPLITS = ("train", "test")  # sample.py --fid_stats=SPLIT: statistics of the run's own data split
+
+
+def data_fid_stats(config, split: str, variables: dict, *, num_examples: int | None = None,
+                   progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """FID statistics (mu [2048], sigma [2048, 2048]) of the first ``num_examples`` (default: all) images of a
+    data split at the run's image size, the reference its samples are compared with."""
+    from ddpm_jax.data import load_split, uint8_to_float
+    from ddpm_jax.metrics import compute_stats
+
+    if not is_image_data(config):
+        raise ValueError(f"FID is defined for images; {config.data.dataset} is a 2-D data set")
+    images = uint8_to_float(load_split(
+        config.data, split, data_dir=config.data.data_dir or None, download=config.data.download,
+    )[0][:num_examples])
+    with _progress_bar(total=len(images), desc=f"Inception ({split} split)", unit="image", leave=False,
+                       disable=not progress) as bar:
+        return compute_stats(images, variables, on_batch=bar.update)
+
+
+def load_fid_reference(config, fid_stats: str, *, inception_weights: str | None = None, out_dir: str,
+                       progress: bool = True) -> tuple[tuple[np.ndarray, np.ndarray], dict]:
+    """((mu, sigma), Inception variables) for FID: ``fid_stats`` is a pytorch-fid statistics file (.npz), or a
+    split name ("train", "test") for the run's own data, whose statistics are computed once and kept in
+    ``out_dir``. ``inception_weights``: pytorch-fid's .pth or an .npz of it (None: downloaded once)."""
+    from ddpm_jax.metrics import load_fid_inception, load_stats, save_stats
+
+    if not is_image_data(config):
+        raise ValueError(f"FID is defined for images; {config.data.dataset} is a 2-D data set")
+    if fid_stats not in FID_SPLITS and not os.path.isfile(fid_stats):
+        raise ValueError(f"--fid_stats={fid_stats}: no such statistics file, and not a split name {FID_SPLITS}")
+    variables = load_fid_inception(inception_weights)
+    path = fid_stats
+    if fid_stats in FID_SPLITS:
+        d = config.data
+        path = os.path.join(out_dir, f"fid_stats_{d.dataset}_{d.image_size}px_{fid_stats}.npz")
+        if not os.path.exists(path):
+            os.makedirs(out_dir, exist_ok=True)
+            save_stats(path + ".tmp.npz", *data_fid_stats(config, fid_stats, variables, progress=progress))
+            os.replace(path + ".tmp.npz", path)
+    mu, sigma = load_stats(path)
+    if mu.shape != (2048,) or sigma.shape != (2048, 2048):
+        raise ValueError(f"{path} holds statistics of {mu.shape} features, not of Inception's 2048 pool features")
+    return (mu, sigma), variables
+
+
 def load_config(workdir: str, base=None):
     """The config a run in ``workdir`` was trained with (its config.json), laid over ``base`` if given.
 
@@ -617,17 +663,20 @@ MAX_GRID_SAMPLES = 256  # the PNG of an image run shows at most these (the .npz 
 
 
 def generate(config, model, schedule, params, *, out_dir: str, tag: str, trajectory: bool = False,
-             with_metrics: bool = False, seed: int = 0, mesh=None) -> dict:
+             with_metrics: bool = False, fid_reference=None, seed: int = 0, mesh=None, progress: bool = True) -> dict:
     """Draw ``config.sampling.num_samples`` samples; write a PNG, an .npz and, if asked, pictures of the chain.
 
     The samples come from chains of ``sampling.batch_size`` (0: one chain for all); chain c starts from
     ``fold_in(PRNGKey(seed), c)`` and is split over the devices of ``mesh`` (default: as many as divide its
     size), which leaves its samples unchanged. Each finished chain is kept in ``OUT_DIR/samples_TAG.parts/``
     until all are done: after a Ctrl-C or a crash the same call goes on from the chains kept.
-    Returns a dict with the written paths, the chains this call drew (``chains_drawn`` of ``num_chains``) and
-    their time in seconds, and, if asked, the sample metrics.
+    ``fid_reference``: a `load_fid_reference` result, to add FID and Inception Score of all the samples to the
+    metrics. Returns a dict with the written paths, the chains this call drew (``chains_drawn`` of ``num_chains``)
+    and their time in seconds, and, if asked, the sample metrics.
     """
     s = config.sampling
+    if fid_reference is not None and s.num_samples < 2:
+        raise ValueError(f"FID needs at least 2 samples (papers use 50,000), got sampling.num_samples={s.num_samples}")
     num_steps = num_sampling_steps(config, schedule)
     trajectory_every = None
     if trajectory:  # sampling.trajectory_every, or about ten pictures of the chain
@@ -652,7 +701,7 @@ def generate(config, model, schedule, params, *, out_dir: str, tag: str, traject
     seconds, traj = 0.0, None
     try:
         with _progress_bar(total=len(todo) * num_steps, desc=f"{s.sampler} sampling", unit="step",
-                           leave=False) as bar:
+                           leave=False, disable=not progress) as bar:
             for c in todo:
                 with watch.watching(on_step=lambda t: bar.update(1), stop=mesh.size == 1):
                     start = time.perf_counter()
@@ -692,6 +741,13 @@ def generate(config, model, schedule, params, *, out_dir: str, tag: str, traject
             viz.save_chain_gif(result["trajectory_gif"], traj.x, traj.pred_x0, traj.timesteps, **style)
         else:
             viz.save_png(result["trajectory_png"], viz.scatter_trajectory_strip(traj.x, traj.timesteps))
-    if with_metrics:
-        result["metrics"] = sample_metrics(config, samples, seed=seed)
+    if with_metrics or fid_reference is not None:
+        result["metrics"] = sample_metrics(config, samples, seed=seed) if with_metrics else {}
+    if fid_reference is not None:
+        from ddpm_jax.metrics import inception_metrics
+
+        stats, variables = fid_reference
+        with _progress_bar(total=len(samples), desc="Inception", unit="image", leave=False,
+                           disable=not progress) as bar:
+            result["metrics"].update(inception_metrics(samples, stats, variables, on_batch=bar.update))
     return result

@@ -82,6 +82,9 @@ def test_frechet_matches_oracle_and_diagonal_closed_form():
     mu1, mu2 = rng.normal(size=20), rng.normal(size=20)
     expected = _frechet_oracle(mu1, sigma1, mu2, sigma2)
     assert distances.frechet_distance(mu1, sigma1, mu2, sigma2) == pytest.approx(expected, rel=1e-9)
+    # pytorch-fid's route: the general matrix square root of the product.
+    pytorch_fid = np.sum((mu1 - mu2) ** 2) + np.trace(sigma1 + sigma2 - 2 * scipy.linalg.sqrtm(sigma1 @ sigma2).real)
+    assert distances.frechet_distance(mu1, sigma1, mu2, sigma2) == pytest.approx(pytorch_fid, rel=1e-9)
     assert distances.frechet_distance(mu1, sigma1, mu1, sigma1) == pytest.approx(0.0, abs=1e-8)
     # Diagonal Gaussians: |mu1 - mu2|^2 + sum (sqrt(v1) - sqrt(v2))^2.
     v1, v2 = rng.uniform(0.1, 3, size=8), rng.uniform(0.1, 3, size=8)

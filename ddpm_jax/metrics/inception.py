@@ -15,7 +15,7 @@ import os
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -35,6 +35,7 @@ __all__ = [
     "fid_from_samples",
     "fid_from_stats",
     "inception_forward",
+    "inception_metrics",
     "inception_score",
     "load_fid_inception",
     "load_stats",
@@ -257,11 +258,16 @@ def inception_forward(
 
 
 def compute_features(
-    images, variables: dict, batch_size: int = 100, resize: bool = True, quantize: bool = True
+    images, variables: dict, batch_size: int = 100, resize: bool = True, quantize: bool = True,
+    on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, np.ndarray]:
-    """inception_forward over [N, H, W, 1|3] images in fixed-size batches -> float64 NumPy 'pool', 'logits*'."""
+    """inception_forward over [N, H, W, 1|3] images in fixed-size batches -> float64 NumPy 'pool', 'logits*'.
+
+    ``on_batch(count)`` is called with the number of images after each batch (e.g. a progress bar's update).
+    """
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise ValueError(f"expected NHWC images with 1 or 3 channels in [-1, 1], got shape {images.shape}")
+    batch_size = max(1, min(batch_size, images.shape[0]))  # a few images are not padded to a full batch
     outputs: dict[str, list[np.ndarray]] = {}
     for start in range(0, images.shape[0], batch_size):
         batch = jnp.asarray(images[start : start + batch_size])
@@ -271,12 +277,16 @@ def compute_features(
         result = inception_forward(variables, batch, resize=resize, quantize=quantize)
         for name, value in result.items():
             outputs.setdefault(name, []).append(np.asarray(value[:count], np.float64))
+        if on_batch is not None:
+            on_batch(count)
     return {name: np.concatenate(values) for name, values in outputs.items()}
 
 
-def compute_stats(images, variables: dict, batch_size: int = 100) -> tuple[np.ndarray, np.ndarray]:
+def compute_stats(
+    images, variables: dict, batch_size: int = 100, on_batch: Callable[[int], None] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """FID statistics (mu [2048], sigma [2048, 2048], float64) of [N, H, W, 1|3] images in [-1, 1]."""
-    return gaussian_stats(compute_features(images, variables, batch_size)["pool"])
+    return gaussian_stats(compute_features(images, variables, batch_size, on_batch=on_batch)["pool"])
 
 
 def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray) -> None:
@@ -306,6 +316,19 @@ def fid_from_samples(samples, reference_stats, variables: dict, batch_size: int 
     return fid_from_stats(compute_stats(samples, variables, batch_size), reference_stats)
 
 
+def inception_metrics(
+    samples, reference_stats, variables: dict, batch_size: int = 100, on_batch: Callable[[int], None] | None = None
+) -> dict[str, float]:
+    """FID against ``reference_stats`` (path or (mu, sigma)) and Inception Score (10 splits; from 10 samples) of
+    [N, H, W, 1|3] samples in [-1, 1], from one pass of the network. FID is biased upwards for small N: papers
+    report it for N = 50,000."""
+    features = compute_features(samples, variables, batch_size, on_batch=on_batch)
+    metrics = {"fid": fid_from_stats(gaussian_stats(features["pool"]), reference_stats), "fid_samples": len(samples)}
+    if len(samples) >= 10:
+        metrics["inception_score"], metrics["inception_score_std"] = inception_score(features["logits_unbiased"])
+    return metrics
+
+
 def inception_score(logits, splits: int = 10) -> tuple[float, float]:
     """Inception Score exp(E_x KL(p(y|x) || p(y))) (Salimans et al. 2016): mean and std over splits.
 
@@ -323,6 +346,7 @@ def inception_score(logits, splits: int = 10) -> tuple[float, float]:
     return float(np.mean(scores)), float(np.std(scores))
 
 
+@functools.cache  # tracing the network's init takes seconds
 def _expected_shapes() -> dict[tuple[str, ...], tuple[int, ...]]:
     """Shape of every Flax variable of FIDInceptionV3, keyed by (collection, module path..., name)."""
     shapes = jax.eval_shape(FIDInceptionV3().init, jax.random.key(0), jnp.zeros((1, 75, 75, 3)))
@@ -428,4 +452,7 @@ def _read_state_dict(path: str) -> dict[str, np.ndarray]:
 
 def load_fid_inception(path: str | None = None, cache_dir: str | None = None) -> dict:
     """Flax variables of the FID Inception-v3 from path (.pth or .npz); None downloads them once into the cache."""
+    if path is not None and not os.path.isfile(path):
+        raise ValueError(f"no FID Inception weights at {path}: pytorch-fid's {os.path.basename(FID_WEIGHTS_URL)} "
+                         "or an .npz of its state dict")
     return convert_state_dict(_read_state_dict(path or download_fid_weights(cache_dir)))
