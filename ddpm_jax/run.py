@@ -730,7 +730,6 @@ def generate(config, model, schedule, params, *, out_dir: str, tag: str, traject
     if is_image_data(config):
         arrays["uint8"] = viz.to_uint8(samples)
     np.savez_compressed(result["npz"], **arrays)
-    shutil.rmtree(parts_dir)
     if traj is not None:
         result["trajectory_png"] = os.path.join(out_dir, f"chain_{tag}.png")
         if is_image_data(config):
@@ -741,13 +740,19 @@ def generate(config, model, schedule, params, *, out_dir: str, tag: str, traject
             viz.save_chain_gif(result["trajectory_gif"], traj.x, traj.pred_x0, traj.timesteps, **style)
         else:
             viz.save_png(result["trajectory_png"], viz.scatter_trajectory_strip(traj.x, traj.timesteps))
-    if with_metrics or fid_reference is not None:
-        result["metrics"] = sample_metrics(config, samples, seed=seed) if with_metrics else {}
-    if fid_reference is not None:
-        from ddpm_jax.metrics import inception_metrics
+    try:  # the chains stay on disk until the metrics are done: a rerun after a Ctrl-C here draws none
+        if with_metrics or fid_reference is not None:
+            result["metrics"] = sample_metrics(config, samples, seed=seed) if with_metrics else {}
+        if fid_reference is not None:
+            from ddpm_jax.metrics import inception_metrics
 
-        stats, variables = fid_reference
-        with _progress_bar(total=len(samples), desc="Inception", unit="image", leave=False,
-                           disable=not progress) as bar:
-            result["metrics"].update(inception_metrics(samples, stats, variables, on_batch=bar.update))
+            stats, variables = fid_reference
+            with _progress_bar(total=len(samples), desc="Inception", unit="image", leave=False,
+                               disable=not progress) as bar:
+                result["metrics"].update(inception_metrics(samples, stats, variables, on_batch=bar.update))
+    except KeyboardInterrupt:
+        print(f"interrupted during the metrics: the samples are in {result['npz']}, and the same command computes "
+              f"the metrics again from the chains kept in {parts_dir}", file=sys.stderr)
+        raise
+    shutil.rmtree(parts_dir)
     return result

@@ -265,6 +265,30 @@ def test_sample_py_goes_on_from_the_chains_it_kept(killed_and_uninterrupted, mon
     assert samples.shape == (50, 2) and not np.allclose(samples[:16], samples[16:32])  # each chain its own key
 
 
+def test_a_ctrl_c_during_the_metrics_keeps_the_chains_for_the_rerun(killed_and_uninterrupted, monkeypatch,
+                                                                     tmp_path, capsys):
+    """FID of 50,000 samples takes minutes after the chains: interrupted there, a rerun draws no chain again."""
+    _, workdir, _ = killed_and_uninterrupted
+    config = run.load_config(workdir, base=swissroll.get_config())
+    config.sampling.num_samples, config.sampling.batch_size = 20, 10
+    model, schedule, params, _ = run.restore_params(config, workdir)
+    out_dir, real_metrics = str(tmp_path / "samples"), run.sample_metrics
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "sample_metrics", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run.generate(config, model, schedule, params, out_dir=out_dir, tag="m", with_metrics=True, progress=False)
+    assert "interrupted during the metrics: the samples are in" in capsys.readouterr().err
+    first = np.load(os.path.join(out_dir, "samples_ddpm_seed0_m.npz"))["samples"]
+    monkeypatch.setattr(run, "sample_metrics", real_metrics)
+    rerun = run.generate(config, model, schedule, params, out_dir=out_dir, tag="m", with_metrics=True, progress=False)
+    assert (rerun["chains_drawn"], rerun["num_chains"]) == (0, 2) and "swd" in rerun["metrics"]
+    np.testing.assert_array_equal(np.load(rerun["npz"])["samples"], first)
+    assert not os.path.exists(os.path.join(out_dir, "samples_ddpm_seed0_m.parts"))
+
+
 def test_ctrl_c_stops_bits_per_dim_within_its_batch(monkeypatch):
     """Each eval batch is one 10-step chain here (two batches in all): the stop comes inside the first."""
     calls = interrupt_chains_at_step(monkeypatch, 5)
