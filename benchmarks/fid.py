@@ -1,0 +1,112 @@
+"""The cost of FID: the Inception-v3 forward pass and the Fréchet distance of 2048-d statistics.
+
+    python benchmarks/fid.py                       # CPU: 50 images per call, 8 rounds; 5,000 features
+    python benchmarks/fid.py --batch 500 --rounds 10 --out-dir $OUT   # a GPU
+
+Inception: `ddpm_jax.metrics.inception_forward` (on XLA:CPU its convolutions run on Eigen) against the same
+function jitted with XLA's default options (on jaxlib 0.10's CPU: YNNPACK convolutions), timed alternately
+in one process, on random weights and 8x8 grey images resized to 299x299 as the digits samples are.
+Fréchet distance: the library's (symmetric eigenvalues) against pytorch-fid's route, `scipy.linalg.sqrtm` of
+the product of the covariances, on the statistics of random features.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import scipy.linalg  # noqa: E402
+
+from ddpm_jax.metrics import frechet_distance, gaussian_stats, inception  # noqa: E402
+
+
+def sqrtm_frechet(mu1, sigma1, mu2, sigma2) -> float:
+    """pytorch-fid's formula: Tr of the general matrix square root of S1 S2 (its eps retry left out)."""
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2).real
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def inception_arms(batch: int, rounds: int) -> dict:
+    variables = jax.jit(inception.FIDInceptionV3().init)(jax.random.key(0), jnp.zeros((1, 75, 75, 3)))
+    images = np.random.default_rng(0).uniform(-1, 1, (batch, 8, 8, 1)).astype(np.float32)
+    default = jax.jit(functools.partial(inception._forward, resize=True, quantize=True))
+    arms = {"xla_default": default, "library": inception.inception_forward}
+    first_call, times = {}, {name: [] for name in arms}
+    for name, fn in arms.items():
+        start = time.perf_counter()
+        common.block(fn(variables, images))
+        first_call[name] = time.perf_counter() - start
+        common.block(fn(variables, images))  # warm-up
+    for r in range(rounds):
+        for name in arms if r % 2 == 0 else list(arms)[::-1]:
+            start = time.perf_counter()
+            common.block(arms[name](variables, images))
+            times[name].append(time.perf_counter() - start)
+    pools = {name: np.asarray(fn(variables, images)["pool"], np.float64) for name, fn in arms.items()}
+    difference = np.abs(pools["library"] - pools["xla_default"]).max() / np.abs(pools["xla_default"]).max()
+    paired = [a / b for a, b in zip(times["xla_default"], times["library"], strict=True)]
+    return {
+        "batch": batch, "rounds": rounds,
+        **{name: {"first_call_s": first_call[name], **common.summarize(times[name])} for name in arms},
+        "speedup": statistics.median(times["xla_default"]) / statistics.median(times["library"]),
+        "paired_speedup": statistics.median(paired),
+        "max_relative_difference_of_pool_features": float(difference),
+    }
+
+
+def frechet_arms(num_features: int, repeats: int) -> dict:
+    rng = np.random.default_rng(1)
+    stats = [gaussian_stats(rng.normal(shift, scale, (num_features, 2048))) for shift, scale in ((0, 1), (0.1, 1.1))]
+    arms = {"sqrtm": sqrtm_frechet, "library": frechet_distance}
+    out, values = {"num_features": num_features}, {}
+    for name, fn in arms.items():
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            values[name] = fn(*stats[0], *stats[1])
+            times.append(time.perf_counter() - start)
+        out[name] = {**common.summarize(times), "value": values[name]}
+    out["speedup"] = out["sqrtm"]["median_s"] / out["library"]["median_s"]
+    out["relative_difference"] = abs(values["library"] - values["sqrtm"]) / abs(values["sqrtm"])
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=50, help="images per Inception call")
+    parser.add_argument("--rounds", type=int, default=8, help="timed calls of each Inception arm")
+    parser.add_argument("--features", type=int, default=5000, help="feature vectors behind each statistic")
+    parser.add_argument("--frechet-repeats", type=int, default=3)
+    parser.add_argument("--out-dir", default=None)
+    args = parser.parse_args()
+
+    result = {"inception": inception_arms(args.batch, args.rounds),
+              "frechet": frechet_arms(args.features, args.frechet_repeats)}
+    inc, fr = result["inception"], result["frechet"]
+    rows = [
+        {"what": f"Inception forward, {args.batch} images", "arm": name, "median [min-max]": common.fmt_time(inc[name]),
+         "first call (compile)": f"{inc[name]['first_call_s']:.1f} s"} for name in ("xla_default", "library")
+    ] + [
+        {"what": f"Fréchet distance, 2048-d, {args.features} features", "arm": name,
+         "median [min-max]": common.fmt_time(fr[name])} for name in ("sqrtm", "library")
+    ]
+    print(common.format_table(rows, ["what", "arm", "median [min-max]", "first call (compile)"]))
+    print(f"Inception: library {inc['speedup']:.2f}x XLA's default (paired median {inc['paired_speedup']:.2f}x); "
+          f"pool features differ by {inc['max_relative_difference_of_pool_features']:.1e} (relative to the largest)")
+    print(f"Fréchet: library {fr['speedup']:.2f}x sqrtm; values differ by {fr['relative_difference']:.1e} relative")
+    print("wrote", common.write_json("fid", result, args.out_dir))
+
+
+if __name__ == "__main__":
+    main()
