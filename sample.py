@@ -33,6 +33,7 @@ flags.DEFINE_string("fid_stats", None, "FID and Inception Score against a pytorc
                     "'test': the run's own data split (statistics computed once, kept in the output folder).")
 flags.DEFINE_string("inception_weights", None, "pytorch-fid's pt_inception .pth (or an .npz of it) for --fid_stats "
                     "(default: downloaded once into ~/.cache/ddpm_jax).")
+flags.DEFINE_string("png_dir", None, "Also write each sample as DIR/000000.png, ... (for FID tools that read folders).")
 flags.DEFINE_string("out_dir", None, "Output folder (default: WORKDIR/samples, or ./samples with --pretrained).")
 FLAGS = flags.FLAGS
 
@@ -80,7 +81,7 @@ def main(argv):
             )
         result = run.generate(
             config, model, schedule, params, out_dir=out_dir, tag=tag, trajectory=FLAGS.trajectory,
-            with_metrics=FLAGS.metrics, fid_reference=fid_reference, seed=FLAGS.seed,
+            with_metrics=FLAGS.metrics, fid_reference=fid_reference, png_dir=FLAGS.png_dir, seed=FLAGS.seed,
         )
     except ValueError as err:
         raise SystemExit(f"error: {err}") from err
@@ -90,7 +91,7 @@ def main(argv):
     chains = "chain" if result["num_chains"] == 1 else "chains"
     print(f"{config.sampling.num_samples} samples ({tag}); {drawn}{result['num_chains']} {chains} drawn in "
           f"{result['seconds']:.1f} s")
-    for key in ("png", "npz", "trajectory_png", "trajectory_gif"):
+    for key in ("png", "npz", "trajectory_png", "trajectory_gif", "png_dir"):
         if key in result:
             print(f"  {key}: {result[key]}")
     if "metrics" in result:

@@ -663,7 +663,8 @@ MAX_GRID_SAMPLES = 256  # the PNG of an image run shows at most these (the .npz 
 
 
 def generate(config, model, schedule, params, *, out_dir: str, tag: str, trajectory: bool = False,
-             with_metrics: bool = False, fid_reference=None, seed: int = 0, mesh=None, progress: bool = True) -> dict:
+             with_metrics: bool = False, fid_reference=None, png_dir: str | None = None, seed: int = 0, mesh=None,
+             progress: bool = True) -> dict:
     """Draw ``config.sampling.num_samples`` samples; write a PNG, an .npz and, if asked, pictures of the chain.
 
     The samples come from chains of ``sampling.batch_size`` (0: one chain for all); chain c starts from
@@ -671,12 +672,15 @@ def generate(config, model, schedule, params, *, out_dir: str, tag: str, traject
     size), which leaves its samples unchanged. Each finished chain is kept in ``OUT_DIR/samples_TAG.parts/``
     until all are done: after a Ctrl-C or a crash the same call goes on from the chains kept.
     ``fid_reference``: a `load_fid_reference` result, to add FID and Inception Score of all the samples to the
-    metrics. Returns a dict with the written paths, the chains this call drew (``chains_drawn`` of ``num_chains``)
+    metrics. ``png_dir``: also write each image sample there as ``{index:06d}.png`` (for FID tools that read
+    folders). Returns a dict with the written paths, the chains this call drew (``chains_drawn`` of ``num_chains``)
     and their time in seconds, and, if asked, the sample metrics.
     """
     s = config.sampling
     if fid_reference is not None and s.num_samples < 2:
         raise ValueError(f"FID needs at least 2 samples (papers use 50,000), got sampling.num_samples={s.num_samples}")
+    if png_dir is not None and not is_image_data(config):
+        raise ValueError(f"one PNG per sample is for images; {config.data.dataset} is a 2-D data set")
     num_steps = num_sampling_steps(config, schedule)
     trajectory_every = None
     if trajectory:  # sampling.trajectory_every, or about ten pictures of the chain
@@ -740,7 +744,12 @@ def generate(config, model, schedule, params, *, out_dir: str, tag: str, traject
             viz.save_chain_gif(result["trajectory_gif"], traj.x, traj.pred_x0, traj.timesteps, **style)
         else:
             viz.save_png(result["trajectory_png"], viz.scatter_trajectory_strip(traj.x, traj.timesteps))
-    try:  # the chains stay on disk until the metrics are done: a rerun after a Ctrl-C here draws none
+    try:  # the chains stay on disk until the PNGs and metrics are done: a rerun after a Ctrl-C here draws none
+        if png_dir is not None:
+            for index, image in enumerate(tqdm(arrays["uint8"], desc="PNGs", unit="image", leave=False,
+                                               disable=not progress)):
+                viz.save_png(os.path.join(png_dir, f"{index:06d}.png"), image)
+            result["png_dir"] = png_dir
         if with_metrics or fid_reference is not None:
             result["metrics"] = sample_metrics(config, samples, seed=seed) if with_metrics else {}
         if fid_reference is not None:
@@ -751,8 +760,8 @@ def generate(config, model, schedule, params, *, out_dir: str, tag: str, traject
                                disable=not progress) as bar:
                 result["metrics"].update(inception_metrics(samples, stats, variables, on_batch=bar.update))
     except KeyboardInterrupt:
-        print(f"interrupted during the metrics: the samples are in {result['npz']}, and the same command computes "
-              f"the metrics again from the chains kept in {parts_dir}", file=sys.stderr)
+        print(f"interrupted after sampling: the samples are in {result['npz']}, and the same command goes on from "
+              f"the chains kept in {parts_dir}", file=sys.stderr)
         raise
     shutil.rmtree(parts_dir)
     return result

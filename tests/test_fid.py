@@ -1,4 +1,4 @@
-"""FID and Inception Score of a run's samples (`sample.py --fid_stats`), with random FID Inception weights.
+"""FID and Inception Score of a run's samples (`sample.py --fid_stats`, `--png_dir`), with random Inception weights.
 
 The network itself is checked against an independent float64 reference in test_inception.py; here the
 question is whether the right images reach it: every sample drawn, the data split's first images, the cached
@@ -9,7 +9,9 @@ import functools
 
 import numpy as np
 import pytest
+from PIL import Image
 
+from configs import swissroll
 from ddpm_jax import run
 from ddpm_jax.data import load_split, uint8_to_float
 from ddpm_jax.metrics import inception
@@ -78,11 +80,18 @@ def test_fid_and_inception_score_of_every_sample_against_the_cached_data_statist
     np.testing.assert_allclose(stats[0], data_pool.mean(0), rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(stats[1], np.cov(data_pool, rowvar=False), rtol=1e-6, atol=1e-9)
 
+    png_dir = tmp_path / "pngs"
     result = run.generate(
-        config, model, schedule, params, out_dir=out_dir, tag="fid", fid_reference=(stats, variables), progress=False
+        config, model, schedule, params, out_dir=out_dir, tag="fid", fid_reference=(stats, variables),
+        png_dir=str(png_dir), progress=False,
     )
     samples = np.load(result["npz"])["samples"]
     assert samples.shape == (NUM_IMAGES, 8, 8, 1)
+    # One PNG per sample for external FID tools, holding the 8-bit levels the FID here scored.
+    assert sorted(p.name for p in png_dir.iterdir()) == [f"{i:06d}.png" for i in range(NUM_IMAGES)]
+    levels = np.clip(np.rint((samples.astype(np.float64) + 1) * 127.5), 0, 255)
+    for i in (0, NUM_IMAGES - 1):
+        np.testing.assert_array_equal(np.asarray(Image.open(png_dir / f"{i:06d}.png")), levels[i, ..., 0])
     features = direct_features(samples, variables)
     metrics = result["metrics"]
     assert metrics["fid_samples"] == NUM_IMAGES
@@ -106,6 +115,8 @@ def test_bad_fid_inputs_stop_before_any_sampling(weights_file, tmp_path):
         load(small)
     with pytest.raises(ValueError, match="no FID Inception weights at"):
         run.load_fid_reference(config, small, inception_weights=str(tmp_path / "none.pth"), out_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="one PNG per sample is for images"):
+        run.generate(swissroll.get_config(), None, None, None, out_dir=str(tmp_path), tag="x", png_dir=str(tmp_path))
     few = config.copy_and_resolve_references()
     few.sampling.num_samples = 1
     with pytest.raises(ValueError, match="FID needs at least 2 samples"):

@@ -280,7 +280,7 @@ def test_a_ctrl_c_during_the_metrics_keeps_the_chains_for_the_rerun(killed_and_u
     monkeypatch.setattr(run, "sample_metrics", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run.generate(config, model, schedule, params, out_dir=out_dir, tag="m", with_metrics=True, progress=False)
-    assert "interrupted during the metrics: the samples are in" in capsys.readouterr().err
+    assert "interrupted after sampling: the samples are in" in capsys.readouterr().err
     first = np.load(os.path.join(out_dir, "samples_ddpm_seed0_m.npz"))["samples"]
     monkeypatch.setattr(run, "sample_metrics", real_metrics)
     rerun = run.generate(config, model, schedule, params, out_dir=out_dir, tag="m", with_metrics=True, progress=False)
