@@ -3,7 +3,8 @@
 Reads the run's config from WORKDIR/config.json and its latest checkpoint, and writes a PNG grid (a scatter plot
 beside the data for 2-D sets) and an .npz into WORKDIR/samples; --trajectory adds pictures of the reverse chain
 (x_t and the predicted x_0); --metrics prints sample-quality metrics beside their data-vs-data baselines;
---fid_stats adds FID and Inception Score (e.g. `--num=50000 --fid_stats=train`).
+--fid_stats adds FID and Inception Score (e.g. `--num=50000 --fid_stats=train`); --interpolate draws
+interpolations between test images instead (the paper's Fig. 8).
 Many samples (e.g. `--num=50000` for FID) are drawn in chains of --batch_size, each kept on disk as it ends: after
 a Ctrl-C or a crash the same command goes on from the chains kept.
 `--pretrained=DIR` samples from a diffusers UNet2DModel folder instead (the DDPM authors' released weights,
@@ -29,6 +30,10 @@ flags.DEFINE_integer("seed", 0, "Random seed of the chains.")
 flags.DEFINE_bool("ema", True, "Use the EMA parameters (false: the raw ones, files named _raw).")
 flags.DEFINE_bool("trajectory", False, "Also write pictures of the reverse chain.")
 flags.DEFINE_bool("metrics", False, "Print sample-quality metrics beside the data's own.")
+flags.DEFINE_bool("interpolate", False, "Instead of sampling, interpolate between pairs of test images through the "
+                  "latent x_t (Ho et al. 2020, Fig. 8): a PNG with a row per pair.")
+flags.DEFINE_integer("interpolate_t", None, "--interpolate: the step to encode to, in [0, T-1] (default T/2 - 1).")
+flags.DEFINE_integer("pairs", 8, "--interpolate: the number of pairs of test images.")
 flags.DEFINE_string("fid_stats", None, "FID and Inception Score against a pytorch-fid statistics .npz, or 'train' / "
                     "'test': the run's own data split (statistics computed once, kept in the output folder).")
 flags.DEFINE_string("inception_weights", None, "pytorch-fid's pt_inception .pth (or an .npz of it) for --fid_stats "
@@ -74,6 +79,13 @@ def main(argv):
         if config.sampling.sampler == "ddim" and config.sampling.eta:
             tag += f"_eta{config.sampling.eta:g}"
         out_dir = FLAGS.out_dir or ("samples" if FLAGS.pretrained else os.path.join(FLAGS.workdir, "samples"))
+        if FLAGS.interpolate:
+            result = run.draw_interpolations(config, model, schedule, params, out_dir=out_dir, tag=tag,
+                                             t=FLAGS.interpolate_t, num_pairs=FLAGS.pairs, seed=FLAGS.seed)
+            print(f"interpolations of {FLAGS.pairs} pairs of test images ({tag})")
+            for key in ("png", "npz"):
+                print(f"  {key}: {result[key]}")
+            return
         fid_reference = None
         if FLAGS.fid_stats:  # before sampling: a missing file or weights should not wait for 50,000 samples
             fid_reference = run.load_fid_reference(

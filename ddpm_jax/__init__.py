@@ -22,7 +22,7 @@ from ddpm_jax.diffusion import (
 )
 from ddpm_jax.gaussians import discretized_gaussian_log_likelihood, normal_kl
 from ddpm_jax.likelihood import BpdResult, calc_bpd_loop, prior_bpd
-from ddpm_jax.sampling import Trajectory, ddim_sample, ddim_timesteps, ddpm_sample
+from ddpm_jax.sampling import Trajectory, ddim_sample, ddim_timesteps, ddpm_sample, interpolate
 from ddpm_jax.schedules import SCHEDULES, Schedule, beta_schedule, make_schedule, make_schedule_from_betas
 
 __version__ = "0.1.0"
@@ -42,6 +42,7 @@ __all__ = [
     "ddim_timesteps",
     "ddpm_sample",
     "discretized_gaussian_log_likelihood",
+    "interpolate",
     "make_schedule",
     "make_schedule_from_betas",
     "normal_kl",

@@ -574,6 +574,47 @@ def sample_metrics(config, samples: np.ndarray, *, seed: int = 0) -> dict:
     return {}
 
 
+def draw_interpolations(config, model, schedule, params, *, out_dir: str, tag: str, t: int | None = None,
+                        num_pairs: int = 8, num_lambdas: int = 11, seed: int = 0, progress: bool = True) -> dict:
+    """Ho et al. 2020, Fig. 8 for this model: the first 2 * ``num_pairs`` test images in pairs, encoded to step
+    ``t`` (default T/2 - 1, the paper's 500 of 1000 steps) and decoded for lambdas 0..1 (`sampling.interpolate`).
+    Writes a PNG (a row per pair, the two sources at its ends) and an .npz; returns their paths."""
+    from ddpm_jax.data import load_split, uint8_to_float
+    from ddpm_jax.sampling import interpolate
+
+    if not is_image_data(config):
+        raise ValueError(f"interpolation pictures are for images; {config.data.dataset} is a 2-D data set")
+    t = schedule.num_timesteps // 2 - 1 if t is None else t
+    if not 0 <= t < schedule.num_timesteps or num_pairs < 1 or num_lambdas < 2:
+        raise ValueError(f"interpolation needs 0 <= t < T = {schedule.num_timesteps}, at least one pair and two "
+                         f"lambdas; got t={t}, {num_pairs} pairs, {num_lambdas} lambdas")
+    images = uint8_to_float(load_split(
+        config.data, "test", data_dir=config.data.data_dir or None, download=config.data.download,
+    )[0][: 2 * num_pairs])
+    if len(images) < 2 * num_pairs:
+        raise ValueError(f"{num_pairs} pairs need {2 * num_pairs} test images; the test split has {len(images)}")
+    x0_a, x0_b, lambdas = images[0::2], images[1::2], np.linspace(0.0, 1.0, num_lambdas)
+    d, watch = config.diffusion, _ChainWatch()
+
+    def decode(params, key):
+        return interpolate(
+            denoiser_fn(model, params), schedule, x0_a, x0_b, lambdas, t, key, mean_type=d.mean_type,
+            var_type=d.var_type, clip_denoised=config.sampling.clip_denoised, progress_fn=watch,
+        )
+
+    decode = jax.jit(decode, compiler_options=cpu_conv_compiler_options())
+    with _progress_bar(total=t + 1, desc="interpolation", unit="step", leave=False, disable=not progress) as bar, \
+            watch.watching(on_step=lambda _: bar.update(1)):
+        decoded = np.asarray(decode(params, jax.random.PRNGKey(seed)))
+    name = f"interpolation_t{t}_seed{seed}_{tag}"
+    result = {"png": os.path.join(out_dir, f"{name}.png"), "npz": os.path.join(out_dir, f"{name}.npz")}
+    style = _grid_style(config)
+    viz.save_png(result["png"], viz.interpolation_strip(x0_a, x0_b, decoded, lambdas, scale=style["scale"],
+                                                         padding=style["padding"], pad_value=style["pad_value"]))
+    np.savez_compressed(result["npz"], interpolations=decoded, lambdas=lambdas, x0_a=x0_a, x0_b=x0_b, t=t)
+    return result
+
+
 FID_SPLITS = ("train", "test")  # sample.py --fid_stats=SPLIT: statistics of the run's own data split
 
 

@@ -24,6 +24,7 @@ from ddpm_jax.diffusion import (
     predict_eps_from_x0,
     predict_x0_from_eps,
     predict_x0_from_v,
+    q_sample,
     split_model_output,
 )
 from ddpm_jax.schedules import Schedule
@@ -99,14 +100,29 @@ def ddpm_sample(
     clip_denoised: bool = True,
     trajectory_every: int | None = None,
     progress_fn: Callable[[jnp.ndarray], None] | None = None,
+    x_start: jnp.ndarray | None = None,
+    start_t: int | None = None,
 ):
     """Ancestral sampling x_T ~ N(0, I), x_{t-1} ~ p_theta(x_{t-1} | x_t) for t = T..1 (Algorithm 2).
 
     Returns samples of ``shape``; with ``trajectory_every=k`` also a `Trajectory` of every k-th step.
-    ``progress_fn(t)``, if given, is called on the host after each step.
+    ``progress_fn(t)``, if given, is called on the host after each step. ``x_start`` [shape], if given, replaces
+    x_T: the chain starts from it at timestep ``start_t`` (default T - 1; e.g. a `q_sample` at that t) and runs
+    ``start_t + 1`` steps, with the same step keys as the full chain.
     """
     init_key, step_key = chain_keys(key)
-    x_init = jax.random.normal(init_key, shape, jnp.float32)
+    num_timesteps = schedule.num_timesteps
+    start_t = num_timesteps - 1 if start_t is None else int(start_t)
+    if not 0 <= start_t < num_timesteps:
+        raise ValueError(f"start_t must be in [0, {num_timesteps - 1}] (T - 1), got {start_t}")
+    if x_start is None:
+        if start_t != num_timesteps - 1:
+            raise ValueError(f"start_t={start_t} starts the chain from a given state: pass it as x_start")
+        x_init = jax.random.normal(init_key, shape, jnp.float32)
+    elif tuple(x_start.shape) != tuple(shape):
+        raise ValueError(f"x_start has shape {tuple(x_start.shape)}, the samples {tuple(shape)}")
+    else:
+        x_init = jnp.asarray(x_start, jnp.float32)
     batch = shape[0]
 
     def step(x, inp):
@@ -122,8 +138,45 @@ def ddpm_sample(
             clip_denoised=clip_denoised,
         )
 
-    timesteps = np.arange(schedule.num_timesteps - 1, -1, -1, dtype=np.int32)
+    timesteps = np.arange(start_t, -1, -1, dtype=np.int32)
     return _run_chain(step, x_init, {"t": timesteps}, trajectory_every, progress_fn)
+
+
+def interpolate(
+    model_fn: ModelFn,
+    schedule: Schedule,
+    x0_a: jnp.ndarray,
+    x0_b: jnp.ndarray,
+    lambdas: jnp.ndarray,
+    t: int,
+    key: jax.Array,
+    *,
+    mean_type: str = "eps",
+    var_type: str = "fixedlarge",
+    clip_denoised: bool = True,
+    progress_fn: Callable[[jnp.ndarray], None] | None = None,
+) -> jnp.ndarray:
+    """Interpolation in the diffusion's latent space (Ho et al. 2020, Sec. 4.3, Fig. 8): [L, B, ...] images.
+
+    x0_a, x0_b [B, ...] are encoded once by q(x_t | x_0) (Eq. 4), and (1 - lambda) x_t + lambda x'_t is decoded
+    by the reverse chain from t for each of the L ``lambdas``. The encoding noise and the reverse chain's noise
+    are the same for every lambda, so the images change only through lambda. ``t`` is in [0, T - 1] as everywhere
+    here: the paper's 500 steps of diffusion are t = 499.
+    """
+    if x0_a.shape != x0_b.shape:
+        raise ValueError(f"x0_a and x0_b must have the same shape, got {x0_a.shape} and {x0_b.shape}")
+    key_a, key_b, chain_key = jax.random.split(key, 3)
+    timestep = jnp.full((x0_a.shape[0],), t, jnp.int32)
+    x_t_a = q_sample(schedule, x0_a, timestep, jax.random.normal(key_a, x0_a.shape, jnp.float32))
+    x_t_b = q_sample(schedule, x0_b, timestep, jax.random.normal(key_b, x0_b.shape, jnp.float32))
+
+    def decode(lam):
+        return ddpm_sample(
+            model_fn, schedule, chain_key, x0_a.shape, mean_type=mean_type, var_type=var_type,
+            clip_denoised=clip_denoised, progress_fn=progress_fn, x_start=(1 - lam) * x_t_a + lam * x_t_b, start_t=t,
+        )
+
+    return jax.vmap(decode)(jnp.asarray(lambdas, jnp.float32))
 
 
 def ddim_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:

@@ -130,6 +130,22 @@ def chain_strip(
     return _add_labels(np.concatenate(grids[:-1]), pad_value, top=top_labels, left=left_labels)
 
 
+def interpolation_strip(
+    x0_a, x0_b, images, lambdas, scale: int | None = None, padding: int = 1, pad_value: int = 255
+) -> np.ndarray:
+    """Interpolations as a picture (Ho et al. 2020, Fig. 8): one row per pair, its source x0_a [P, H, W, C], the
+    decoded images [L, P, H, W, C] for each lambda, then its source x0_b; the columns labelled with lambda."""
+    images, x0_a, x0_b = to_uint8(images), to_uint8(x0_a), to_uint8(x0_b)
+    num_lambdas, num_pairs, height, width, channels = images.shape
+    scale = scale or _auto_scale(height)
+    rows = np.concatenate([x0_a[None], images, x0_b[None]])  # [L + 2, P, ...]
+    tiles = np.swapaxes(rows, 0, 1).reshape(-1, height, width, channels)
+    grid = image_grid(tiles, ncols=num_lambdas + 2, padding=padding, pad_value=pad_value, scale=scale)
+    labels = ["x0", *(f"{lam:.2g}" for lam in np.asarray(lambdas)), "x0'"]
+    centres = _column_centres(num_lambdas + 2, width * scale, padding)
+    return _add_labels(grid, pad_value, top=list(zip(centres, labels, strict=True)))
+
+
 def chain_frames(
     traj_x,
     traj_pred_x0=None,

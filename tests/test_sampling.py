@@ -91,6 +91,45 @@ def test_scan_sampler_equals_python_loop(var_type):
     np.testing.assert_allclose(scanned, looped, rtol=1e-5, atol=1e-5)
 
 
+def test_chain_from_a_given_state_equals_the_loop_from_that_step():
+    model_fn = optimal_eps_fn(SMALL, MU, S)
+    key, start_t = jax.random.PRNGKey(7), 8
+    x_start = jax.random.normal(jax.random.PRNGKey(8), (5, 3))
+    scanned = dj.ddpm_sample(model_fn, SMALL, key, (5, 3), x_start=x_start, start_t=start_t)
+    _, step_key = dj.sampling.chain_keys(key)
+    x = x_start
+    for t in range(start_t, -1, -1):
+        x, _ = dj.p_sample(SMALL, model_fn, x, jnp.full((5,), t), jax.random.fold_in(step_key, t))
+    np.testing.assert_allclose(scanned, x, rtol=1e-5, atol=1e-5)
+    # x_T given is the usual chain from that x_T.
+    init_key, _ = dj.sampling.chain_keys(key)
+    x_T = jax.random.normal(init_key, (5, 3))
+    np.testing.assert_array_equal(dj.ddpm_sample(model_fn, SMALL, key, (5, 3), x_start=x_T),
+                                  dj.ddpm_sample(model_fn, SMALL, key, (5, 3)))
+    with pytest.raises(ValueError, match="pass it as x_start"):
+        dj.ddpm_sample(model_fn, SMALL, key, (5, 3), start_t=start_t)
+    with pytest.raises(ValueError, match=r"start_t must be in \[0, 19\]"):
+        dj.ddpm_sample(model_fn, SMALL, key, (5, 3), x_start=x_start, start_t=SMALL_T)
+
+
+def test_interpolation_shares_its_noise_across_lambda():
+    """With a linear eps model and no clipping, the reverse chain is affine in its start given its noise, so the
+    decoded images are affine in lambda only if every lambda sees the same encoding and chain noise."""
+    linear_model = lambda x, t: 0.3 * x  # noqa: E731
+    x0_a, x0_b = (jax.random.uniform(jax.random.PRNGKey(i), (4, 3), minval=-1, maxval=1) for i in (9, 10))
+    lambdas = jnp.array([0.0, 0.25, 0.5, 1.0])
+    images = dj.interpolate(linear_model, SMALL, x0_a, x0_b, lambdas, 12, jax.random.PRNGKey(11), clip_denoised=False)
+    assert images.shape == (4, 4, 3)
+    for i, lam in enumerate(np.asarray(lambdas)):
+        np.testing.assert_allclose(images[i], (1 - lam) * images[0] + lam * images[3], rtol=1e-4, atol=1e-5)
+    # An endpoint is the chain from t = 12 of x0_a's own encoding, q(x_t | x_0) (Eq. 4).
+    key_a, _, chain_key = jax.random.split(jax.random.PRNGKey(11), 3)
+    x_t = dj.q_sample(SMALL, x0_a, jnp.full((4,), 12), jax.random.normal(key_a, (4, 3)))
+    alone = dj.ddpm_sample(linear_model, SMALL, chain_key, (4, 3), x_start=x_t, start_t=12, clip_denoised=False)
+    np.testing.assert_allclose(images[0], alone, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(images[0], images[3], atol=0.1)
+
+
 def test_ddim_eta1_all_steps_equals_ancestral_fixedsmall():
     """Song et al. 2021: eta = 1 over all T steps is DDPM with sigma_t^2 = beta~_t, step for step."""
     model_fn = optimal_eps_fn(SMALL, MU, S)

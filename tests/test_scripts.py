@@ -13,11 +13,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
+import ddpm_jax as dj
 from configs import swissroll
 from ddpm_jax import run
+from ddpm_jax.data import load_split, uint8_to_float
+from ddpm_jax.models import denoiser_fn
 from ddpm_jax.training import make_mesh
-from tests.multihost_worker import REPO, TINY_SWISSROLL, apply_overrides, subprocess_env, tiny_unet_bpd
+from tests.multihost_worker import REPO, TINY_SWISSROLL, apply_overrides, subprocess_env, tiny_unet, tiny_unet_bpd
 
 NUM_STEPS = 600  # with a checkpoint every 100 steps: long enough to be killed between two of them
 
@@ -287,6 +291,26 @@ def test_a_ctrl_c_during_the_metrics_keeps_the_chains_for_the_rerun(killed_and_u
     assert (rerun["chains_drawn"], rerun["num_chains"]) == (0, 2) and "swd" in rerun["metrics"]
     np.testing.assert_array_equal(np.load(rerun["npz"])["samples"], first)
     assert not os.path.exists(os.path.join(out_dir, "samples_ddpm_seed0_m.parts"))
+
+
+def test_interpolation_pictures_decode_pairs_of_test_images(tmp_path):
+    """sample.py --interpolate: test images 0 and 2 paired with 1 and 3, decoded as `interpolate` decodes them."""
+    config, model, schedule, params = tiny_unet()
+    result = run.draw_interpolations(config, model, schedule, params, out_dir=str(tmp_path), tag="tiny", t=4,
+                                     num_pairs=2, num_lambdas=3, seed=5, progress=False)
+    saved = np.load(result["npz"])
+    test_images = uint8_to_float(load_split(config.data, "test")[0][:4])
+    np.testing.assert_array_equal(saved["x0_a"], test_images[[0, 2]])
+    np.testing.assert_array_equal(saved["x0_b"], test_images[[1, 3]])
+    expected = dj.interpolate(denoiser_fn(model, params), schedule, test_images[[0, 2]], test_images[[1, 3]],
+                              np.array([0.0, 0.5, 1.0]), 4, jax.random.PRNGKey(5),
+                              mean_type=config.diffusion.mean_type, var_type=config.diffusion.var_type)
+    np.testing.assert_allclose(saved["interpolations"], expected, rtol=1e-5, atol=1e-5)
+    assert Image.open(result["png"]).size[0] == 5 * (8 * 6 + 6) + 6  # 3 lambdas + 2 sources, 6x upscaled digits
+    with pytest.raises(ValueError, match="0 <= t < T = 10"):
+        run.draw_interpolations(config, model, schedule, params, out_dir=str(tmp_path), tag="x", t=10)
+    with pytest.raises(ValueError, match="interpolation pictures are for images"):
+        run.draw_interpolations(swissroll.get_config(), None, None, None, out_dir=str(tmp_path), tag="x")
 
 
 def test_ctrl_c_stops_bits_per_dim_within_its_batch(monkeypatch):

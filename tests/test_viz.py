@@ -82,6 +82,24 @@ def test_chain_strip_tile_at_row_i_col_j_is_record_j_of_example_i():
     assert (strip[: viz._LABEL_HEIGHT, left:] < 128).any()
 
 
+def test_interpolation_strip_rows_are_pairs_with_their_sources_at_the_ends():
+    rng = np.random.default_rng(2)
+    lambdas, pairs, height, width, scale, padding = 3, 2, 2, 3, 2, 1
+    x0_a, x0_b = rng.uniform(-1, 1, (2, pairs, height, width, 1))
+    decoded = rng.uniform(-1, 1, (lambdas, pairs, height, width, 1))
+    strip = viz.interpolation_strip(x0_a, x0_b, decoded, [0, 0.5, 1], scale=scale, padding=padding)
+    tile_h, tile_w = height * scale, width * scale
+    columns = [x0_a, *decoded, x0_b]
+    assert strip.shape[1] == (lambdas + 2) * (tile_w + padding) + padding
+    for i in range(pairs):
+        for j, column in enumerate(columns):
+            top = viz._LABEL_HEIGHT + padding + i * (tile_h + padding)
+            left = padding + j * (tile_w + padding)
+            tile = strip[top : top + tile_h, left : left + tile_w]
+            np.testing.assert_array_equal(tile, upscaled(viz.to_uint8(column[i]), scale))
+    assert (strip[: viz._LABEL_HEIGHT] < 128).any()  # the lambdas written in the header
+
+
 def test_save_chain_gif_has_one_frame_per_record_and_holds_the_last(tmp_path):
     records = 4
     # Distinct records: Pillow merges identical consecutive GIF frames.
