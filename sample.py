@@ -67,6 +67,13 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
     try:
+        if FLAGS.interpolate:
+            sampling_flags = ("sampler", "steps", "eta", "num", "batch_size", "trajectory", "metrics", "fid_stats",
+                              "png_dir")
+            given = [f"--{name}" for name in sampling_flags if FLAGS[name].present]
+            if given:
+                raise ValueError(f"--interpolate decodes test images with the ancestral chain; {', '.join(given)} "
+                                 "belong to sampling")
         config, model, schedule, params, tag = _load()
         overrides = {"sampler": FLAGS.sampler, "num_steps": FLAGS.steps, "eta": FLAGS.eta, "num_samples": FLAGS.num,
                      "batch_size": FLAGS.batch_size}

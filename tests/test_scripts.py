@@ -348,6 +348,9 @@ def test_sample_py_draws_from_a_finished_run(killed_and_uninterrupted, tmp_path)
     assert ancestral_with_ddim_flag.returncode == 1 and "add --sampler=ddim" in ancestral_with_ddim_flag.stderr
     two_models = sample_py(f"--workdir={workdir}", f"--pretrained={workdir}")
     assert two_models.returncode == 1 and "give one of them" in two_models.stderr
+    interpolate_with_ddim = sample_py(f"--workdir={workdir}", "--interpolate", "--sampler=ddim", "--num=4")
+    assert interpolate_with_ddim.returncode == 1, interpolate_with_ddim.stderr[-2000:]
+    assert "--sampler, --num belong to sampling" in interpolate_with_ddim.stderr
     fid_of_points = sample_py(f"--workdir={workdir}", f"--out_dir={out_dir}_fid", "--fid_stats=train")
     assert fid_of_points.returncode == 1 and "error: FID is defined for images" in fid_of_points.stderr
     assert not os.path.exists(f"{out_dir}_fid")  # stopped before sampling
