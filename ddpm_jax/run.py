@@ -7,15 +7,11 @@ only parse flags and call these functions.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import math
 import os
 import shutil
-import signal
 import sys
-import threading
 import time
 from functools import partial
 
@@ -29,6 +25,7 @@ from ddpm_jax import viz
 from ddpm_jax.checkpoint import Checkpointer
 from ddpm_jax.config import DEFAULT_DDIM_STEPS, build_model, data_shape, schedule_from_config, validate_config
 from ddpm_jax.data import DATASETS, make_dataset
+from ddpm_jax.interrupts import ChainWatch, interrupts_deferred
 from ddpm_jax.likelihood import calc_bpd_loop
 from ddpm_jax.models.conv import cpu_conv_compiler_options
 from ddpm_jax.models.layers import denoiser_fn
@@ -130,7 +127,7 @@ def make_bpd_fn(config, model, schedule, mesh, *, progress_fn=None):
 
 def evaluate_bpd(
     config, params, model, schedule, *, num_examples: int, key: jax.Array, mesh=None, progress=False,
-    bpd_fn=None, watch: _ChainWatch | None = None,
+    bpd_fn=None, watch: ChainWatch | None = None,
 ) -> dict:
     """Mean bits/dim (total, prior, decoder L_0) over the first ``num_examples`` of the test split.
 
@@ -145,7 +142,7 @@ def evaluate_bpd(
         process_index=jax.process_index(), process_count=jax.process_count(),
         data_dir=config.data.data_dir or None, download=config.data.download,
     )
-    watch = watch or _ChainWatch()  # a bpd_fn given without its watch has no per-step progress or early stop
+    watch = watch or ChainWatch()  # a bpd_fn given without its watch has no per-step progress or early stop
     bpd_fn = bpd_fn or make_bpd_fn(config, model, schedule, mesh, progress_fn=watch)
     params = jax.device_put(params, replicated(mesh))
     num_batches = math.ceil(min(num_examples, dataset.num_examples) / config.eval.batch_size)
@@ -257,111 +254,6 @@ class MetricsWriter:
             self.tb.close()
 
 
-@contextlib.contextmanager
-def _interrupts_deferred():
-    """Hold SIGINT and SIGTERM (where Python handles them) until the block ends, then deliver the first.
-
-    For the blocks a KeyboardInterrupt must not cut short:
-    - the train step, which donates the state: interrupted after the call returned but before ``state`` named its
-      result, ``state`` would name deleted buffers and the checkpoint saved on Ctrl-C would fail (seen in 1 of 8
-      SIGINTs sent at random moments);
-    - Orbax's save: interrupted inside it, Orbax's background threads waited forever (the process hung at exit)
-      and the checkpoint saved on Ctrl-C failed (1 of 12 SIGINTs at random moments, with a save every 3 steps).
-    Signal handlers can only be set from the main thread.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    previous = {sig: handler for sig, handler in previous.items() if callable(handler)}
-    received = []
-    for sig in previous:
-        signal.signal(sig, lambda signum, frame: received.append((signum, frame)))
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if received:
-            signum, frame = received[0]
-            previous[signum](signum, frame)
-
-
-class _ChainStopped(Exception):
-    """Raised by a chain's progress callback to end the jitted computation at Ctrl-C or SIGTERM."""
-
-
-class _ChainWatch:
-    """The ``progress_fn`` of a jitted chain (one `lax.scan` over its steps) that lets Ctrl-C and SIGTERM stop it.
-
-    Python runs signal handlers only between bytecodes of the main thread, and the whole chain is one XLA call:
-    a Ctrl-C took effect only when the chain had ended (46 s later in a sample.py run; minutes for 1000 steps of
-    the CIFAR-10 U-Net on a CPU). While `watching`, the C-level signal handler also writes the signal's number to
-    a pipe (`signal.set_wakeup_fd`); the callback, run on the host after every step, reads it and raises, which
-    ends the computation, and the signal is delivered when the block ends. In a multi-process run, and for a chain
-    sharded over several devices (``watching(stop=False)``), the chain runs to its end: the processes must stop
-    together, and the callback's error in a sharded computation would resurface in JAX's exit handlers.
-    """
-
-    def __init__(self):
-        self._read_fd: int | None = None
-        self._on_step = None
-        self.stopped = False
-
-    def __call__(self, t) -> None:
-        if self._on_step is not None:
-            self._on_step(t)
-        if self._read_fd is None:
-            return
-        try:
-            signals = os.read(self._read_fd, 64)
-        except BlockingIOError:
-            signals = b""
-        self.stopped = self.stopped or bool({signal.SIGINT, signal.SIGTERM} & set(signals))
-        if self.stopped:
-            raise _ChainStopped
-
-    @contextlib.contextmanager
-    def watching(self, on_step=None, *, stop: bool = True):
-        """Run the chain in this block; ``on_step(t)`` is called after each of its steps (e.g. a progress bar).
-
-        ``stop=False``: the chain runs to its end, and a Ctrl-C arrives as usual after it.
-        """
-        self._on_step, self.stopped = on_step, False
-        if not stop or threading.current_thread() is not threading.main_thread() or jax.process_count() > 1:
-            try:
-                yield
-            finally:
-                self._on_step = None
-            return
-        read_fd, write_fd = os.pipe()
-        os.set_blocking(read_fd, False)
-        os.set_blocking(write_fd, False)
-        # JAX logs every exception of a debug callback with its traceback; a stop asked for is not an error.
-        debugging_log = logging.getLogger("jax._src.debugging")
-
-        def log_filter(record: logging.LogRecord) -> bool:
-            return not (record.exc_info and isinstance(record.exc_info[1], _ChainStopped))
-
-        with _interrupts_deferred():  # records the signal, so that it is delivered when the block ends
-            previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-            self._read_fd = read_fd
-            debugging_log.addFilter(log_filter)
-            try:
-                yield
-            except jax.errors.JaxRuntimeError:
-                if not self.stopped:
-                    raise
-            finally:
-                debugging_log.removeFilter(log_filter)
-                signal.set_wakeup_fd(previous_fd)
-                self._read_fd, self._on_step = None, None
-                os.close(read_fd)
-                os.close(write_fd)
-        if self.stopped:  # the signal's handler returned, but the chain has no result to give
-            raise KeyboardInterrupt
-
-
 def _crossed(step: int, num: int, every: int) -> bool:
     """Whether the call that took the run from ``step - num`` to ``step`` passed a multiple of ``every`` (0: never).
 
@@ -424,14 +316,14 @@ def _train(config, workdir: str, checkpointer: Checkpointer, progress: bool) -> 
     checkpointer.record_config(config.to_dict())  # only now: a failed restore leaves the run's config.json as it was
     step_fn = jit_train_step(make_train_step(config, model, schedule), mesh)
     writer = MetricsWriter(workdir, start_step)
-    watch = _ChainWatch()
+    watch = ChainWatch()
     sample_fn = make_sample_fn(config, model, schedule, progress_fn=watch)
     reference = None if is_image_data(config) else dataset.examples[: config.sampling.num_samples]
     eval_key = jax.random.PRNGKey(config.seed + 1)
 
     def write_samples(step: int, name: str) -> None:
         """Sample from the EMA parameters, save the picture and log the sample-quality metrics."""
-        # On one device, from its copy of the replicated parameters: there Ctrl-C stops the chain (see _ChainWatch),
+        # On one device, from its copy of the replicated parameters: there Ctrl-C stops the chain (see ChainWatch),
         # and every process draws the same samples without collectives.
         params = jax.tree.map(lambda a: a.addressable_data(0), state.ema_params)
         with _progress_bar(
@@ -458,7 +350,7 @@ def _train(config, workdir: str, checkpointer: Checkpointer, progress: bool) -> 
     bpd_fn = None  # compiled at the first held-out evaluation, then reused
 
     def save(*, force: bool = False) -> None:
-        with _interrupts_deferred():
+        with interrupts_deferred():
             checkpointer.save(step, state, force=force)
 
     def save_now() -> None:
@@ -477,7 +369,7 @@ def _train(config, workdir: str, checkpointer: Checkpointer, progress: bool) -> 
             num = min(k, tr.num_steps - step)
             local = [dataset.batch(s) for s in range(step, step + num)]
             batches = global_batch({"image": np.stack([b["image"] for b in local])}, mesh)
-            with _interrupts_deferred():
+            with interrupts_deferred():
                 state, metrics = step_fn(state, batches)
                 step += num
             window.append(metrics)
@@ -508,7 +400,7 @@ def _train(config, workdir: str, checkpointer: Checkpointer, progress: bool) -> 
                 writer.write(step, result)
                 bar.write(f"step {step}: held-out {result['bpd']:.3f} bits/dim ({result['bpd_examples']} images)")
     except KeyboardInterrupt:
-        with _interrupts_deferred():  # a second Ctrl-C arrives once the checkpoint is saved and said so
+        with interrupts_deferred():  # a second Ctrl-C arrives once the checkpoint is saved and said so
             save_now()
             checkpointer.wait()
             bar.write(f"interrupted: checkpoint saved at step {step} in {checkpointer.directory}")
@@ -594,7 +486,7 @@ def draw_interpolations(config, model, schedule, params, *, out_dir: str, tag: s
     if len(images) < 2 * num_pairs:
         raise ValueError(f"{num_pairs} pairs need {2 * num_pairs} test images; the test split has {len(images)}")
     x0_a, x0_b, lambdas = images[0::2], images[1::2], np.linspace(0.0, 1.0, num_lambdas)
-    d, watch = config.diffusion, _ChainWatch()
+    d, watch = config.diffusion, ChainWatch()
 
     def decode(params, key):
         return interpolate(
@@ -736,7 +628,7 @@ def generate(config, model, schedule, params, *, out_dir: str, tag: str, traject
     part_paths = [os.path.join(parts_dir, f"chain{chain_size}_{c:05d}.npz") for c in range(num_chains)]
     todo = [c for c, path in enumerate(part_paths) if not os.path.exists(path) or (trajectory and c == 0)]
 
-    watch = _ChainWatch()
+    watch = ChainWatch()
     sample_fn = make_sample_fn(
         config, model, schedule, num_samples=chain_size, mesh=mesh, trajectory_every=trajectory_every,
         progress_fn=watch,

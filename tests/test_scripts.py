@@ -19,6 +19,7 @@ import ddpm_jax as dj
 from configs import swissroll
 from ddpm_jax import run
 from ddpm_jax.data import load_split, uint8_to_float
+from ddpm_jax.interrupts import ChainWatch, interrupts_deferred
 from ddpm_jax.models import denoiser_fn
 from ddpm_jax.training import make_mesh
 from tests.multihost_worker import REPO, TINY_SWISSROLL, apply_overrides, subprocess_env, tiny_unet, tiny_unet_bpd
@@ -122,7 +123,7 @@ def test_interrupts_in_the_train_step_block_arrive_after_it():
     handler = signal.getsignal(signal.SIGINT)
     finished = []
     with pytest.raises(KeyboardInterrupt):
-        with run._interrupts_deferred():
+        with interrupts_deferred():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.05)  # Python runs the (recording) handler here
             finished.append(True)
@@ -154,7 +155,7 @@ def test_ctrl_c_during_a_checkpoint_save_lets_that_save_finish(monkeypatch, tmp_
 
 def test_ctrl_c_stops_a_sampling_chain_at_once():
     """A jitted chain is one XLA call: Python would raise the KeyboardInterrupt only after its last step."""
-    watch, steps = run._ChainWatch(), []
+    watch, steps = ChainWatch(), []
     total = 2000
 
     def on_step(t):
@@ -209,7 +210,7 @@ def test_a_second_ctrl_c_during_the_save_it_asked_for_lets_that_save_finish(monk
 def interrupt_chains_at_step(monkeypatch, step: int | None) -> list[int]:
     """Send SIGINT from a chain's progress callback at its ``step``-th call (None: never); the list of the calls' t,
     filled as they come."""
-    calls, watch_call = [], run._ChainWatch.__call__
+    calls, watch_call = [], ChainWatch.__call__
 
     def interrupted(self, t):
         calls.append(int(t))
@@ -217,7 +218,7 @@ def interrupt_chains_at_step(monkeypatch, step: int | None) -> list[int]:
             os.kill(os.getpid(), signal.SIGINT)
         watch_call(self, t)
 
-    monkeypatch.setattr(run._ChainWatch, "__call__", interrupted)
+    monkeypatch.setattr(ChainWatch, "__call__", interrupted)
     return calls
 
 
