@@ -531,23 +531,25 @@ def load_fid_reference(config, fid_stats: str, *, inception_weights: str | None 
                        progress: bool = True) -> tuple[tuple[np.ndarray, np.ndarray], dict]:
     """((mu, sigma), Inception variables) for FID: ``fid_stats`` is a pytorch-fid statistics file (.npz), or a
     split name ("train", "test") for the run's own data, whose statistics are computed once and kept in
-    ``out_dir``. ``inception_weights``: pytorch-fid's .pth or an .npz of it (None: downloaded once)."""
-    from ddpm_jax.metrics import load_fid_inception, load_stats, save_stats
+    ``out_dir`` under a name with the weights' sha256 prefix. ``inception_weights``: pytorch-fid's .pth or an .npz
+    of it (None: downloaded once)."""
+    from ddpm_jax.metrics import inception
 
     if not is_image_data(config):
         raise ValueError(f"FID is defined for images; {config.data.dataset} is a 2-D data set")
     if fid_stats not in FID_SPLITS and not os.path.isfile(fid_stats):
         raise ValueError(f"--fid_stats={fid_stats}: no such statistics file, and not a split name {FID_SPLITS}")
-    variables = load_fid_inception(inception_weights)
+    weights_path = inception_weights or inception.download_fid_weights()
+    variables = inception.load_fid_inception(weights_path)
     path = fid_stats
     if fid_stats in FID_SPLITS:
-        d = config.data
-        path = os.path.join(out_dir, f"fid_stats_{d.dataset}_{d.image_size}px_{fid_stats}.npz")
+        d, weights = config.data, inception.file_sha256(weights_path)[:8]
+        path = os.path.join(out_dir, f"fid_stats_{d.dataset}_{d.image_size}px_{fid_stats}_inception{weights}.npz")
         if not os.path.exists(path):
             os.makedirs(out_dir, exist_ok=True)
-            save_stats(path + ".tmp.npz", *data_fid_stats(config, fid_stats, variables, progress=progress))
+            inception.save_stats(path + ".tmp.npz", *data_fid_stats(config, fid_stats, variables, progress=progress))
             os.replace(path + ".tmp.npz", path)
-    mu, sigma = load_stats(path)
+    mu, sigma = inception.load_stats(path)
     if mu.shape != (2048,) or sigma.shape != (2048, 2048):
         raise ValueError(f"{path} holds statistics of {mu.shape} features, not of Inception's 2048 pool features")
     return (mu, sigma), variables

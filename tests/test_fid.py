@@ -69,11 +69,16 @@ def test_fid_and_inception_score_of_every_sample_against_the_cached_data_statist
     stats, variables = run.load_fid_reference(
         config, "train", inception_weights=weights_file, out_dir=out_dir, progress=False
     )
-    cached = tmp_path / "fid_stats_digits_8px_train.npz"
+    # Named with the weights' sha256 prefix: statistics under other weights are not reused.
+    cached = tmp_path / f"fid_stats_digits_8px_train_inception{inception.file_sha256(weights_file)[:8]}.npz"
     assert split_stats_calls == ["train"] and cached.exists()
     again = run.load_fid_reference(config, "train", inception_weights=weights_file, out_dir=out_dir)
     assert split_stats_calls == ["train"]  # read from the file this time
     np.testing.assert_array_equal(again[0][1], stats[1])
+    other_weights = str(tmp_path / "other_weights.npz")
+    np.savez(other_weights, **random_fid_state_dict(seed=1))
+    run.load_fid_reference(config, "train", inception_weights=other_weights, out_dir=out_dir, progress=False)
+    assert split_stats_calls == ["train", "train"]
 
     data = uint8_to_float(load_split(config.data, "train")[0][:NUM_IMAGES])
     data_pool = direct_features(data, variables)["pool"]

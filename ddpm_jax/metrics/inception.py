@@ -409,12 +409,17 @@ def _default_cache_dir() -> str:
     return os.environ.get("DDPM_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "ddpm_jax"))
 
 
-def _sha256_matches(path: str) -> bool:
+def file_sha256(path: str) -> str:
+    """Hex sha256 of a file's bytes."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
-    return digest.hexdigest().startswith(FID_WEIGHTS_SHA256_PREFIX)
+    return digest.hexdigest()
+
+
+def _sha256_matches(path: str) -> bool:
+    return file_sha256(path).startswith(FID_WEIGHTS_SHA256_PREFIX)
 
 
 def download_fid_weights(cache_dir: str | None = None) -> str:
