@@ -466,12 +466,21 @@ def sample_metrics(config, samples: np.ndarray, *, seed: int = 0) -> dict:
     return {}
 
 
+def _split_images(config, split: str, num_examples: int | None = None) -> np.ndarray:
+    """The first ``num_examples`` (default: all) images of a data split, float32 in [-1, 1] at the run's size."""
+    from ddpm_jax.data import load_split, uint8_to_float
+
+    if not is_image_data(config):
+        raise ValueError(f"{config.data.dataset} is a 2-D data set, not images")
+    images = load_split(config.data, split, data_dir=config.data.data_dir or None, download=config.data.download)[0]
+    return uint8_to_float(images[:num_examples])
+
+
 def draw_interpolations(config, model, schedule, params, *, out_dir: str, tag: str, t: int | None = None,
                         num_pairs: int = 8, num_lambdas: int = 11, seed: int = 0, progress: bool = True) -> dict:
     """Ho et al. 2020, Fig. 8 for this model: the first 2 * ``num_pairs`` test images in pairs, encoded to step
     ``t`` (default T/2 - 1, the paper's 500 of 1000 steps) and decoded for lambdas 0..1 (`sampling.interpolate`).
     Writes a PNG (a row per pair, the two sources at its ends) and an .npz; returns their paths."""
-    from ddpm_jax.data import load_split, uint8_to_float
     from ddpm_jax.sampling import interpolate
 
     if not is_image_data(config):
@@ -480,9 +489,7 @@ def draw_interpolations(config, model, schedule, params, *, out_dir: str, tag: s
     if not 0 <= t < schedule.num_timesteps or num_pairs < 1 or num_lambdas < 2:
         raise ValueError(f"interpolation needs 0 <= t < T = {schedule.num_timesteps}, at least one pair and two "
                          f"lambdas; got t={t}, {num_pairs} pairs, {num_lambdas} lambdas")
-    images = uint8_to_float(load_split(
-        config.data, "test", data_dir=config.data.data_dir or None, download=config.data.download,
-    )[0][: 2 * num_pairs])
+    images = _split_images(config, "test", 2 * num_pairs)
     if len(images) < 2 * num_pairs:
         raise ValueError(f"{num_pairs} pairs need {2 * num_pairs} test images; the test split has {len(images)}")
     x0_a, x0_b, lambdas = images[0::2], images[1::2], np.linspace(0.0, 1.0, num_lambdas)
@@ -514,14 +521,9 @@ def data_fid_stats(config, split: str, variables: dict, *, num_examples: int | N
                    progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """FID statistics (mu [2048], sigma [2048, 2048]) of the first ``num_examples`` (default: all) images of a
     data split at the run's image size, the reference its samples are compared with."""
-    from ddpm_jax.data import load_split, uint8_to_float
     from ddpm_jax.metrics import compute_stats
 
-    if not is_image_data(config):
-        raise ValueError(f"FID is defined for images; {config.data.dataset} is a 2-D data set")
-    images = uint8_to_float(load_split(
-        config.data, split, data_dir=config.data.data_dir or None, download=config.data.download,
-    )[0][:num_examples])
+    images = _split_images(config, split, num_examples)
     with _progress_bar(total=len(images), desc=f"Inception ({split} split)", unit="image", leave=False,
                        disable=not progress) as bar:
         return compute_stats(images, variables, on_batch=bar.update)
