@@ -1,13 +1,18 @@
-"""The cost of FID: the Inception-v3 forward pass and the Fréchet distance of 2048-d statistics.
+"""The cost of FID: the Inception-v3 forward pass, the statistics of its features, and the Fréchet distance.
 
     python benchmarks/fid.py                       # CPU: 50 images per call, 8 rounds; 5,000 features
     python benchmarks/fid.py --batch 500 --rounds 10 --out-dir $OUT   # a GPU
+    python benchmarks/fid.py --parts stats          # only the statistics of 50,000 features
 
 Inception: `ddpm_jax.metrics.inception_forward` (on XLA:CPU its convolutions run on Eigen) against the same
 function jitted with XLA's default options (on jaxlib 0.10's CPU: YNNPACK convolutions), timed alternately
 in one process, on random weights and 8x8 grey images resized to 299x299 as the digits samples are.
 Fréchet distance: the library's (symmetric eigenvalues) against pytorch-fid's route, `scipy.linalg.sqrtm` of
 the product of the covariances, on the statistics of random features.
+Statistics: mean and covariance of 50,000 random 2048-d feature vectors arriving in batches of 100, as the
+Inception pass delivers them: all rows kept and `gaussian_stats` (np.cov) at the end, as compute_stats did
+before, against `RunningGaussianStats`, which merges each batch; time, and the peak of memory allocated
+(tracemalloc, in a separate untimed pass; the batches themselves are drawn inside both arms).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import os
 import statistics
 import sys
 import time
+import tracemalloc
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -28,7 +34,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import scipy.linalg  # noqa: E402
 
-from ddpm_jax.metrics import frechet_distance, gaussian_stats, inception  # noqa: E402
+from ddpm_jax.metrics import RunningGaussianStats, frechet_distance, gaussian_stats, inception  # noqa: E402
 
 
 def sqrtm_frechet(mu1, sigma1, mu2, sigma2) -> float:
@@ -82,30 +88,90 @@ def frechet_arms(num_features: int, repeats: int) -> dict:
     return out
 
 
+def _batches(num_features: int, batch: int):
+    rng = np.random.default_rng(2)
+    for start in range(0, num_features, batch):
+        yield rng.normal(0.3, 0.2, (min(batch, num_features - start), 2048))
+
+
+def _all_rows_stats(num_features: int, batch: int):
+    return gaussian_stats(np.concatenate(list(_batches(num_features, batch))))
+
+
+def _running_stats(num_features: int, batch: int):
+    running = RunningGaussianStats()
+    for rows in _batches(num_features, batch):
+        running.update(rows)
+    return running.stats()
+
+
+def stats_arms(num_features: int, batch: int, repeats: int) -> dict:
+    arms = {"all_rows": _all_rows_stats, "running": _running_stats}
+    out, values = {"num_features": num_features, "batch": batch}, {}
+    for name, fn in arms.items():
+        tracemalloc.start()
+        values[name] = fn(num_features, batch)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn(num_features, batch)
+            times.append(time.perf_counter() - start)
+        out[name] = {**common.summarize(times), "peak_allocated_mb": peak / 2**20}
+    out["speedup"] = out["all_rows"]["median_s"] / out["running"]["median_s"]
+    out["memory_ratio"] = out["all_rows"]["peak_allocated_mb"] / out["running"]["peak_allocated_mb"]
+    (mu1, sigma1), (mu2, sigma2) = values["all_rows"], values["running"]
+    out["max_relative_difference"] = float(max(np.abs(mu1 - mu2).max() / np.abs(mu1).max(),
+                                               np.abs(sigma1 - sigma2).max() / np.abs(sigma1).max()))
+    return out
+
+
+PARTS = ("inception", "stats", "frechet")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=50, help="images per Inception call")
     parser.add_argument("--rounds", type=int, default=8, help="timed calls of each Inception arm")
     parser.add_argument("--features", type=int, default=5000, help="feature vectors behind each statistic")
     parser.add_argument("--frechet-repeats", type=int, default=3)
+    parser.add_argument("--stats-features", type=int, default=50_000, help="feature vectors for the statistics")
+    parser.add_argument("--stats-repeats", type=int, default=3)
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
     parser.add_argument("--out-dir", default=None)
     args = parser.parse_args()
+    parts = args.parts.split(",")
+    if not set(parts) <= set(PARTS):
+        parser.error(f"--parts takes a comma-separated subset of {PARTS}, got {args.parts!r}")
 
-    result = {"inception": inception_arms(args.batch, args.rounds),
-              "frechet": frechet_arms(args.features, args.frechet_repeats)}
-    inc, fr = result["inception"], result["frechet"]
-    rows = [
-        {"what": f"Inception forward, {args.batch} images", "arm": name, "median [min-max]": common.fmt_time(inc[name]),
-         "first call (compile)": f"{inc[name]['first_call_s']:.1f} s"} for name in ("xla_default", "library")
-    ] + [
-        {"what": f"Fréchet distance, 2048-d, {args.features} features", "arm": name,
-         "median [min-max]": common.fmt_time(fr[name])} for name in ("sqrtm", "library")
-    ]
-    print(common.format_table(rows, ["what", "arm", "median [min-max]", "first call (compile)"]))
-    print(f"Inception: library {inc['speedup']:.2f}x XLA's default (paired median {inc['paired_speedup']:.2f}x); "
-          f"pool features differ by {inc['max_relative_difference_of_pool_features']:.1e} (relative to the largest)")
-    print(f"Fréchet: library {fr['speedup']:.2f}x sqrtm; values differ by {fr['relative_difference']:.1e} relative")
-    print("wrote", common.write_json("fid", result, args.out_dir))
+    result, rows = {}, []
+    if "inception" in parts:
+        inc = result["inception"] = inception_arms(args.batch, args.rounds)
+        rows += [{"what": f"Inception forward, {args.batch} images", "arm": name,
+                  "median [min-max]": common.fmt_time(inc[name]),
+                  "first call (compile)": f"{inc[name]['first_call_s']:.1f} s"} for name in ("xla_default", "library")]
+    if "stats" in parts:
+        st = result["stats"] = stats_arms(args.stats_features, 100, args.stats_repeats)
+        rows += [{"what": f"statistics of {args.stats_features} 2048-d features", "arm": name,
+                  "median [min-max]": common.fmt_time(st[name]),
+                  "peak allocated": f"{st[name]['peak_allocated_mb']:.0f} MB"} for name in ("all_rows", "running")]
+    if "frechet" in parts:
+        fr = result["frechet"] = frechet_arms(args.features, args.frechet_repeats)
+        rows += [{"what": f"Fréchet distance, 2048-d, {args.features} features", "arm": name,
+                  "median [min-max]": common.fmt_time(fr[name])} for name in ("sqrtm", "library")]
+    print(common.format_table(rows, ["what", "arm", "median [min-max]", "first call (compile)", "peak allocated"]))
+    if "inception" in parts:
+        print(f"Inception: library {inc['speedup']:.2f}x XLA's default (paired median {inc['paired_speedup']:.2f}x); "
+              f"pool features differ by {inc['max_relative_difference_of_pool_features']:.1e} (relative to the "
+              "largest)")
+    if "stats" in parts:
+        print(f"Statistics: running {st['speedup']:.2f}x all rows in time, {st['memory_ratio']:.1f}x less memory "
+              f"at its peak; they differ by {st['max_relative_difference']:.1e} (relative to the largest)")
+    if "frechet" in parts:
+        print(f"Fréchet: library {fr['speedup']:.2f}x sqrtm; values differ by {fr['relative_difference']:.1e} relative")
+    name = "fid" if set(parts) == set(PARTS) else "_".join(["fid", *parts])
+    print("wrote", common.write_json(name, result, args.out_dir))
 
 
 if __name__ == "__main__":

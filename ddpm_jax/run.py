@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from ddpm_jax import viz
 from ddpm_jax.checkpoint import Checkpointer
 from ddpm_jax.config import DEFAULT_DDIM_STEPS, build_model, data_shape, schedule_from_config, validate_config
-from ddpm_jax.data import DATASETS, make_dataset
+from ddpm_jax.data import DATASETS, load_split, make_dataset, uint8_to_float
 from ddpm_jax.interrupts import ChainWatch, interrupts_deferred
 from ddpm_jax.likelihood import calc_bpd_loop
 from ddpm_jax.models.conv import cpu_conv_compiler_options
@@ -467,13 +467,11 @@ def sample_metrics(config, samples: np.ndarray, *, seed: int = 0) -> dict:
 
 
 def _split_images(config, split: str, num_examples: int | None = None) -> np.ndarray:
-    """The first ``num_examples`` (default: all) images of a data split, float32 in [-1, 1] at the run's size."""
-    from ddpm_jax.data import load_split, uint8_to_float
-
+    """The first ``num_examples`` (default: all) images of a data split at the run's size, uint8 [N, H, W, C]."""
     if not is_image_data(config):
         raise ValueError(f"{config.data.dataset} is a 2-D data set, not images")
     images = load_split(config.data, split, data_dir=config.data.data_dir or None, download=config.data.download)[0]
-    return uint8_to_float(images[:num_examples])
+    return images[:num_examples]
 
 
 def draw_interpolations(config, model, schedule, params, *, out_dir: str, tag: str, t: int | None = None,
@@ -489,7 +487,7 @@ def draw_interpolations(config, model, schedule, params, *, out_dir: str, tag: s
     if not 0 <= t < schedule.num_timesteps or num_pairs < 1 or num_lambdas < 2:
         raise ValueError(f"interpolation needs 0 <= t < T = {schedule.num_timesteps}, at least one pair and two "
                          f"lambdas; got t={t}, {num_pairs} pairs, {num_lambdas} lambdas")
-    images = _split_images(config, "test", 2 * num_pairs)
+    images = uint8_to_float(_split_images(config, "test", 2 * num_pairs))
     if len(images) < 2 * num_pairs:
         raise ValueError(f"{num_pairs} pairs need {2 * num_pairs} test images; the test split has {len(images)}")
     x0_a, x0_b, lambdas = images[0::2], images[1::2], np.linspace(0.0, 1.0, num_lambdas)
@@ -523,7 +521,7 @@ def data_fid_stats(config, split: str, variables: dict, *, num_examples: int | N
     data split at the run's image size, the reference its samples are compared with."""
     from ddpm_jax.metrics import compute_stats
 
-    images = _split_images(config, split, num_examples)
+    images = _split_images(config, split, num_examples)  # uint8: a quarter of the memory of floats
     with _progress_bar(total=len(images), desc=f"Inception ({split} split)", unit="image", leave=False,
                        disable=not progress) as bar:
         return compute_stats(images, variables, on_batch=bar.update)

@@ -194,7 +194,8 @@ def test_logits_match_reference(reference_and_ours, bits):
 
 
 def test_compute_features_quantizes_repeats_gray_and_pads_the_last_batch(reference_and_ours):
-    """5 grey images in batches of 4: 8-bit rounding, grey -> RGB and the padded last batch, against direct calls."""
+    """5 grey images in batches of 4: 8-bit rounding, grey -> RGB and the padded last batch, against direct calls;
+    the same as uint8 through compute_stats."""
     variables = inception.convert_state_dict(reference_and_ours[2])
     gray = np.random.default_rng(1).uniform(-1.0, 1.0, size=(5, 107, 107, 1)).astype(np.float32)
     features = inception.compute_features(gray, variables, batch_size=4, resize=False, quantize=True)
@@ -208,6 +209,13 @@ def test_compute_features_quantizes_repeats_gray_and_pads_the_last_batch(referen
     # float32 parity test above, so the same bounds (relative to the largest feature) apply.
     error = np.abs(features["pool"] - expected) / np.abs(expected).max()
     assert np.median(error) < 5e-5 and np.max(error) < 1e-3
+    # uint8 images reach the network as the same grid points, and their statistics, merged batch by batch
+    # (4 + 1 images), are those of all the features at once.
+    as_uint8 = np.round((gray.astype(np.float64) + 1.0) * 127.5).astype(np.uint8)
+    mu, sigma = inception.compute_stats(as_uint8, variables, batch_size=4, resize=False)
+    np.testing.assert_allclose(mu, features["pool"].mean(0), rtol=1e-12, atol=1e-12 * np.abs(mu).max())
+    np.testing.assert_allclose(sigma, np.cov(features["pool"], rowvar=False), rtol=1e-12,
+                               atol=1e-12 * np.abs(sigma).max())
 
 
 def test_converter_rejects_wrong_state_dict(reference_and_ours):

@@ -114,6 +114,31 @@ def test_gaussian_stats_and_errors():
         distances.split_disjoint(features, 30, 0)
 
 
+@pytest.mark.parametrize("merge_rows", [1, 8, 2048])
+def test_running_gaussian_stats_merge_batches_exactly(merge_rows):
+    # Far from the origin (mean 1e6, spread 1) sums of raw squares would cancel away about 12 of float64's
+    # 16 digits; the pairwise merge keeps the covariance to rounding. Uneven batches, single rows among them,
+    # merged row by row, across batch boundaries, or all at the end.
+    rng = np.random.default_rng(9)
+    features = 1e6 + rng.normal(size=(69, 5)) @ rng.normal(size=(5, 5))
+    running = distances.RunningGaussianStats(merge_rows)
+    for rows in np.split(features, np.cumsum([1, 1, 5, 17, 3, 40])):
+        running.update(rows)
+    mu, sigma = running.stats()
+    assert running.count == 69
+    np.testing.assert_allclose(mu, features.mean(0), rtol=1e-15)
+    np.testing.assert_allclose(sigma, np.cov(features, rowvar=False), rtol=1e-9, atol=1e-9 * np.abs(sigma).max())
+    running.update(features[:3])  # more rows after stats(): the statistics of all 72
+    np.testing.assert_allclose(running.stats()[1], np.cov(np.concatenate([features, features[:3]]), rowvar=False),
+                               rtol=1e-9, atol=1e-9 * np.abs(sigma).max())
+    with pytest.raises(ValueError, match=r"expected \[n >= 1, 5\] features"):
+        running.update(features[:3, :4])
+    with pytest.raises(ValueError, match="at least 2 feature vectors, got 1"):
+        one = distances.RunningGaussianStats(merge_rows)
+        one.update(features[:1])
+        one.stats()
+
+
 def test_lowdim_metrics_reports_data_baseline():
     rng = np.random.default_rng(9)
     data = rng.normal(size=(1200, 2))

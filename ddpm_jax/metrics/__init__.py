@@ -11,6 +11,7 @@ from ddpm_jax.metrics.digits_classifier import (
     load_digits_split,
 )
 from ddpm_jax.metrics.distances import (
+    RunningGaussianStats,
     data_baseline,
     frechet_distance,
     gaussian_stats,
@@ -32,6 +33,7 @@ from ddpm_jax.metrics.inception import (
 )
 
 __all__ = [
+    "RunningGaussianStats",
     "class_entropy",
     "compute_features",
     "compute_stats",

@@ -15,7 +15,7 @@ import os
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import flax.linen as nn
 import jax
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.special
 
-from ddpm_jax.metrics.distances import frechet_distance, gaussian_stats
+from ddpm_jax.metrics.distances import RunningGaussianStats, frechet_distance
 from ddpm_jax.models.conv import cpu_conv_compiler_options
 
 __all__ = [
@@ -50,6 +50,7 @@ FID_WEIGHTS_URL = (
 # torch.hub convention: the hex after the last '-' of the file name is a prefix of the file's sha256.
 FID_WEIGHTS_SHA256_PREFIX = "6726825d"
 INPUT_SIZE = 299
+OUTPUTS = ("pool", "logits", "logits_unbiased")  # inception_forward's
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -269,36 +270,78 @@ def _forward(variables: dict, images: jax.Array, resize: bool, quantize: bool) -
     return FIDInceptionV3().apply(variables, images)
 
 
+def _feature_batches(
+    images, variables: dict, batch_size: int, resize: bool, quantize: bool, names: tuple[str, ...],
+) -> Iterator[dict[str, np.ndarray]]:
+    """inception_forward's outputs ``names`` for consecutive batches of ``images``, as float64 NumPy arrays.
+
+    Each batch is dispatched before the previous one's outputs are copied to the host, so the device computes
+    while the caller digests them.
+    """
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(f"expected NHWC images with 1 or 3 channels, got shape {images.shape}")
+    batch_size = max(1, min(batch_size, images.shape[0]))  # a few images are not padded to a full batch
+    pending = None
+    for start in range(0, images.shape[0], batch_size):
+        batch = np.asarray(images[start : start + batch_size])
+        if batch.dtype == np.uint8:  # the 8-bit grid as `quantize` computes it, so both give the same inputs
+            batch = batch.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+        count = batch.shape[0]
+        # Pad the last batch so one compiled shape serves every batch.
+        batch = np.pad(batch, ((0, batch_size - count), (0, 0), (0, 0), (0, 0)))
+        outputs = inception_forward(variables, batch, resize=resize, quantize=quantize)
+        if pending is not None:
+            yield _to_host(*pending)
+        pending = ({name: outputs[name] for name in names}, count)
+    if pending is not None:
+        yield _to_host(*pending)
+
+
+def _to_host(outputs: dict[str, jax.Array], count: int) -> dict[str, np.ndarray]:
+    return {name: np.asarray(value[:count], np.float64) for name, value in outputs.items()}
+
+
 def compute_features(
     images, variables: dict, batch_size: int = 100, resize: bool = True, quantize: bool = True,
     on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, np.ndarray]:
-    """inception_forward over [N, H, W, 1|3] images in fixed-size batches -> float64 NumPy 'pool', 'logits*'.
+    """inception_forward over [N, H, W, 1|3] images (uint8, or floats in [-1, 1]) in fixed-size batches ->
+    float64 NumPy 'pool' [N, 2048], 'logits', 'logits_unbiased' [N, 1008].
 
     ``on_batch(count)`` is called with the number of images after each batch (e.g. a progress bar's update).
     """
-    if images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise ValueError(f"expected NHWC images with 1 or 3 channels in [-1, 1], got shape {images.shape}")
-    batch_size = max(1, min(batch_size, images.shape[0]))  # a few images are not padded to a full batch
     outputs: dict[str, list[np.ndarray]] = {}
-    for start in range(0, images.shape[0], batch_size):
-        batch = jnp.asarray(images[start : start + batch_size])
-        count = batch.shape[0]
-        # Pad the last batch so one compiled shape serves every batch.
-        batch = jnp.pad(batch, ((0, batch_size - count), (0, 0), (0, 0), (0, 0)))
-        result = inception_forward(variables, batch, resize=resize, quantize=quantize)
-        for name, value in result.items():
-            outputs.setdefault(name, []).append(np.asarray(value[:count], np.float64))
+    for batch in _feature_batches(images, variables, batch_size, resize, quantize, OUTPUTS):
+        for name, value in batch.items():
+            outputs.setdefault(name, []).append(value)
         if on_batch is not None:
-            on_batch(count)
+            on_batch(len(batch["pool"]))
     return {name: np.concatenate(values) for name, values in outputs.items()}
 
 
 def compute_stats(
-    images, variables: dict, batch_size: int = 100, on_batch: Callable[[int], None] | None = None
+    images, variables: dict, batch_size: int = 100, on_batch: Callable[[int], None] | None = None,
+    resize: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """FID statistics (mu [2048], sigma [2048, 2048], float64) of [N, H, W, 1|3] images in [-1, 1]."""
-    return gaussian_stats(compute_features(images, variables, batch_size, on_batch=on_batch)["pool"])
+    """FID statistics (mu [2048], sigma [2048, 2048], float64) of [N, H, W, 1|3] images (uint8, or floats in
+    [-1, 1]), merged batch by batch: the N feature vectors are never held at once."""
+    return _pool_stats_and_logits(images, variables, batch_size, on_batch, resize, with_logits=False)[0]
+
+
+def _pool_stats_and_logits(
+    images, variables: dict, batch_size: int, on_batch: Callable[[int], None] | None, resize: bool,
+    with_logits: bool,
+) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray | None]:
+    """((mu, sigma) of the pool features, 'logits_unbiased' [N, 1008] if ``with_logits``) from one pass."""
+    stats, logits = RunningGaussianStats(), []
+    names = ("pool", "logits_unbiased") if with_logits else ("pool",)
+    for batch in _feature_batches(images, variables, batch_size, resize, True, names):
+        stats.update(batch["pool"])
+        if with_logits:
+            logits.append(batch["logits_unbiased"])
+        if on_batch is not None:
+            on_batch(len(batch["pool"]))
+    return stats.stats(), np.concatenate(logits) if with_logits else None
 
 
 def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray) -> None:
@@ -324,20 +367,23 @@ def fid_from_stats(stats1, stats2) -> float:
 
 
 def fid_from_samples(samples, reference_stats, variables: dict, batch_size: int = 100) -> float:
-    """FID of [N, H, W, 1|3] samples in [-1, 1] against reference statistics (path or (mu, sigma))."""
+    """FID of [N, H, W, 1|3] samples (uint8, or floats in [-1, 1]) against reference statistics (path or
+    (mu, sigma))."""
     return fid_from_stats(compute_stats(samples, variables, batch_size), reference_stats)
 
 
 def inception_metrics(
-    samples, reference_stats, variables: dict, batch_size: int = 100, on_batch: Callable[[int], None] | None = None
+    samples, reference_stats, variables: dict, batch_size: int = 100, on_batch: Callable[[int], None] | None = None,
+    resize: bool = True,
 ) -> dict[str, float]:
     """FID against ``reference_stats`` (path or (mu, sigma)) and Inception Score (10 splits; from 10 samples) of
-    [N, H, W, 1|3] samples in [-1, 1], from one pass of the network. FID is biased upwards for small N: papers
-    report it for N = 50,000."""
-    features = compute_features(samples, variables, batch_size, on_batch=on_batch)
-    metrics = {"fid": fid_from_stats(gaussian_stats(features["pool"]), reference_stats), "fid_samples": len(samples)}
-    if len(samples) >= 10:
-        metrics["inception_score"], metrics["inception_score_std"] = inception_score(features["logits_unbiased"])
+    [N, H, W, 1|3] samples (uint8, or floats in [-1, 1]), from one pass of the network. FID is biased upwards for
+    small N: papers report it for N = 50,000."""
+    with_logits = len(samples) >= 10
+    stats, logits = _pool_stats_and_logits(samples, variables, batch_size, on_batch, resize, with_logits)
+    metrics = {"fid": fid_from_stats(stats, reference_stats), "fid_samples": len(samples)}
+    if with_logits:
+        metrics["inception_score"], metrics["inception_score_std"] = inception_score(logits)
     return metrics
 
 
