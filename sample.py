@@ -16,7 +16,7 @@ import os
 
 from absl import app, flags, logging
 
-from ddpm_jax import run
+from ddpm_jax import generation, run
 from ddpm_jax.config import validate_config
 
 flags.DEFINE_string("workdir", "runs/digits", "Workdir of a training run (its config.json and checkpoints).")
@@ -87,7 +87,7 @@ def main(argv):
             tag += f"_eta{config.sampling.eta:g}"
         out_dir = FLAGS.out_dir or ("samples" if FLAGS.pretrained else os.path.join(FLAGS.workdir, "samples"))
         if FLAGS.interpolate:
-            result = run.draw_interpolations(config, model, schedule, params, out_dir=out_dir, tag=tag,
+            result = generation.draw_interpolations(config, model, schedule, params, out_dir=out_dir, tag=tag,
                                              t=FLAGS.interpolate_t, num_pairs=FLAGS.pairs, seed=FLAGS.seed)
             print(f"interpolations of {FLAGS.pairs} pairs of test images ({tag})")
             for key in ("png", "npz"):
@@ -95,16 +95,16 @@ def main(argv):
             return
         fid_reference = None
         if FLAGS.fid_stats:  # before sampling: a missing file or weights should not wait for 50,000 samples
-            fid_reference = run.load_fid_reference(
+            fid_reference = generation.load_fid_reference(
                 config, FLAGS.fid_stats, inception_weights=FLAGS.inception_weights, out_dir=out_dir
             )
-        result = run.generate(
+        result = generation.generate(
             config, model, schedule, params, out_dir=out_dir, tag=tag, trajectory=FLAGS.trajectory,
             with_metrics=FLAGS.metrics, fid_reference=fid_reference, png_dir=FLAGS.png_dir, seed=FLAGS.seed,
         )
     except ValueError as err:
         raise SystemExit(f"error: {err}") from err
-    except KeyboardInterrupt:  # run.generate said what it kept
+    except KeyboardInterrupt:  # generation.generate said what it kept
         raise SystemExit(130) from None
     drawn = "" if result["chains_drawn"] == result["num_chains"] else f"{result['chains_drawn']} of "
     chains = "chain" if result["num_chains"] == 1 else "chains"

@@ -28,7 +28,7 @@ import jax  # noqa: E402
 from absl import logging  # noqa: E402
 
 from configs.swissroll import get_config as swissroll_config  # noqa: E402
-from ddpm_jax import run  # noqa: E402
+from ddpm_jax import generation, run  # noqa: E402
 
 
 def swissroll_quality(seconds: float, num_samples: int) -> dict:
@@ -41,7 +41,7 @@ def swissroll_quality(seconds: float, num_samples: int) -> dict:
     with tempfile.TemporaryDirectory() as workdir:
         state = run.train_and_evaluate(config, workdir, progress=False)
         model, schedule, params, step = run.restore_params(config, workdir)
-        out = run.generate(
+        out = generation.generate(
             config, model, schedule, params, out_dir=os.path.join(workdir, "s"), tag="q", with_metrics=True
         )
     m = out["metrics"]
@@ -64,7 +64,7 @@ def digits_quality(workdir: str, num_samples: int, sampler: str, ddim_steps: int
     config.sampling.sampler = sampler
     config.sampling.num_steps = ddim_steps
     model, schedule, params, step = run.restore_params(config, workdir)
-    out = run.generate(
+    out = generation.generate(
         config,
         model,
         schedule,

@@ -38,6 +38,18 @@ def is_learned_variance(config) -> bool:
     return config.diffusion.var_type in ("learned", "learned_range")
 
 
+def is_image_data(config) -> bool:
+    """Whether the config's data set is images (else 2-D points)."""
+    return DATASETS[config.data.dataset].kind == "image"
+
+
+def num_sampling_steps(config, schedule) -> int:
+    """Steps of the config's sampler: all T for ddpm, sampling.num_steps (default 50) for ddim."""
+    if config.sampling.sampler == "ddpm":
+        return schedule.num_timesteps
+    return config.sampling.num_steps or DEFAULT_DDIM_STEPS
+
+
 def build_model(config) -> nn.Module:
     """The denoiser named by `config.model`, with output channels doubled for learned variances."""
     m = config.model

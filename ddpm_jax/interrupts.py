@@ -1,5 +1,5 @@
-"""Ctrl-C and SIGTERM around jitted work: hold them during a block that must not be cut short, or stop a jitted
-chain (one `lax.scan`) after the step in progress through its per-step host callback."""
+"""Long jitted work at the terminal: Ctrl-C and SIGTERM held during a block that must not be cut short, or ending
+a jitted chain (one `lax.scan`) after the step in progress through its per-step host callback; progress bars."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import threading
 
 import jax
+from tqdm.auto import tqdm
 
 
 @contextlib.contextmanager
@@ -115,3 +117,8 @@ class ChainWatch:
                 os.close(write_fd)
         if self.stopped:  # the signal's handler returned, but the chain has no result to give
             raise KeyboardInterrupt
+
+
+def progress_bar(**kwargs) -> tqdm:
+    """tqdm that redraws every second on a terminal and every 30 s into a log file."""
+    return tqdm(dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0, **kwargs)

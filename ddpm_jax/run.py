@@ -1,8 +1,9 @@
-"""Running experiments: the training loop with its checkpoints, logs and pictures, evaluation and sampling.
+"""Running experiments: the training loop with its checkpoints, logs and periodic samples, held-out bits/dim, and
+loading a trained or released model.
 
-This is the layer that touches files and the terminal (progress bar, ``metrics.jsonl``, TensorBoard events,
-PNG grids) on top of the pure pieces in `training`, `sampling` and `likelihood`. `train.py` and `sample.py`
-only parse flags and call these functions.
+This is the layer that touches files and the terminal (progress bar, ``metrics.jsonl``, TensorBoard events)
+on top of the pure pieces in `training` and `likelihood`; drawing samples into files is `generation`'s.
+`train.py` and `sample.py` only parse flags and call these functions.
 """
 
 from __future__ import annotations
@@ -10,8 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import sys
 import time
 from functools import partial
 
@@ -19,17 +18,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from tqdm.auto import tqdm
 
-from ddpm_jax import viz
 from ddpm_jax.checkpoint import Checkpointer
-from ddpm_jax.config import DEFAULT_DDIM_STEPS, build_model, data_shape, schedule_from_config, validate_config
-from ddpm_jax.data import DATASETS, load_split, make_dataset, uint8_to_float
-from ddpm_jax.interrupts import ChainWatch, interrupts_deferred
+from ddpm_jax.config import build_model, is_image_data, num_sampling_steps, schedule_from_config, validate_config
+from ddpm_jax.data import make_dataset
+from ddpm_jax.generation import make_sample_fn, sample_metrics, save_samples
+from ddpm_jax.interrupts import ChainWatch, interrupts_deferred, progress_bar
 from ddpm_jax.likelihood import calc_bpd_loop
 from ddpm_jax.models.conv import cpu_conv_compiler_options
 from ddpm_jax.models.layers import denoiser_fn
-from ddpm_jax.sampling import Trajectory, ddim_sample, ddpm_sample
 from ddpm_jax.training import (
     NUM_LOSS_QUARTILES,
     TrainState,
@@ -40,6 +37,7 @@ from ddpm_jax.training import (
     jit_train_step,
     make_mesh,
     make_train_step,
+    mesh_dividing,
     replicated,
 )
 
@@ -61,49 +59,6 @@ def maybe_initialize_distributed(config) -> None:
         num_processes=num_processes or None,
         process_id=process_id if process_id >= 0 else None,
     )
-
-
-def is_image_data(config) -> bool:
-    return DATASETS[config.data.dataset].kind == "image"
-
-
-def num_sampling_steps(config, schedule) -> int:
-    """Steps of the config's sampler: all T for ddpm, sampling.num_steps (default 50) for ddim."""
-    if config.sampling.sampler == "ddpm":
-        return schedule.num_timesteps
-    return config.sampling.num_steps or DEFAULT_DDIM_STEPS
-
-
-def make_sample_fn(
-    config, model, schedule, *, num_samples: int | None = None, mesh=None, trajectory_every: int | None = None,
-    progress_fn=None,
-):
-    """jitted ``(params, key) -> samples`` [num_samples, ...] (and a Trajectory if asked) with the config's sampler.
-
-    ``num_samples`` defaults to ``sampling.num_samples``. With a ``mesh`` the chain is data-parallel: the samples
-    (and the trajectory's records) are sharded along the batch over its devices, the parameters replicated.
-    """
-    s, d = config.sampling, config.diffusion
-    shape = (num_samples or s.num_samples, *data_shape(config))
-    kwargs = dict(
-        mean_type=d.mean_type, var_type=d.var_type, clip_denoised=s.clip_denoised and is_image_data(config),
-        trajectory_every=trajectory_every, progress_fn=progress_fn,
-    )
-
-    def sample(params, key):
-        model_fn = denoiser_fn(model, params)
-        if s.sampler == "ddim":
-            num_steps = num_sampling_steps(config, schedule)
-            return ddim_sample(model_fn, schedule, key, shape, num_steps=num_steps, eta=s.eta, **kwargs)
-        return ddpm_sample(model_fn, schedule, key, shape, **kwargs)
-
-    if mesh is None:
-        return jax.jit(sample, compiler_options=cpu_conv_compiler_options())
-    out_shardings = batch_sharding(mesh)
-    if trajectory_every is not None:
-        records = batch_sharding(mesh, 2)
-        out_shardings = (out_shardings, Trajectory(records, records, replicated(mesh)))
-    return jax.jit(sample, out_shardings=out_shardings, compiler_options=cpu_conv_compiler_options())
 
 
 def make_bpd_fn(config, model, schedule, mesh, *, progress_fn=None):
@@ -147,7 +102,7 @@ def evaluate_bpd(
     params = jax.device_put(params, replicated(mesh))
     num_batches = math.ceil(min(num_examples, dataset.num_examples) / config.eval.batch_size)
     rows, masks = [], []
-    with _progress_bar(
+    with progress_bar(
         total=num_batches * schedule.num_timesteps, desc="bits/dim", unit="step", leave=False,
         disable=not progress or jax.process_index() != 0,
     ) as bar:
@@ -167,49 +122,11 @@ def _process_rows(rows: dict[str, jax.Array], mesh) -> dict[str, np.ndarray]:
     return jax.tree.map(np.asarray, rows)
 
 
-def _mesh_dividing(batch_size: int):
-    """A mesh over the first n devices, for the largest n that divides ``batch_size`` (all where their number does)."""
-    devices = jax.devices()
-    return make_mesh(devices[: max(n for n in range(1, len(devices) + 1) if batch_size % n == 0)])
-
-
-def _save_npz_atomically(path: str, **arrays: np.ndarray) -> None:
-    """np.savez to ``path`` through a temporary file: a crash leaves the old file or none, never half of one."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(path + ".tmp", path)
-
-
-def _load_npz(path: str) -> dict[str, np.ndarray]:
-    with np.load(path) as arrays:
-        return dict(arrays)
-
-
 def valid_rows_of_all_processes(rows: dict[str, np.ndarray], mask: np.ndarray) -> dict[str, np.ndarray]:
     """The rows (each [N_local]) where ``mask``, from every process, in process order (all processes get all)."""
     if jax.process_count() > 1:
         rows, mask = multihost_utils.process_allgather((rows, mask))
     return {k: np.asarray(v)[np.asarray(mask)] for k, v in rows.items()}
-
-
-def _progress_bar(**kwargs) -> tqdm:
-    """tqdm that redraws every second on a terminal and every 30 s into a log file."""
-    return tqdm(dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0, **kwargs)
-
-
-def _grid_style(config) -> dict:
-    """Upscale small images to ~48 px and separate them with grey borders (8x8 digits touch their edges)."""
-    scale = max(1, 48 // config.data.image_size)
-    return {"scale": scale, "padding": max(2, scale), "pad_value": 128}
-
-
-def save_samples(config, samples: np.ndarray, path: str, reference: np.ndarray | None = None) -> None:
-    """A PNG of samples: an image grid, or for 2-D data a scatter plot beside the data."""
-    if is_image_data(config):
-        viz.save_image_grid(path, samples, **_grid_style(config))
-    else:
-        viz.save_scatter(path, samples, reference, title=f"{config.data.dataset}: data | samples")
 
 
 def _metrics_step(line: str) -> float:
@@ -326,7 +243,7 @@ def _train(config, workdir: str, checkpointer: Checkpointer, progress: bool) -> 
         # On one device, from its copy of the replicated parameters: there Ctrl-C stops the chain (see ChainWatch),
         # and every process draws the same samples without collectives.
         params = jax.tree.map(lambda a: a.addressable_data(0), state.ema_params)
-        with _progress_bar(
+        with progress_bar(
             total=num_sampling_steps(config, schedule), desc="sampling", unit="step", leave=False,
             disable=not progress or jax.process_index() != 0,
         ) as sample_bar, watch.watching(on_step=lambda t: sample_bar.update(1)):
@@ -339,7 +256,7 @@ def _train(config, workdir: str, checkpointer: Checkpointer, progress: bool) -> 
                 bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in quality.items()))
 
     k = tr.steps_per_call
-    bar = _progress_bar(
+    bar = progress_bar(
         total=tr.num_steps, initial=start_step, desc="train", unit="step",
         disable=not progress or jax.process_index() != 0,
     )
@@ -442,117 +359,12 @@ def evaluate_checkpoint(config, workdir: str, *, num_examples: int | None = None
     model, schedule, params, step = restore_params(config, workdir)
     result = evaluate_bpd(
         config, params, model, schedule, num_examples=num_examples or 10**9,
-        key=jax.random.PRNGKey(config.seed + 2), mesh=_mesh_dividing(config.eval.batch_size), progress=progress,
+        key=jax.random.PRNGKey(config.seed + 2), mesh=mesh_dividing(config.eval.batch_size), progress=progress,
     )
     result["step"] = step
     with open(os.path.join(workdir, "eval.json"), "w") as f:
         json.dump(result, f, indent=2)
     return result
-
-
-def sample_metrics(config, samples: np.ndarray, *, seed: int = 0) -> dict:
-    """The sample-quality metric that fits the data, each beside its data-vs-data baseline.
-
-    2-D sets: sliced Wasserstein and MMD against held-out points; digits: Fréchet distance in the digits
-    classifier's feature space and class entropy. Other image sets need FID statistics (see ddpm_jax.metrics).
-    """
-    from ddpm_jax import metrics  # the classifier and Inception code load only when metrics are asked for
-
-    if not is_image_data(config):
-        held_out = make_dataset(config.data, "test", batch_size=1, seed=seed).examples
-        return metrics.lowdim_metrics(samples, held_out, seed)
-    if config.data.dataset == "digits":
-        return metrics.digits_metrics(samples)
-    return {}
-
-
-def _split_images(config, split: str, num_examples: int | None = None) -> np.ndarray:
-    """The first ``num_examples`` (default: all) images of a data split at the run's size, uint8 [N, H, W, C]."""
-    if not is_image_data(config):
-        raise ValueError(f"{config.data.dataset} is a 2-D data set, not images")
-    images = load_split(config.data, split, data_dir=config.data.data_dir or None, download=config.data.download)[0]
-    return images[:num_examples]
-
-
-def draw_interpolations(config, model, schedule, params, *, out_dir: str, tag: str, t: int | None = None,
-                        num_pairs: int = 8, num_lambdas: int = 11, seed: int = 0, progress: bool = True) -> dict:
-    """Ho et al. 2020, Fig. 8 for this model: the first 2 * ``num_pairs`` test images in pairs, encoded to step
-    ``t`` (default T/2 - 1, the paper's 500 of 1000 steps) and decoded for lambdas 0..1 (`sampling.interpolate`).
-    Writes a PNG (a row per pair, the two sources at its ends) and an .npz; returns their paths."""
-    from ddpm_jax.sampling import interpolate
-
-    if not is_image_data(config):
-        raise ValueError(f"interpolation pictures are for images; {config.data.dataset} is a 2-D data set")
-    t = schedule.num_timesteps // 2 - 1 if t is None else t
-    if not 0 <= t < schedule.num_timesteps or num_pairs < 1 or num_lambdas < 2:
-        raise ValueError(f"interpolation needs 0 <= t < T = {schedule.num_timesteps}, at least one pair and two "
-                         f"lambdas; got t={t}, {num_pairs} pairs, {num_lambdas} lambdas")
-    images = uint8_to_float(_split_images(config, "test", 2 * num_pairs))
-    if len(images) < 2 * num_pairs:
-        raise ValueError(f"{num_pairs} pairs need {2 * num_pairs} test images; the test split has {len(images)}")
-    x0_a, x0_b, lambdas = images[0::2], images[1::2], np.linspace(0.0, 1.0, num_lambdas)
-    d, watch = config.diffusion, ChainWatch()
-
-    def decode(params, key):
-        return interpolate(
-            denoiser_fn(model, params), schedule, x0_a, x0_b, lambdas, t, key, mean_type=d.mean_type,
-            var_type=d.var_type, clip_denoised=config.sampling.clip_denoised, progress_fn=watch,
-        )
-
-    decode = jax.jit(decode, compiler_options=cpu_conv_compiler_options())
-    with _progress_bar(total=t + 1, desc="interpolation", unit="step", leave=False, disable=not progress) as bar, \
-            watch.watching(on_step=lambda _: bar.update(1)):
-        decoded = np.asarray(decode(params, jax.random.PRNGKey(seed)))
-    name = f"interpolation_t{t}_seed{seed}_{tag}"
-    result = {"png": os.path.join(out_dir, f"{name}.png"), "npz": os.path.join(out_dir, f"{name}.npz")}
-    style = _grid_style(config)
-    viz.save_png(result["png"], viz.interpolation_strip(x0_a, x0_b, decoded, lambdas, scale=style["scale"],
-                                                         padding=style["padding"], pad_value=style["pad_value"]))
-    np.savez_compressed(result["npz"], interpolations=decoded, lambdas=lambdas, x0_a=x0_a, x0_b=x0_b, t=t)
-    return result
-
-
-FID_SPLITS = ("train", "test")  # sample.py --fid_stats=SPLIT: statistics of the run's own data split
-
-
-def data_fid_stats(config, split: str, variables: dict, *, num_examples: int | None = None,
-                   progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """FID statistics (mu [2048], sigma [2048, 2048]) of the first ``num_examples`` (default: all) images of a
-    data split at the run's image size, the reference its samples are compared with."""
-    from ddpm_jax.metrics import compute_stats
-
-    images = _split_images(config, split, num_examples)  # uint8: a quarter of the memory of floats
-    with _progress_bar(total=len(images), desc=f"Inception ({split} split)", unit="image", leave=False,
-                       disable=not progress) as bar:
-        return compute_stats(images, variables, on_batch=bar.update)
-
-
-def load_fid_reference(config, fid_stats: str, *, inception_weights: str | None = None, out_dir: str,
-                       progress: bool = True) -> tuple[tuple[np.ndarray, np.ndarray], dict]:
-    """((mu, sigma), Inception variables) for FID: ``fid_stats`` is a pytorch-fid statistics file (.npz), or a
-    split name ("train", "test") for the run's own data, whose statistics are computed once and kept in
-    ``out_dir`` under a name with the weights' sha256 prefix. ``inception_weights``: pytorch-fid's .pth or an .npz
-    of it (None: downloaded once)."""
-    from ddpm_jax.metrics import inception
-
-    if not is_image_data(config):
-        raise ValueError(f"FID is defined for images; {config.data.dataset} is a 2-D data set")
-    if fid_stats not in FID_SPLITS and not os.path.isfile(fid_stats):
-        raise ValueError(f"--fid_stats={fid_stats}: no such statistics file, and not a split name {FID_SPLITS}")
-    weights_path = inception_weights or inception.download_fid_weights()
-    variables = inception.load_fid_inception(weights_path)
-    path = fid_stats
-    if fid_stats in FID_SPLITS:
-        d, weights = config.data, inception.file_sha256(weights_path)[:8]
-        path = os.path.join(out_dir, f"fid_stats_{d.dataset}_{d.image_size}px_{fid_stats}_inception{weights}.npz")
-        if not os.path.exists(path):
-            os.makedirs(out_dir, exist_ok=True)
-            inception.save_stats(path + ".tmp.npz", *data_fid_stats(config, fid_stats, variables, progress=progress))
-            os.replace(path + ".tmp.npz", path)
-    mu, sigma = inception.load_stats(path)
-    if mu.shape != (2048,) or sigma.shape != (2048, 2048):
-        raise ValueError(f"{path} holds statistics of {mu.shape} features, not of Inception's 2048 pool features")
-    return (mu, sigma), variables
 
 
 def load_config(workdir: str, base=None):
@@ -592,111 +404,3 @@ def load_pretrained(path: str, config):
     config.data.image_size = int(diffusers_config.get("sample_size", config.data.image_size))
     config.data.num_channels = int(diffusers_config.get("in_channels", config.data.num_channels))
     return UNet(**kwargs), schedule_from_config(config.diffusion), jax.tree.map(jnp.asarray, params)
-
-
-MAX_GRID_SAMPLES = 256  # the PNG of an image run shows at most these (the .npz has them all)
-
-
-def generate(config, model, schedule, params, *, out_dir: str, tag: str, trajectory: bool = False,
-             with_metrics: bool = False, fid_reference=None, png_dir: str | None = None, seed: int = 0, mesh=None,
-             progress: bool = True) -> dict:
-    """Draw ``config.sampling.num_samples`` samples; write a PNG, an .npz and, if asked, pictures of the chain.
-
-    The samples come from chains of ``sampling.batch_size`` (0: one chain for all); chain c starts from
-    ``fold_in(PRNGKey(seed), c)`` and is split over the devices of ``mesh`` (default: as many as divide its
-    size), which leaves its samples unchanged. Each finished chain is kept in ``OUT_DIR/samples_TAG.parts/``
-    until all are done: after a Ctrl-C or a crash the same call goes on from the chains kept.
-    ``fid_reference``: a `load_fid_reference` result, to add FID and Inception Score of all the samples to the
-    metrics. ``png_dir``: also write each image sample there as ``{index:06d}.png`` (for FID tools that read
-    folders). Returns a dict with the written paths, the chains this call drew (``chains_drawn`` of ``num_chains``)
-    and their time in seconds, and, if asked, the sample metrics.
-    """
-    s = config.sampling
-    if fid_reference is not None and s.num_samples < 2:
-        raise ValueError(f"FID needs at least 2 samples (papers use 50,000), got sampling.num_samples={s.num_samples}")
-    if png_dir is not None and not is_image_data(config):
-        raise ValueError(f"one PNG per sample is for images; {config.data.dataset} is a 2-D data set")
-    num_steps = num_sampling_steps(config, schedule)
-    trajectory_every = None
-    if trajectory:  # sampling.trajectory_every, or about ten pictures of the chain
-        every = s.trajectory_every if 0 < s.trajectory_every <= num_steps else num_steps // 10
-        trajectory_every = max(1, every)
-    chain_size = min(s.batch_size or s.num_samples, s.num_samples)
-    num_chains = math.ceil(s.num_samples / chain_size)
-    mesh = _mesh_dividing(chain_size) if mesh is None else mesh
-    sampler = f"ddim{num_steps}" if s.sampler == "ddim" else "ddpm"
-    tag = f"{sampler}_seed{seed}_{tag}"
-    parts_dir = os.path.join(out_dir, f"samples_{tag}.parts")
-    part_paths = [os.path.join(parts_dir, f"chain{chain_size}_{c:05d}.npz") for c in range(num_chains)]
-    todo = [c for c, path in enumerate(part_paths) if not os.path.exists(path) or (trajectory and c == 0)]
-
-    watch = ChainWatch()
-    sample_fn = make_sample_fn(
-        config, model, schedule, num_samples=chain_size, mesh=mesh, trajectory_every=trajectory_every,
-        progress_fn=watch,
-    )
-    params = jax.device_put(params, replicated(mesh))
-    key = jax.random.PRNGKey(seed)
-    seconds, traj = 0.0, None
-    try:
-        with _progress_bar(total=len(todo) * num_steps, desc=f"{s.sampler} sampling", unit="step",
-                           leave=False, disable=not progress) as bar:
-            for c in todo:
-                with watch.watching(on_step=lambda t: bar.update(1), stop=mesh.size == 1):
-                    start = time.perf_counter()
-                    out = jax.device_get(sample_fn(params, jax.random.fold_in(key, c)))
-                    seconds += time.perf_counter() - start
-                if trajectory:
-                    out, traj = out[0], (out[1] if c == 0 else traj)
-                _save_npz_atomically(part_paths[c], samples=np.asarray(out))
-    except KeyboardInterrupt:
-        kept = sum(os.path.exists(path) for path in part_paths)
-        if kept:
-            print(f"interrupted: {kept} of {num_chains} chains of {chain_size} samples kept in {parts_dir}; "
-                  "the same command goes on from them", file=sys.stderr)
-        else:
-            print("interrupted: no samples written", file=sys.stderr)
-        raise
-    samples = np.concatenate([_load_npz(path)["samples"] for path in part_paths])[: s.num_samples]
-
-    result = {"seconds": seconds, "chains_drawn": len(todo), "num_chains": num_chains,
-              "png": os.path.join(out_dir, f"samples_{tag}.png"), "npz": os.path.join(out_dir, f"samples_{tag}.npz")}
-    reference = None
-    if not is_image_data(config):
-        reference = make_dataset(config.data, "test", batch_size=1, seed=0).examples[: len(samples)]
-    save_samples(config, samples[:MAX_GRID_SAMPLES] if is_image_data(config) else samples, result["png"], reference)
-    arrays = {"samples": samples}
-    if is_image_data(config):
-        arrays["uint8"] = viz.to_uint8(samples)
-    np.savez_compressed(result["npz"], **arrays)
-    if traj is not None:
-        result["trajectory_png"] = os.path.join(out_dir, f"chain_{tag}.png")
-        if is_image_data(config):
-            style = {**_grid_style(config), "x_label": "x_after"}  # each record: the state after step t
-            strip = viz.chain_strip(traj.x, traj.pred_x0, traj.timesteps, **style)
-            viz.save_png(result["trajectory_png"], strip)
-            result["trajectory_gif"] = os.path.join(out_dir, f"chain_{tag}.gif")
-            viz.save_chain_gif(result["trajectory_gif"], traj.x, traj.pred_x0, traj.timesteps, **style)
-        else:
-            viz.save_png(result["trajectory_png"], viz.scatter_trajectory_strip(traj.x, traj.timesteps))
-    try:  # the chains stay on disk until the PNGs and metrics are done: a rerun after a Ctrl-C here draws none
-        if png_dir is not None:
-            for index, image in enumerate(tqdm(arrays["uint8"], desc="PNGs", unit="image", leave=False,
-                                               disable=not progress)):
-                viz.save_png(os.path.join(png_dir, f"{index:06d}.png"), image)
-            result["png_dir"] = png_dir
-        if with_metrics or fid_reference is not None:
-            result["metrics"] = sample_metrics(config, samples, seed=seed) if with_metrics else {}
-        if fid_reference is not None:
-            from ddpm_jax.metrics import inception_metrics
-
-            stats, variables = fid_reference
-            with _progress_bar(total=len(samples), desc="Inception", unit="image", leave=False,
-                               disable=not progress) as bar:
-                result["metrics"].update(inception_metrics(samples, stats, variables, on_batch=bar.update))
-    except KeyboardInterrupt:
-        print(f"interrupted after sampling: the samples are in {result['npz']}, and the same command goes on from "
-              f"the chains kept in {parts_dir}", file=sys.stderr)
-        raise
-    shutil.rmtree(parts_dir)
-    return result

@@ -209,6 +209,12 @@ def make_mesh(devices=None) -> Mesh:
     return Mesh(devices.reshape(-1), ("data",))
 
 
+def mesh_dividing(batch_size: int) -> Mesh:
+    """A mesh over the first n devices, for the largest n that divides ``batch_size`` (all where their number does)."""
+    devices = jax.devices()
+    return make_mesh(devices[: max(n for n in range(1, len(devices) + 1) if batch_size % n == 0)])
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

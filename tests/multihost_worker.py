@@ -161,24 +161,24 @@ def tiny_unet_bpd(mesh) -> np.ndarray:
 
 
 def tiny_unet_samples(mesh, out_dir: str) -> np.ndarray:
-    """run.generate's 20 samples of the tiny U-Net, in chains of 8 split over ``mesh``."""
-    from ddpm_jax import run
+    """generation.generate's 20 samples of the tiny U-Net, in chains of 8 split over ``mesh``."""
+    from ddpm_jax import generation
 
     config, model, schedule, params = tiny_unet()
-    result = run.generate(config, model, schedule, params, out_dir=out_dir, tag="tiny", mesh=mesh)
+    result = generation.generate(config, model, schedule, params, out_dir=out_dir, tag="tiny", mesh=mesh)
     return np.load(result["npz"])["samples"]
 
 
 def tiny_unet_flops_per_device(mesh) -> np.ndarray:
     """XLA's FLOP count per device of the tiny U-Net's sampling chain (8 samples) and bits/dim batch (8 images)."""
-    from ddpm_jax import run
+    from ddpm_jax import generation, run
     from ddpm_jax.training import batch_sharding, replicated
 
     config, model, schedule, params = tiny_unet()
     params, key = jax.device_put(params, replicated(mesh)), jax.random.PRNGKey(0)
     x0 = jax.device_put(np.zeros((8, 8, 8, 1), np.float32), batch_sharding(mesh))
     compiled = [
-        run.make_sample_fn(config, model, schedule, num_samples=8, mesh=mesh).lower(params, key).compile(),
+        generation.make_sample_fn(config, model, schedule, num_samples=8, mesh=mesh).lower(params, key).compile(),
         run.make_bpd_fn(config, model, schedule, mesh).lower(params, x0, key).compile(),
     ]
     costs = [c.cost_analysis() for c in compiled]

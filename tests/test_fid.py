@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from configs import swissroll
-from ddpm_jax import run
+from ddpm_jax import generation
 from ddpm_jax.data import load_split, uint8_to_float
 from ddpm_jax.metrics import inception
 from tests.multihost_worker import tiny_unet
@@ -63,21 +63,21 @@ def test_fid_and_inception_score_of_every_sample_against_the_cached_data_statist
         split_stats_calls.append(split)
         return real_data_fid_stats(config, split, variables, num_examples=NUM_IMAGES, progress=False)
 
-    real_data_fid_stats = run.data_fid_stats
-    monkeypatch.setattr(run, "data_fid_stats", first_images_only)
+    real_data_fid_stats = generation.data_fid_stats
+    monkeypatch.setattr(generation, "data_fid_stats", first_images_only)
     out_dir = str(tmp_path)
-    stats, variables = run.load_fid_reference(
+    stats, variables = generation.load_fid_reference(
         config, "train", inception_weights=weights_file, out_dir=out_dir, progress=False
     )
     # Named with the weights' sha256 prefix: statistics under other weights are not reused.
     cached = tmp_path / f"fid_stats_digits_8px_train_inception{inception.file_sha256(weights_file)[:8]}.npz"
     assert split_stats_calls == ["train"] and cached.exists()
-    again = run.load_fid_reference(config, "train", inception_weights=weights_file, out_dir=out_dir)
+    again = generation.load_fid_reference(config, "train", inception_weights=weights_file, out_dir=out_dir)
     assert split_stats_calls == ["train"]  # read from the file this time
     np.testing.assert_array_equal(again[0][1], stats[1])
     other_weights = str(tmp_path / "other_weights.npz")
     np.savez(other_weights, **random_fid_state_dict(seed=1))
-    run.load_fid_reference(config, "train", inception_weights=other_weights, out_dir=out_dir, progress=False)
+    generation.load_fid_reference(config, "train", inception_weights=other_weights, out_dir=out_dir, progress=False)
     assert split_stats_calls == ["train", "train"]
 
     data = uint8_to_float(load_split(config.data, "train")[0][:NUM_IMAGES])
@@ -86,7 +86,7 @@ def test_fid_and_inception_score_of_every_sample_against_the_cached_data_statist
     np.testing.assert_allclose(stats[1], np.cov(data_pool, rowvar=False), rtol=1e-6, atol=1e-9)
 
     png_dir = tmp_path / "pngs"
-    result = run.generate(
+    result = generation.generate(
         config, model, schedule, params, out_dir=out_dir, tag="fid", fid_reference=(stats, variables),
         png_dir=str(png_dir), progress=False,
     )
@@ -111,7 +111,9 @@ def test_fid_and_inception_score_of_every_sample_against_the_cached_data_statist
 
 def test_bad_fid_inputs_stop_before_any_sampling(weights_file, tmp_path):
     config = tiny_unet()[0]
-    load = functools.partial(run.load_fid_reference, config, inception_weights=weights_file, out_dir=str(tmp_path))
+    load = functools.partial(
+        generation.load_fid_reference, config, inception_weights=weights_file, out_dir=str(tmp_path)
+    )
     with pytest.raises(ValueError, match="no such statistics file, and not a split name"):
         load("missing.npz")
     small = str(tmp_path / "small.npz")
@@ -119,11 +121,13 @@ def test_bad_fid_inputs_stop_before_any_sampling(weights_file, tmp_path):
     with pytest.raises(ValueError, match=r"statistics of \(16,\) features, not of Inception's 2048"):
         load(small)
     with pytest.raises(ValueError, match="no FID Inception weights at"):
-        run.load_fid_reference(config, small, inception_weights=str(tmp_path / "none.pth"), out_dir=str(tmp_path))
+        load(small, inception_weights=str(tmp_path / "none.pth"))
     with pytest.raises(ValueError, match="one PNG per sample is for images"):
-        run.generate(swissroll.get_config(), None, None, None, out_dir=str(tmp_path), tag="x", png_dir=str(tmp_path))
+        generation.generate(
+            swissroll.get_config(), None, None, None, out_dir=str(tmp_path), tag="x", png_dir=str(tmp_path)
+        )
     few = config.copy_and_resolve_references()
     few.sampling.num_samples = 1
     with pytest.raises(ValueError, match="FID needs at least 2 samples"):
-        run.generate(few, None, None, None, out_dir=str(tmp_path), tag="x", fid_reference=((0, 0), {}))
+        generation.generate(few, None, None, None, out_dir=str(tmp_path), tag="x", fid_reference=((0, 0), {}))
     assert list(tmp_path.iterdir()) == [tmp_path / "small.npz"]

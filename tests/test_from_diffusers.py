@@ -184,10 +184,10 @@ def test_converted_cifar10_unet_matches_diffusers(tmp_path):
     np.testing.assert_allclose(np.asarray(ours).transpose(0, 3, 1, 2), expected, rtol=0, atol=1e-4)
 
 
-def test_pretrained_weights_sample_through_run_generate(tmp_path):
+def test_pretrained_weights_sample_through_generate(tmp_path):
     """sample.py --pretrained's path: a diffusers folder -> our U-Net -> a DDIM chain -> PNG and .npz."""
     from configs.cifar10 import get_config
-    from ddpm_jax import run
+    from ddpm_jax import generation, run
 
     config = _layout((32, 64), attn_levels={1}, norm_num_groups=8, sample_size=8, in_channels=1, out_channels=1)
     model, torch = _saved_random_diffusers_unet(config, tmp_path / "weights")
@@ -201,7 +201,7 @@ def test_pretrained_weights_sample_through_run_generate(tmp_path):
     got = unet.apply({"params": params}, x, jnp.array([5, 900]))
     np.testing.assert_allclose(np.asarray(got).transpose(0, 3, 1, 2), expected, atol=1e-4)
 
-    result = run.generate(run_config, unet, schedule, params, out_dir=str(tmp_path / "out"), tag="pretrained")
+    result = generation.generate(run_config, unet, schedule, params, out_dir=str(tmp_path / "out"), tag="pretrained")
     samples = np.load(result["npz"])["samples"]
     assert samples.shape == (4, 8, 8, 1) and np.all(np.abs(samples) <= 1.0)
     assert open(result["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"

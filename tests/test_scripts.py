@@ -17,7 +17,7 @@ from PIL import Image
 
 import ddpm_jax as dj
 from configs import swissroll
-from ddpm_jax import run
+from ddpm_jax import generation, run
 from ddpm_jax.data import load_split, uint8_to_float
 from ddpm_jax.interrupts import ChainWatch, interrupts_deferred
 from ddpm_jax.models import denoiser_fn
@@ -240,7 +240,7 @@ def test_ctrl_c_stops_the_chain_of_sample_py_and_writes_nothing(killed_and_unint
     calls = interrupt_chains_at_step(monkeypatch, 5)
     out_dir = str(tmp_path / "samples")
     with pytest.raises(KeyboardInterrupt):
-        run.generate(config, model, schedule, params, out_dir=out_dir, tag="t")
+        generation.generate(config, model, schedule, params, out_dir=out_dir, tag="t")
     assert 5 <= len(calls) < schedule.num_timesteps // 2
     assert not os.path.exists(out_dir)
 
@@ -256,15 +256,15 @@ def test_sample_py_goes_on_from_the_chains_it_kept(killed_and_uninterrupted, mon
     out_dir = str(tmp_path / "samples")
     calls = interrupt_chains_at_step(monkeypatch, 2 * num_steps + 5)
     with pytest.raises(KeyboardInterrupt):
-        run.generate(config, model, schedule, params, out_dir=out_dir, tag="t")
+        generation.generate(config, model, schedule, params, out_dir=out_dir, tag="t")
     assert 2 * num_steps + 5 <= len(calls) < 3 * num_steps
     assert "interrupted: 2 of 4 chains of 16 samples kept in" in capsys.readouterr().err
 
     calls = interrupt_chains_at_step(monkeypatch, None)
-    resumed = run.generate(config, model, schedule, params, out_dir=out_dir, tag="t")
+    resumed = generation.generate(config, model, schedule, params, out_dir=out_dir, tag="t")
     assert len(calls) == 2 * num_steps
     assert sorted(os.listdir(out_dir)) == sorted(os.path.basename(resumed[k]) for k in ("png", "npz"))
-    uninterrupted = run.generate(config, model, schedule, params, out_dir=str(tmp_path / "again"), tag="t")
+    uninterrupted = generation.generate(config, model, schedule, params, out_dir=str(tmp_path / "again"), tag="t")
     samples = np.load(resumed["npz"])["samples"]
     np.testing.assert_array_equal(samples, np.load(uninterrupted["npz"])["samples"])
     assert samples.shape == (50, 2) and not np.allclose(samples[:16], samples[16:32])  # each chain its own key
@@ -277,18 +277,22 @@ def test_a_ctrl_c_during_the_metrics_keeps_the_chains_for_the_rerun(killed_and_u
     config = run.load_config(workdir, base=swissroll.get_config())
     config.sampling.num_samples, config.sampling.batch_size = 20, 10
     model, schedule, params, _ = run.restore_params(config, workdir)
-    out_dir, real_metrics = str(tmp_path / "samples"), run.sample_metrics
+    out_dir, real_metrics = str(tmp_path / "samples"), generation.sample_metrics
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(run, "sample_metrics", interrupted)
+    monkeypatch.setattr(generation, "sample_metrics", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        run.generate(config, model, schedule, params, out_dir=out_dir, tag="m", with_metrics=True, progress=False)
+        generation.generate(
+            config, model, schedule, params, out_dir=out_dir, tag="m", with_metrics=True, progress=False
+        )
     assert "interrupted after sampling: the samples are in" in capsys.readouterr().err
     first = np.load(os.path.join(out_dir, "samples_ddpm_seed0_m.npz"))["samples"]
-    monkeypatch.setattr(run, "sample_metrics", real_metrics)
-    rerun = run.generate(config, model, schedule, params, out_dir=out_dir, tag="m", with_metrics=True, progress=False)
+    monkeypatch.setattr(generation, "sample_metrics", real_metrics)
+    rerun = generation.generate(
+        config, model, schedule, params, out_dir=out_dir, tag="m", with_metrics=True, progress=False
+    )
     assert (rerun["chains_drawn"], rerun["num_chains"]) == (0, 2) and "swd" in rerun["metrics"]
     np.testing.assert_array_equal(np.load(rerun["npz"])["samples"], first)
     assert not os.path.exists(os.path.join(out_dir, "samples_ddpm_seed0_m.parts"))
@@ -297,7 +301,7 @@ def test_a_ctrl_c_during_the_metrics_keeps_the_chains_for_the_rerun(killed_and_u
 def test_interpolation_pictures_decode_pairs_of_test_images(tmp_path):
     """sample.py --interpolate: test images 0 and 2 paired with 1 and 3, decoded as `interpolate` decodes them."""
     config, model, schedule, params = tiny_unet()
-    result = run.draw_interpolations(config, model, schedule, params, out_dir=str(tmp_path), tag="tiny", t=4,
+    result = generation.draw_interpolations(config, model, schedule, params, out_dir=str(tmp_path), tag="tiny", t=4,
                                      num_pairs=2, num_lambdas=3, seed=5, progress=False)
     saved = np.load(result["npz"])
     test_images = uint8_to_float(load_split(config.data, "test")[0][:4])
@@ -309,9 +313,9 @@ def test_interpolation_pictures_decode_pairs_of_test_images(tmp_path):
     np.testing.assert_allclose(saved["interpolations"], expected, rtol=1e-5, atol=1e-5)
     assert Image.open(result["png"]).size[0] == 5 * (8 * 6 + 6) + 6  # 3 lambdas + 2 sources, 6x upscaled digits
     with pytest.raises(ValueError, match="0 <= t < T = 10"):
-        run.draw_interpolations(config, model, schedule, params, out_dir=str(tmp_path), tag="x", t=10)
+        generation.draw_interpolations(config, model, schedule, params, out_dir=str(tmp_path), tag="x", t=10)
     with pytest.raises(ValueError, match="interpolation pictures are for images"):
-        run.draw_interpolations(swissroll.get_config(), None, None, None, out_dir=str(tmp_path), tag="x")
+        generation.draw_interpolations(swissroll.get_config(), None, None, None, out_dir=str(tmp_path), tag="x")
 
 
 def test_ctrl_c_stops_bits_per_dim_within_its_batch(monkeypatch):

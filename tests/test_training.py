@@ -21,7 +21,7 @@ from PIL import Image
 
 from configs import digits, mnist, swissroll
 from configs.base import get_base_config
-from ddpm_jax import run
+from ddpm_jax import generation, run
 from ddpm_jax.checkpoint import Checkpointer
 from ddpm_jax.config import build_model, schedule_from_config, validate_config
 from ddpm_jax.data import make_dataset, uint8_to_float
@@ -141,7 +141,7 @@ def test_generate_writes_png_npz_trajectory_and_metrics(swissroll_run, tmp_path)
 
     config, workdir, _ = swissroll_run
     model, schedule, params, step = run.restore_params(config, workdir)
-    result = run.generate(
+    result = generation.generate(
         config, model, schedule, params, out_dir=str(tmp_path), tag=f"step{step}", trajectory=True,
         with_metrics=True, seed=3,
     )
@@ -450,7 +450,9 @@ def test_digits_unet_trains_samples_and_evaluates(tmp_path):
     assert_valid_png(os.path.join(workdir, "samples.png"))
 
     model, schedule, params, step = run.restore_params(config, workdir)
-    result = run.generate(config, model, schedule, params, out_dir=str(tmp_path / "out"), tag="t", trajectory=True)
+    result = generation.generate(
+        config, model, schedule, params, out_dir=str(tmp_path / "out"), tag="t", trajectory=True
+    )
     samples = np.load(result["npz"])
     assert samples["samples"].shape == (8, 8, 8, 1) and np.abs(samples["samples"]).max() <= 1.0
     assert samples["uint8"].dtype == np.uint8
