@@ -62,6 +62,9 @@ def _run(workdir: str) -> None:
             raise
         print(f"test bits/dim: {result['bpd']:.4f} over {result['bpd_examples']} images "
               f"(prior {result['bpd_prior']:.2e}, decoder L_0 {result['bpd_decoder']:.4f}) -> {workdir}/eval.json")
+        last = result["rate_distortion"][0]
+        print(f"after all {last['reverse_step']} reverse steps: rate {last['rate_bpd']:.4f} bits/dim, distortion "
+              f"RMSE {last['distortion_rmse']:.3f} on [0, 255] -> {workdir}/rate_distortion.png")
 
 
 def eval_config(workdir: str):

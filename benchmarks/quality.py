@@ -23,7 +23,9 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import common  # noqa: E402
 import jax  # noqa: E402
 from absl import logging  # noqa: E402
 
@@ -99,7 +101,7 @@ def main() -> None:
     device = jax.devices()[0]
     result = {
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-        "device": f"{device.platform}: {getattr(device, 'device_kind', '')}",
+        "device": common.device_name(),
         "cpu_count": os.cpu_count(),
         "loadavg_start": os.getloadavg(),
         "jax": jax.__version__,

@@ -21,7 +21,7 @@ from ddpm_jax.diffusion import (
     vb_terms_bpd,
 )
 from ddpm_jax.gaussians import discretized_gaussian_log_likelihood, normal_kl
-from ddpm_jax.likelihood import BpdResult, calc_bpd_loop, prior_bpd
+from ddpm_jax.likelihood import BpdResult, RateDistortion, calc_bpd_loop, prior_bpd, rate_distortion
 from ddpm_jax.sampling import Trajectory, ddim_sample, ddim_timesteps, ddpm_sample, interpolate
 from ddpm_jax.schedules import SCHEDULES, Schedule, beta_schedule, make_schedule, make_schedule_from_betas
 
@@ -34,6 +34,7 @@ __all__ = [
     "VAR_TYPES",
     "BpdResult",
     "PMeanVariance",
+    "RateDistortion",
     "Schedule",
     "Trajectory",
     "beta_schedule",
@@ -59,6 +60,7 @@ __all__ = [
     "q_posterior_mean_variance",
     "q_sample",
     "q_step",
+    "rate_distortion",
     "training_losses",
     "vb_terms_bpd",
 ]

@@ -13,7 +13,15 @@ from ddpm_jax.diffusion import ModelFn, mean_flat, q_mean_variance, q_sample, vb
 from ddpm_jax.gaussians import discretized_gaussian_log_likelihood, normal_kl
 from ddpm_jax.schedules import Schedule
 
-__all__ = ["BpdResult", "calc_bpd_loop", "discretized_gaussian_log_likelihood", "normal_kl", "prior_bpd"]
+__all__ = [
+    "BpdResult",
+    "RateDistortion",
+    "calc_bpd_loop",
+    "discretized_gaussian_log_likelihood",
+    "normal_kl",
+    "prior_bpd",
+    "rate_distortion",
+]
 
 
 def prior_bpd(schedule: Schedule, x0: jnp.ndarray) -> jnp.ndarray:
@@ -75,3 +83,29 @@ def calc_bpd_loop(
     x0_mse = jnp.flip(mse, axis=0).T
     prior = prior_bpd(schedule, x0)
     return BpdResult(prior + jnp.sum(vb_terms, axis=1), prior, vb_terms, x0_mse)
+
+
+class RateDistortion(NamedTuple):
+    reverse_steps: jnp.ndarray  # [T]: 1 .. T, the paper's T - t + 1 (receiving x_T is step 1)
+    rate_bpd: jnp.ndarray  # [T]: bits/dim sent up to and including that step
+    distortion_rmse: jnp.ndarray  # [T]: RMSE of the x_0 predicted after that step, on the [0, 255] scale
+
+
+def rate_distortion(prior_bpd: jnp.ndarray, vb_terms: jnp.ndarray, x0_mse: jnp.ndarray) -> RateDistortion:
+    """Progressive lossy compression, Ho et al. 2020 Sec. 4.3 and Fig. 5 / Table 4, from calc_bpd_loop's terms.
+
+    Algorithm 3 sends x_T (L_T bits), then each x_{t-1} given x_t (L_{t-1} bits); after each step the receiver
+    predicts x_0 from the latest latent. ``prior_bpd`` [B], ``vb_terms`` and ``x0_mse`` [B, T] (a BpdResult's
+    fields) are averaged over the batch first; the distortion is sqrt of the mean squared error, times 127.5 for
+    [-1, 1] -> [0, 255]. The last step's rate is the bound without L_0 (the paper: 1.78 of 3.75 bits/dim on
+    CIFAR-10), its distortion that of the x_0 predicted from x_1 (0.95).
+    """
+    # Index i of vb_terms holds the paper's L_i, the bits of x_i given x_{i+1} (L_0: of x_0 given x_1), and index i
+    # of x0_mse the error of the x_0 predicted from x_{i+1}.
+    vb = jnp.mean(vb_terms, axis=0)
+    sent_above = jnp.cumsum(vb[::-1])[::-1] - vb  # [i] = L_{i+1} + ... + L_{T-1}
+    # Holding x_t (step T - t + 1) costs L_T + L_t + ... + L_{T-1} = prior + sent_above[t - 1].
+    rate = jnp.mean(prior_bpd) + sent_above
+    distortion = jnp.sqrt(jnp.mean(x0_mse, axis=0)) * 127.5
+    num_timesteps = vb.shape[0]
+    return RateDistortion(jnp.arange(1, num_timesteps + 1), rate[::-1], distortion[::-1])

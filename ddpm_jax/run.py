@@ -19,12 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from ddpm_jax import viz
 from ddpm_jax.checkpoint import Checkpointer
 from ddpm_jax.config import build_model, is_image_data, num_sampling_steps, schedule_from_config, validate_config
 from ddpm_jax.data import make_dataset
 from ddpm_jax.generation import make_sample_fn, sample_metrics, save_samples
 from ddpm_jax.interrupts import ChainWatch, interrupts_deferred, progress_bar
-from ddpm_jax.likelihood import calc_bpd_loop
+from ddpm_jax.likelihood import RateDistortion, calc_bpd_loop, rate_distortion
 from ddpm_jax.models.conv import cpu_conv_compiler_options
 from ddpm_jax.models.layers import denoiser_fn
 from ddpm_jax.training import (
@@ -61,9 +62,10 @@ def maybe_initialize_distributed(config) -> None:
     )
 
 
-def make_bpd_fn(config, model, schedule, mesh, *, progress_fn=None):
+def make_bpd_fn(config, model, schedule, mesh, *, per_step: bool = False, progress_fn=None):
     """jitted ``(params, x0, key) -> {"bpd", "bpd_prior", "bpd_decoder"}``, each [B]: the variational bound's total,
-    L_T and L_0 in bits/dim (calc_bpd_loop, one lax.scan over T).
+    L_T and L_0 in bits/dim (calc_bpd_loop, one lax.scan over T); with ``per_step`` also every term and the error
+    of the predicted x_0 at every step, "vb_terms" and "x0_mse" [B, T] (for `rate_distortion`).
 
     Data-parallel over ``mesh``: ``x0`` [B, ...] and the outputs are sharded along the batch, the parameters
     replicated. ``progress_fn(t)`` is called on the host after each of the T terms.
@@ -75,16 +77,20 @@ def make_bpd_fn(config, model, schedule, mesh, *, progress_fn=None):
         bound = calc_bpd_loop(
             schedule, model_fn, x0, key, mean_type=d.mean_type, var_type=d.var_type, progress_fn=progress_fn
         )
-        return {"bpd": bound.total_bpd, "bpd_prior": bound.prior_bpd, "bpd_decoder": bound.vb_terms[:, 0]}
+        out = {"bpd": bound.total_bpd, "bpd_prior": bound.prior_bpd, "bpd_decoder": bound.vb_terms[:, 0]}
+        if per_step:
+            out |= {"vb_terms": bound.vb_terms, "x0_mse": bound.x0_mse}
+        return out
 
     return jax.jit(bpd, out_shardings=batch_sharding(mesh), compiler_options=cpu_conv_compiler_options())
 
 
 def evaluate_bpd(
     config, params, model, schedule, *, num_examples: int, key: jax.Array, mesh=None, progress=False,
-    bpd_fn=None, watch: ChainWatch | None = None,
+    bpd_fn=None, watch: ChainWatch | None = None, per_step: bool = False,
 ) -> dict:
-    """Mean bits/dim (total, prior, decoder L_0) over the first ``num_examples`` of the test split.
+    """Mean bits/dim (total, prior, decoder L_0) over the first ``num_examples`` of the test split; with
+    ``per_step`` (or a bpd_fn made with it) also their `rate_distortion` curve, under "rate_distortion".
 
     Each eval batch is split over the devices of ``mesh`` (default: all) and each process reads only its own
     rows. ``bpd_fn``: a ``make_bpd_fn(..., progress_fn=watch)`` to reuse (its compiled 1000-step scan) across
@@ -98,7 +104,7 @@ def evaluate_bpd(
         data_dir=config.data.data_dir or None, download=config.data.download,
     )
     watch = watch or ChainWatch()  # a bpd_fn given without its watch has no per-step progress or early stop
-    bpd_fn = bpd_fn or make_bpd_fn(config, model, schedule, mesh, progress_fn=watch)
+    bpd_fn = bpd_fn or make_bpd_fn(config, model, schedule, mesh, per_step=per_step, progress_fn=watch)
     params = jax.device_put(params, replicated(mesh))
     num_batches = math.ceil(min(num_examples, dataset.num_examples) / config.eval.batch_size)
     rows, masks = [], []
@@ -112,7 +118,12 @@ def evaluate_bpd(
                 rows.append(_process_rows(bpd_fn(params, x0, jax.random.fold_in(key, i)), mesh))
             masks.append(batch["mask"])  # the last batch is padded to full size; its padding is not counted
     per_example = valid_rows_of_all_processes(jax.tree.map(lambda *r: np.concatenate(r), *rows), np.concatenate(masks))
-    return {**{k: float(v.mean()) for k, v in per_example.items()}, "bpd_examples": len(per_example["bpd"])}
+    result = {k: float(per_example[k].mean()) for k in ("bpd", "bpd_prior", "bpd_decoder")}
+    result["bpd_examples"] = len(per_example["bpd"])
+    if "vb_terms" in per_example:
+        curve = rate_distortion(per_example["bpd_prior"], per_example["vb_terms"], per_example["x0_mse"])
+        result["rate_distortion"] = RateDistortion(*map(np.asarray, curve))
+    return result
 
 
 def _process_rows(rows: dict[str, jax.Array], mesh) -> dict[str, np.ndarray]:
@@ -349,7 +360,9 @@ def restore_params(config, workdir: str, *, ema: bool = True):
 
 
 def evaluate_checkpoint(config, workdir: str, *, num_examples: int | None = None, progress: bool = True) -> dict:
-    """Test-set bits/dim of the latest checkpoint's EMA parameters; also written to ``workdir/eval.json``.
+    """Test-set bits/dim of the latest checkpoint's EMA parameters and their rate-distortion curve (Ho et al. 2020,
+    Fig. 5), written to ``workdir``: eval.json (the curve at every tenth of the reverse steps, as the paper's
+    Table 4), rate_distortion.npz (every step) and rate_distortion.png.
 
     Runs on as many of the devices as divide ``eval.batch_size`` (all of them where their number does).
     """
@@ -358,12 +371,24 @@ def evaluate_checkpoint(config, workdir: str, *, num_examples: int | None = None
         raise ValueError("bits/dim is defined for 8-bit images; 2-D data sets are evaluated with sample.py --metrics")
     model, schedule, params, step = restore_params(config, workdir)
     result = evaluate_bpd(
-        config, params, model, schedule, num_examples=num_examples or 10**9,
+        config, params, model, schedule, num_examples=num_examples or 10**9, per_step=True,
         key=jax.random.PRNGKey(config.seed + 2), mesh=mesh_dividing(config.eval.batch_size), progress=progress,
     )
     result["step"] = step
-    with open(os.path.join(workdir, "eval.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    curve = result.pop("rate_distortion")
+    if jax.process_index() == 0:
+        np.savez(os.path.join(workdir, "rate_distortion.npz"), **curve._asdict())
+        title = f"step {step}: test-set rate and distortion, {result['bpd_examples']} images"
+        viz.save_png(os.path.join(workdir, "rate_distortion.png"), viz.rate_distortion_plot(*curve, title=title))
+    every = max(1, len(curve.reverse_steps) // 10)
+    result["rate_distortion"] = [
+        {"reverse_step": int(curve.reverse_steps[i]), "rate_bpd": float(curve.rate_bpd[i]),
+         "distortion_rmse": float(curve.distortion_rmse[i])}
+        for i in range(len(curve.reverse_steps) - 1, -1, -every)
+    ]
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "eval.json"), "w") as f:
+            json.dump(result, f, indent=2)
     return result
 
 

@@ -1,4 +1,4 @@
-"""Pictures: image grids, reverse-chain strips and GIFs, forward-process strips, 2-D scatter plots.
+"""Pictures: image grids, reverse-chain strips and GIFs, forward-process strips, 2-D scatter plots, line plots.
 
 Every picture is first a pure function returning a uint8 array ([H, W, C], C = 1 or 3); the ``save_*`` functions
 only write it with Pillow (PNG, or GIF for animations) and create missing parent directories. Timestep labels
@@ -259,6 +259,51 @@ def scatter_trajectory_strip(traj_x, timesteps=None, size: int = 160, extent=Non
     names = [""] * len(traj_x) if timesteps is None else [f"t={int(t)}" for t in np.asarray(timesteps)]
     panels = [_scatter_panel(x, extent, size, SAMPLE_COLOR, n, radius) for x, n in zip(traj_x, names, strict=True)]
     return _side_by_side(panels, None)
+
+
+def _tick(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def line_panel(x, y, title: str, x_name: str, size: tuple[int, int] = (340, 240)) -> np.ndarray:
+    """A curve y(x) -> uint8 RGB: axes from the data's range, the ends and middle of each axis labelled,
+    ``title`` above and ``x_name`` below. Non-finite points are left out."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    width, height = size
+    left, right, top, bottom = 8 + int(_FONT.getlength("0.000e+00")), 12, 6, 2 * _LABEL_HEIGHT + 4
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    x0, y0, x1, y1 = left, top, width - right, height - bottom  # the plot area, y down
+    draw.rectangle((x0, y0, x1, y1), outline=(120, 120, 120))
+    if len(x):
+        xlo, xhi = (float(x.min()), float(x.max())) if x.max() > x.min() else (float(x[0]) - 1, float(x[0]) + 1)
+        ylo, yhi = (float(y.min()), float(y.max())) if y.max() > y.min() else (float(y[0]) - 1, float(y[0]) + 1)
+        cols = x0 + (x - xlo) / (xhi - xlo) * (x1 - x0)
+        rows = y1 - (y - ylo) / (yhi - ylo) * (y1 - y0)
+        draw.line(list(zip(cols.tolist(), rows.tolist(), strict=True)), fill=SAMPLE_COLOR, width=2)
+        for fraction in (0.0, 0.5, 1.0):
+            col, row = x0 + fraction * (x1 - x0), y1 - fraction * (y1 - y0)
+            draw.line((col, y1, col, y1 + 3), fill=(120, 120, 120))
+            draw.line((x0 - 3, row, x0, row), fill=(120, 120, 120))
+            x_text, y_text = _tick(xlo + fraction * (xhi - xlo)), _tick(ylo + fraction * (yhi - ylo))
+            x_left = min(max(col - _FONT.getlength(x_text) / 2, 0), width - _FONT.getlength(x_text))
+            draw.text((x_left, y1 + 4), x_text, fill=(0, 0, 0), font=_FONT)
+            draw.text((x0 - 5 - _FONT.getlength(y_text), row - _LABEL_HEIGHT / 2), y_text, fill=(0, 0, 0), font=_FONT)
+    draw.text(((x0 + x1 - _FONT.getlength(x_name)) / 2, y1 + 4 + _LABEL_HEIGHT), x_name, fill=(0, 0, 0), font=_FONT)
+    return _add_labels(np.asarray(canvas), 255, top=[(width / 2, title)])
+
+
+def rate_distortion_plot(reverse_steps, rate_bpd, distortion_rmse, title: str | None = None) -> np.ndarray:
+    """Ho et al. 2020 Fig. 5 -> uint8 RGB: distortion and rate against the reverse step, and distortion against rate
+    (`likelihood.rate_distortion`'s fields)."""
+    panels = [
+        line_panel(reverse_steps, distortion_rmse, "distortion (RMSE, [0, 255])", "reverse process steps (T - t + 1)"),
+        line_panel(reverse_steps, rate_bpd, "rate (bits/dim)", "reverse process steps (T - t + 1)"),
+        line_panel(rate_bpd, distortion_rmse, "distortion (RMSE, [0, 255])", "rate (bits/dim)"),
+    ]
+    return _side_by_side(panels, title)
 
 
 def save_png(path, image: np.ndarray) -> Path:

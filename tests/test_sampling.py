@@ -175,7 +175,7 @@ def test_sampler_errors():
         dj.ddpm_sample(model_fn, SMALL, jax.random.PRNGKey(0), (2, 2), trajectory_every=0)
 
 
-def test_bpd_terms_match_closed_form_kl():
+def test_bpd_terms_and_rate_distortion_match_closed_form():
     """E[L_{t-1}] for the exact reverse model is 0.5 (log(v_p/v_q) - 1 + v_q/v_p + coef1^2 Var[x0|x_t]/v_p)."""
     batch, dim = 256, 16
     x0 = MU + S * jax.random.normal(jax.random.PRNGKey(7), (batch, dim))
@@ -200,6 +200,22 @@ def test_bpd_terms_match_closed_form_kl():
     np.testing.assert_allclose(got[:50], expected[:50], rtol=0.15)
     # the x0 MSE at each t is Var[x0 | x_t] in expectation
     np.testing.assert_allclose(np.asarray(out.x0_mse).mean(0)[::100], var_x0[::100], rtol=0.1)
+
+    # Rate and distortion (Sec. 4.3, Algorithm 3): send x_T (L_T bits), then x_t given x_{t+1} (L_t bits) for
+    # t = T-1 .. 1, predicting x_0 after each step; in closed form the prediction's error is Var[x0 | x_t].
+    rd = dj.rate_distortion(out.prior_bpd, out.vb_terms, out.x0_mse)
+    closed_form_terms = {t: expected[t - 1] for t in range(1, T)}  # L_t, t = 1 .. T-1
+    rates = [float(out.prior_bpd.mean())]
+    for t in range(T - 1, 0, -1):
+        rates.append(rates[-1] + closed_form_terms[t])
+    distortions = [127.5 * math.sqrt(var_x0[T - step]) for step in range(1, T + 1)]  # x_0 from x_{T - step + 1}
+    np.testing.assert_array_equal(rd.reverse_steps, np.arange(1, T + 1))
+    np.testing.assert_allclose(rd.rate_bpd, rates, rtol=0.05, atol=0.03 * rates[-1])
+    np.testing.assert_allclose(rd.distortion_rmse, distortions, rtol=0.06)
+    # The ends exactly: L_T alone, and the whole bound but L_0 with the error of x_0 predicted from x_1.
+    assert float(rd.rate_bpd[0]) == pytest.approx(float(out.prior_bpd.mean()), rel=1e-6)
+    assert float(rd.rate_bpd[-1]) == pytest.approx(float((out.total_bpd - out.vb_terms[:, 0]).mean()), rel=1e-5)
+    assert float(rd.distortion_rmse[-1]) == pytest.approx(127.5 * math.sqrt(float(out.x0_mse[:, 0].mean())), rel=1e-6)
 
 
 def test_bpd_of_exact_model_matches_true_nll_of_8bit_data():

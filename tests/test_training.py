@@ -473,6 +473,15 @@ def test_digits_unet_trains_samples_and_evaluates(tmp_path):
     assert evaluation["bpd_prior"] == pytest.approx(kl.mean() / np.log(2.0), rel=1e-4)
     with open(os.path.join(workdir, "eval.json")) as f:
         assert json.load(f)["bpd"] == evaluation["bpd"]
+    # Rate and distortion (Fig. 5): every step in the .npz, every tenth in eval.json from step T down, as Table 4.
+    curve = np.load(os.path.join(workdir, "rate_distortion.npz"))
+    np.testing.assert_array_equal(curve["reverse_steps"], np.arange(1, 51))
+    assert curve["rate_bpd"][0] == pytest.approx(evaluation["bpd_prior"], rel=1e-5)
+    assert curve["rate_bpd"][-1] == pytest.approx(evaluation["bpd"] - evaluation["bpd_decoder"], rel=1e-5)
+    assert np.all(np.diff(curve["rate_bpd"]) >= 0) and np.all(curve["distortion_rmse"] > 0)
+    assert [row["reverse_step"] for row in evaluation["rate_distortion"]] == list(range(50, 0, -5))
+    assert evaluation["rate_distortion"][0]["distortion_rmse"] == pytest.approx(curve["distortion_rmse"][-1])
+    assert_valid_png(os.path.join(workdir, "rate_distortion.png"))
 
 
 # ----------------------------------------------------------------------------------------------------------

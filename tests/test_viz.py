@@ -165,6 +165,32 @@ def test_scatter_trajectory_strip_has_one_panel_per_record():
     assert spans[0] > spans[1] > spans[2] > 0
 
 
+def test_line_panel_draws_the_curve_on_its_axes():
+    x = np.linspace(0.0, 1.0, 201)
+    y = x**2
+    y[50] = np.nan  # left out, not drawn as a spike
+    rows, cols = np.nonzero(colour_mask(viz.line_panel(x, y, "title", "x"), viz.SAMPLE_COLOR))
+    left, right, top, bottom = cols.min(), cols.max(), rows.min(), rows.max()
+    assert right - left > 250 and bottom - top > 150
+    assert rows[cols == left].max() >= bottom - 1 and rows[cols == right].min() <= top + 1  # from (0, 0) to (1, 1)
+    for fraction in (0.25, 0.5, 0.75):  # y = x^2 on axes that span the data's range
+        col = round(left + fraction * (right - left))
+        expected_row = bottom - fraction**2 * (bottom - top)
+        assert abs(rows[cols == col].mean() - expected_row) <= 2
+
+
+def test_rate_distortion_plot_has_the_papers_three_panels():
+    steps = np.arange(1, 101)
+    rate, distortion = np.linspace(0.0, 2.0, 100) ** 3, np.linspace(100.0, 1.0, 100)
+    image = viz.rate_distortion_plot(steps, rate, distortion, title="a title")
+    panels = np.array_split(np.arange(image.shape[1]), 3)
+    curves = [np.nonzero(colour_mask(image[:, p], viz.SAMPLE_COLOR)) for p in panels]
+    # Distortion falls with the steps, rate rises, and distortion falls with the rate.
+    for (rows, cols), falls in zip(curves, (True, False, True), strict=True):
+        left, right = rows[cols == cols.min()].mean(), rows[cols == cols.max()].mean()
+        assert (left < right) if falls else (left > right)
+
+
 def test_forward_process_strip_is_q_sample_with_one_shared_noise(tmp_path):
     betas = np.linspace(0.01, 0.3, 25)
     schedule = dj.make_schedule_from_betas(betas)
