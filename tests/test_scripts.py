@@ -311,7 +311,8 @@ def test_interpolation_pictures_decode_pairs_of_test_images(tmp_path):
                               np.array([0.0, 0.5, 1.0]), 4, jax.random.PRNGKey(5),
                               mean_type=config.diffusion.mean_type, var_type=config.diffusion.var_type)
     np.testing.assert_allclose(saved["interpolations"], expected, rtol=1e-5, atol=1e-5)
-    assert Image.open(result["png"]).size[0] == 5 * (8 * 6 + 6) + 6  # 3 lambdas + 2 sources, 6x upscaled digits
+    with Image.open(result["png"]) as picture:
+        assert picture.size[0] == 5 * (8 * 6 + 6) + 6  # 3 lambdas + 2 sources, 6x upscaled digits
     with pytest.raises(ValueError, match="0 <= t < T = 10"):
         generation.draw_interpolations(config, model, schedule, params, out_dir=str(tmp_path), tag="x", t=10)
     with pytest.raises(ValueError, match="interpolation pictures are for images"):
