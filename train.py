@@ -1,8 +1,10 @@
 """Train a DDPM: `python train.py [--config=configs/NAME.py] [--workdir=DIR] [--config.training.batch_size=64]`.
 
 With no flags it trains the 8x8 digits model (configs/digits.py, no download) into runs/digits, resuming from
-the latest checkpoint there. `--mode=eval` computes the test-set bits/dim of the latest checkpoint in --workdir,
-under the run's own config (its config.json) unless --config flags are given.
+the latest checkpoint there. `--mode=eval` computes the test-set bits/dim and rate-distortion curve of the latest
+checkpoint in --workdir, under the run's own config (its config.json) unless --config flags are given; with
+`--pretrained=DIR` those of released weights (a diffusers UNet2DModel folder, e.g. google/ddpm-cifar10-32) under
+configs/cifar10.py or the --config given, written to --workdir (default runs/pretrained_<DIR's name>).
 """
 
 import os
@@ -14,6 +16,7 @@ from ml_collections import config_flags
 
 from configs.base import get_base_config
 from ddpm_jax import run
+from ddpm_jax.config import validate_config
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 config_flags.DEFINE_config_file(
@@ -22,11 +25,15 @@ config_flags.DEFINE_config_file(
 flags.DEFINE_string("workdir", None, "Checkpoints, logs and samples go here (default: runs/<config name>).")
 flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (or resume), or eval: test bits/dim of a checkpoint.")
 flags.DEFINE_integer("eval_examples", 0, "eval mode: the first N test images (0: the whole test split).")
+flags.DEFINE_string("pretrained", None, "eval mode: evaluate a diffusers UNet2DModel folder (the DDPM authors' "
+                    "released weights) instead of a checkpoint; default config configs/cifar10.py.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 FLAGS = flags.FLAGS
 
 
 def default_workdir() -> str:
+    if FLAGS.pretrained:
+        return os.path.join("runs", "pretrained_" + os.path.basename(os.path.normpath(FLAGS.pretrained)))
     name = os.path.splitext(os.path.basename(FLAGS["config"].config_filename))[0]
     return os.path.join("runs", name)
 
@@ -52,11 +59,21 @@ def _run(workdir: str) -> None:
     # SIGTERM (a scheduler's pre-emption) saves a checkpoint like Ctrl-C does.
     signal.signal(signal.SIGTERM, _interrupt)
     if FLAGS.mode == "train":
+        if FLAGS.pretrained:
+            raise ValueError("--pretrained weights are evaluated with --mode=eval; training starts from scratch")
         run.train_and_evaluate(FLAGS.config, workdir, progress=FLAGS.progress)
         print(f"done: checkpoint and samples.png in {workdir}")
     else:
         try:
-            result = run.evaluate_checkpoint(eval_config(workdir), workdir, num_examples=FLAGS.eval_examples or None)
+            if FLAGS.pretrained:
+                config = pretrained_config()
+                model, schedule, params = run.load_pretrained(FLAGS.pretrained, config)
+                validate_config(config)
+                result = run.evaluate_model(config, model, schedule, params, out_dir=workdir,
+                                            num_examples=FLAGS.eval_examples or None, progress=FLAGS.progress)
+            else:
+                result = run.evaluate_checkpoint(eval_config(workdir), workdir,
+                                                 num_examples=FLAGS.eval_examples or None, progress=FLAGS.progress)
         except KeyboardInterrupt:
             print("interrupted: no bits/dim written", file=sys.stderr)
             raise
@@ -73,6 +90,19 @@ def eval_config(workdir: str):
     if given or not os.path.exists(os.path.join(workdir, "config.json")):
         return FLAGS.config  # checked against config.json when the checkpoint is restored
     return run.load_config(workdir, base=get_base_config())
+
+
+def pretrained_config():
+    """--pretrained: configs/cifar10.py (the paper's diffusion settings) unless a --config file is given."""
+    args = sys.argv[1:]
+    if any(arg == "--config" or arg.startswith("--config=") for arg in args):
+        return FLAGS.config
+    if any(arg.startswith("--config.") for arg in args):  # they were applied to the default digits config
+        raise ValueError("with --pretrained, --config.* overrides need the config file too, e.g. "
+                         "--config=configs/cifar10.py --config.data.data_dir=...")
+    from configs.cifar10 import get_config
+
+    return get_config()
 
 
 def parse_flags(argv):

@@ -360,26 +360,30 @@ def restore_params(config, workdir: str, *, ema: bool = True):
 
 
 def evaluate_checkpoint(config, workdir: str, *, num_examples: int | None = None, progress: bool = True) -> dict:
-    """Test-set bits/dim of the latest checkpoint's EMA parameters and their rate-distortion curve (Ho et al. 2020,
-    Fig. 5), written to ``workdir``: eval.json (the curve at every tenth of the reverse steps, as the paper's
-    Table 4), rate_distortion.npz (every step) and rate_distortion.png.
+    """`evaluate_model` of the latest checkpoint's EMA parameters, its files written into ``workdir``."""
+    validate_config(config)
+    model, schedule, params, step = restore_params(config, workdir)
+    return evaluate_model(config, model, schedule, params, out_dir=workdir, num_examples=num_examples,
+                          progress=progress, step=step)
+
+
+def evaluate_model(config, model, schedule, params, *, out_dir: str, num_examples: int | None = None,
+                   progress: bool = True, step: int | None = None) -> dict:
+    """Test-set bits/dim of ``params`` and their rate-distortion curve (Ho et al. 2020, Fig. 5), written to
+    ``out_dir``: eval.json (the curve at every tenth of the reverse steps, as the paper's Table 4),
+    rate_distortion.npz (every step) and rate_distortion.png. ``step``: the checkpoint's, recorded if given.
 
     Runs on as many of the devices as divide ``eval.batch_size`` (all of them where their number does).
     """
-    validate_config(config)
     if not is_image_data(config):
         raise ValueError("bits/dim is defined for 8-bit images; 2-D data sets are evaluated with sample.py --metrics")
-    model, schedule, params, step = restore_params(config, workdir)
     result = evaluate_bpd(
         config, params, model, schedule, num_examples=num_examples or 10**9, per_step=True,
         key=jax.random.PRNGKey(config.seed + 2), mesh=mesh_dividing(config.eval.batch_size), progress=progress,
     )
-    result["step"] = step
+    if step is not None:
+        result["step"] = step
     curve = result.pop("rate_distortion")
-    if jax.process_index() == 0:
-        np.savez(os.path.join(workdir, "rate_distortion.npz"), **curve._asdict())
-        title = f"step {step}: test-set rate and distortion, {result['bpd_examples']} images"
-        viz.save_png(os.path.join(workdir, "rate_distortion.png"), viz.rate_distortion_plot(*curve, title=title))
     every = max(1, len(curve.reverse_steps) // 10)
     result["rate_distortion"] = [
         {"reverse_step": int(curve.reverse_steps[i]), "rate_bpd": float(curve.rate_bpd[i]),
@@ -387,7 +391,12 @@ def evaluate_checkpoint(config, workdir: str, *, num_examples: int | None = None
         for i in range(len(curve.reverse_steps) - 1, -1, -every)
     ]
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "eval.json"), "w") as f:
+        os.makedirs(out_dir, exist_ok=True)
+        np.savez(os.path.join(out_dir, "rate_distortion.npz"), **curve._asdict())
+        title = ("" if step is None else f"step {step}: ") + (
+            f"test-set rate and distortion, {result['bpd_examples']} images")
+        viz.save_png(os.path.join(out_dir, "rate_distortion.png"), viz.rate_distortion_plot(*curve, title=title))
+        with open(os.path.join(out_dir, "eval.json"), "w") as f:
             json.dump(result, f, indent=2)
     return result
 

@@ -1,6 +1,7 @@
 """Loading diffusers UNet2DModel weights: config translation, safetensors parsing, output parity with PyTorch."""
 
 import json
+import os
 import struct
 
 import jax
@@ -8,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ddpm_jax.data import load_split
 from ddpm_jax.models import (
     UNet,
     convert_diffusers_state_dict,
@@ -205,3 +207,21 @@ def test_pretrained_weights_sample_through_generate(tmp_path):
     samples = np.load(result["npz"])["samples"]
     assert samples.shape == (4, 8, 8, 1) and np.all(np.abs(samples) <= 1.0)
     assert open(result["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+    # train.py --mode=eval --pretrained's path: the weights' test-set bound and rate-distortion curve, on 8 digits.
+    eval_config = get_config()
+    eval_config.data.dataset, eval_config.diffusion.num_timesteps, eval_config.eval.batch_size = "digits", 10, 8
+    unet, schedule, params = run.load_pretrained(str(tmp_path / "weights"), eval_config)
+    out_dir = tmp_path / "eval"
+    evaluation = run.evaluate_model(eval_config, unet, schedule, params, out_dir=str(out_dir), num_examples=8,
+                                    progress=False)
+    assert evaluation["bpd_examples"] == 8 and "step" not in evaluation
+    assert np.isfinite(evaluation["bpd"]) and evaluation["bpd"] > evaluation["bpd_prior"] > 0
+    # L_T needs no model: KL(q(x_T | x_0) || N(0, I)) per dimension of the first 8 test digits, in float64.
+    x0 = load_split(eval_config.data, "test")[0][:8].astype(np.float64) / 127.5 - 1.0
+    abar = float(np.prod(1.0 - np.linspace(1e-4, 0.02, 10)))
+    kl = 0.5 * (-1.0 - np.log(1.0 - abar) + (1.0 - abar) + abar * x0**2) / np.log(2.0)
+    assert evaluation["bpd_prior"] == pytest.approx(kl.mean(), rel=1e-4)
+    curve = np.load(out_dir / "rate_distortion.npz")
+    assert curve["rate_bpd"][-1] == pytest.approx(evaluation["bpd"] - evaluation["bpd_decoder"], rel=1e-5)
+    assert sorted(os.listdir(out_dir)) == ["eval.json", "rate_distortion.npz", "rate_distortion.png"]

@@ -374,6 +374,14 @@ BAD_RUNS = {
         ["--config=configs/digits.py", "--config.data.image_size=10", "--config.model.ch_mult=(1,2,2)"], {},
         r"image size 10x10 must be divisible by 2\*\*\(len\(ch_mult\)-1\) = 4",
     ),
+    "released weights in train mode": (["--pretrained=weights"], {}, "--pretrained weights are evaluated with "
+                                                                       "--mode=eval"),
+    "missing released weights": (["--mode=eval", "--pretrained=no/such/ddpm-cifar10-32"], {},
+                                 "no/such/ddpm-cifar10-32: no such diffusers model directory"),
+    "overrides without their config file": (
+        ["--mode=eval", "--pretrained=weights", "--config.data.data_dir=/data"], {},
+        r"with --pretrained, --config.\* overrides need the config file too",
+    ),
 }  # the other invalid values are checked through validate_config in test_training.py
 
 
@@ -381,7 +389,8 @@ def test_bad_flags_and_configs_stop_before_any_work_with_one_message(tmp_path):
     procs = {}
     for name, (flags, extra_env, _) in BAD_RUNS.items():
         workdir = tmp_path / name.replace(" ", "_").replace("/", "_")
-        config = [f for f in flags if f.startswith("--config=")] or ["--config=configs/swissroll.py"]
+        default = [] if any(f.startswith("--pretrained") for f in flags) else ["--config=configs/swissroll.py"]
+        config = [f for f in flags if f.startswith("--config=")] or default
         rest = [f for f in flags if not f.startswith("--config=")]
         command = [sys.executable, os.path.join(REPO, "train.py"), *config, f"--workdir={workdir}", *rest]
         procs[name] = (workdir, subprocess.Popen(

@@ -228,6 +228,8 @@ def convert_diffusers_state_dict(state: dict[str, np.ndarray], config: dict) -> 
 
 
 def _paths(path_or_dir: str) -> tuple[str, str]:
+    if not os.path.exists(path_or_dir):
+        raise ValueError(f"{path_or_dir}: no such diffusers model directory or weights file.")
     if os.path.isdir(path_or_dir):
         return os.path.join(path_or_dir, WEIGHTS_NAME), os.path.join(path_or_dir, CONFIG_NAME)
     return path_or_dir, os.path.join(os.path.dirname(path_or_dir), CONFIG_NAME)
