@@ -4,7 +4,8 @@ Reads the run's config from WORKDIR/config.json and its latest checkpoint, and w
 beside the data for 2-D sets) and an .npz into WORKDIR/samples; --trajectory adds pictures of the reverse chain
 (x_t and the predicted x_0); --metrics prints sample-quality metrics beside their data-vs-data baselines;
 --fid_stats adds FID and Inception Score (e.g. `--num=50000 --fid_stats=train`); --interpolate draws
-interpolations between test images instead (the paper's Fig. 8).
+interpolations between test images instead (the paper's Fig. 8), --latent samples from frozen latents of test
+images (Fig. 7).
 Many samples (e.g. `--num=50000` for FID) are drawn in chains of --batch_size, each kept on disk as it ends: after
 a Ctrl-C or a crash the same command goes on from the chains kept.
 `--pretrained=DIR` samples from a diffusers UNet2DModel folder instead (the DDPM authors' released weights,
@@ -34,6 +35,12 @@ flags.DEFINE_bool("interpolate", False, "Instead of sampling, interpolate betwee
                   "latent x_t (Ho et al. 2020, Fig. 8): a PNG with a row per pair.")
 flags.DEFINE_integer("interpolate_t", None, "--interpolate: the step to encode to, in [0, T-1] (default T/2 - 1).")
 flags.DEFINE_integer("pairs", 8, "--interpolate: the number of pairs of test images.")
+flags.DEFINE_bool("latent", False, "Instead of sampling, encode test images once to x_t and draw x_0 ~ p(x_0 | x_t) "
+                  "several times from each frozen latent (Ho et al. 2020, Fig. 7): a PNG with a row per image and t.")
+flags.DEFINE_list("latent_t", None, "--latent: the steps to encode to, in [0, T-1] (default T/4 - 1, T/2 - 1, "
+                  "3T/4 - 1, T - 1).")
+flags.DEFINE_integer("latent_images", 4, "--latent: the number of test images.")
+flags.DEFINE_integer("latent_draws", 6, "--latent: the samples drawn from each latent.")
 flags.DEFINE_string("fid_stats", None, "FID and Inception Score against a pytorch-fid statistics .npz, or 'train' / "
                     "'test': the run's own data split (statistics computed once, kept in the output folder).")
 flags.DEFINE_string("inception_weights", None, "pytorch-fid's pt_inception .pth (or an .npz of it) for --fid_stats "
@@ -67,12 +74,15 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
     try:
-        if FLAGS.interpolate:
+        if FLAGS.interpolate and FLAGS.latent:
+            raise ValueError("--interpolate and --latent each draw their own picture: give one of them")
+        if FLAGS.interpolate or FLAGS.latent:
             sampling_flags = ("sampler", "steps", "eta", "num", "batch_size", "trajectory", "metrics", "fid_stats",
                               "png_dir")
             given = [f"--{name}" for name in sampling_flags if FLAGS[name].present]
             if given:
-                raise ValueError(f"--interpolate decodes test images with the ancestral chain; {', '.join(given)} "
+                mode = "--interpolate" if FLAGS.interpolate else "--latent"
+                raise ValueError(f"{mode} decodes test images with the ancestral chain; {', '.join(given)} "
                                  "belong to sampling")
         config, model, schedule, params, tag = _load()
         overrides = {"sampler": FLAGS.sampler, "num_steps": FLAGS.steps, "eta": FLAGS.eta, "num_samples": FLAGS.num,
@@ -90,6 +100,19 @@ def main(argv):
             result = generation.draw_interpolations(config, model, schedule, params, out_dir=out_dir, tag=tag,
                                              t=FLAGS.interpolate_t, num_pairs=FLAGS.pairs, seed=FLAGS.seed)
             print(f"interpolations of {FLAGS.pairs} pairs of test images ({tag})")
+            for key in ("png", "npz"):
+                print(f"  {key}: {result[key]}")
+            return
+        if FLAGS.latent:
+            try:
+                ts = None if FLAGS.latent_t is None else [int(t) for t in FLAGS.latent_t]
+            except ValueError as err:
+                raise ValueError(f"--latent_t takes integer steps, got {','.join(FLAGS.latent_t)}") from err
+            result = generation.draw_latent_samples(
+                config, model, schedule, params, out_dir=out_dir, tag=tag, ts=ts, num_images=FLAGS.latent_images,
+                num_draws=FLAGS.latent_draws, seed=FLAGS.seed,
+            )
+            print(f"{FLAGS.latent_draws} samples from the latents of {FLAGS.latent_images} test images ({tag})")
             for key in ("png", "npz"):
                 print(f"  {key}: {result[key]}")
             return

@@ -22,7 +22,7 @@ from ddpm_jax.diffusion import (
 )
 from ddpm_jax.gaussians import discretized_gaussian_log_likelihood, normal_kl
 from ddpm_jax.likelihood import BpdResult, RateDistortion, calc_bpd_loop, prior_bpd, rate_distortion
-from ddpm_jax.sampling import Trajectory, ddim_sample, ddim_timesteps, ddpm_sample, interpolate
+from ddpm_jax.sampling import Trajectory, ddim_sample, ddim_timesteps, ddpm_sample, interpolate, sample_from_latent
 from ddpm_jax.schedules import SCHEDULES, Schedule, beta_schedule, make_schedule, make_schedule_from_betas
 
 __version__ = "0.1.0"
@@ -61,6 +61,7 @@ __all__ = [
     "q_sample",
     "q_step",
     "rate_distortion",
+    "sample_from_latent",
     "training_losses",
     "vb_terms_bpd",
 ]

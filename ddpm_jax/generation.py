@@ -14,6 +14,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -110,6 +111,29 @@ def _split_images(config, split: str, num_examples: int | None = None) -> np.nda
     return images[:num_examples]
 
 
+def _require_images(config, what: str) -> None:
+    if not is_image_data(config):
+        raise ValueError(f"{what} pictures are for images; {config.data.dataset} is a 2-D data set")
+
+
+def _test_images(config, num: int, what: str) -> np.ndarray:
+    """The first ``num`` test images in [-1, 1], for pictures of ``what``."""
+    images = uint8_to_float(_split_images(config, "test", num))
+    if len(images) < num:
+        raise ValueError(f"{what} pictures need {num} test images; the test split has {len(images)}")
+    return images
+
+
+def _watched_chain(chain_fn, params, key, *, steps: int, desc: str, progress: bool):
+    """``chain_fn(params, key, progress_fn)`` jitted and run under a progress bar of its ``steps`` reverse steps;
+    Ctrl-C ends it after the step in progress."""
+    watch = ChainWatch()
+    run = jax.jit(lambda params, key: chain_fn(params, key, watch), compiler_options=cpu_conv_compiler_options())
+    with progress_bar(total=steps, desc=desc, unit="step", leave=False, disable=not progress) as bar, \
+            watch.watching(on_step=lambda _: bar.update(1)):
+        return jax.device_get(run(params, key))
+
+
 def draw_interpolations(config, model, schedule, params, *, out_dir: str, tag: str, t: int | None = None,
                         num_pairs: int = 8, num_lambdas: int = 11, seed: int = 0, progress: bool = True) -> dict:
     """Ho et al. 2020, Fig. 8 for this model: the first 2 * ``num_pairs`` test images in pairs, encoded to step
@@ -117,34 +141,65 @@ def draw_interpolations(config, model, schedule, params, *, out_dir: str, tag: s
     Writes a PNG (a row per pair, the two sources at its ends) and an .npz; returns their paths."""
     from ddpm_jax.sampling import interpolate
 
-    if not is_image_data(config):
-        raise ValueError(f"interpolation pictures are for images; {config.data.dataset} is a 2-D data set")
+    _require_images(config, "interpolation")
     t = schedule.num_timesteps // 2 - 1 if t is None else t
     if not 0 <= t < schedule.num_timesteps or num_pairs < 1 or num_lambdas < 2:
         raise ValueError(f"interpolation needs 0 <= t < T = {schedule.num_timesteps}, at least one pair and two "
                          f"lambdas; got t={t}, {num_pairs} pairs, {num_lambdas} lambdas")
-    images = uint8_to_float(_split_images(config, "test", 2 * num_pairs))
-    if len(images) < 2 * num_pairs:
-        raise ValueError(f"{num_pairs} pairs need {2 * num_pairs} test images; the test split has {len(images)}")
+    images = _test_images(config, 2 * num_pairs, "interpolation")
     x0_a, x0_b, lambdas = images[0::2], images[1::2], np.linspace(0.0, 1.0, num_lambdas)
-    d, watch = config.diffusion, ChainWatch()
+    d = config.diffusion
 
-    def decode(params, key):
+    def decode(params, key, progress_fn):
         return interpolate(
             denoiser_fn(model, params), schedule, x0_a, x0_b, lambdas, t, key, mean_type=d.mean_type,
-            var_type=d.var_type, clip_denoised=config.sampling.clip_denoised, progress_fn=watch,
+            var_type=d.var_type, clip_denoised=config.sampling.clip_denoised, progress_fn=progress_fn,
         )
 
-    decode = jax.jit(decode, compiler_options=cpu_conv_compiler_options())
-    with progress_bar(total=t + 1, desc="interpolation", unit="step", leave=False, disable=not progress) as bar, \
-            watch.watching(on_step=lambda _: bar.update(1)):
-        decoded = np.asarray(decode(params, jax.random.PRNGKey(seed)))
+    decoded = np.asarray(_watched_chain(decode, params, jax.random.PRNGKey(seed), steps=t + 1, desc="interpolation",
+                                        progress=progress))
     name = f"interpolation_t{t}_seed{seed}_{tag}"
     result = {"png": os.path.join(out_dir, f"{name}.png"), "npz": os.path.join(out_dir, f"{name}.npz")}
     style = _grid_style(config)
     viz.save_png(result["png"], viz.interpolation_strip(x0_a, x0_b, decoded, lambdas, scale=style["scale"],
                                                          padding=style["padding"], pad_value=style["pad_value"]))
     np.savez_compressed(result["npz"], interpolations=decoded, lambdas=lambdas, x0_a=x0_a, x0_b=x0_b, t=t)
+    return result
+
+
+def draw_latent_samples(config, model, schedule, params, *, out_dir: str, tag: str, ts=None, num_images: int = 4,
+                        num_draws: int = 6, seed: int = 0, progress: bool = True) -> dict:
+    """Ho et al. 2020, Fig. 7 for this model: the first ``num_images`` test images, each encoded once to every step
+    in ``ts`` (default: T/4, T/2, 3T/4 and T steps of diffusion), and ``num_draws`` samples of p_theta(x_0 | x_t)
+    from each frozen latent (`sampling.sample_from_latent`). Writes a PNG (per image and t a row: x_0, x_t, the
+    draws) and an .npz; returns their paths."""
+    from ddpm_jax.sampling import sample_from_latent
+
+    _require_images(config, "latent-sample")
+    num_timesteps = schedule.num_timesteps
+    ts = [num_timesteps * q // 4 - 1 for q in (1, 2, 3, 4)] if ts is None else [int(t) for t in ts]
+    if not ts or not all(0 <= t < num_timesteps for t in ts) or num_images < 1 or num_draws < 1:
+        raise ValueError(f"samples from latents need steps 0 <= t < T = {num_timesteps}, at least one image and one "
+                         f"draw; got t={ts}, {num_images} images, {num_draws} draws")
+    x0 = _test_images(config, num_images, "latent-sample")
+    d = config.diffusion
+
+    def draw(params, key, progress_fn):
+        model_fn = denoiser_fn(model, params)
+        kwargs = dict(mean_type=d.mean_type, var_type=d.var_type, clip_denoised=config.sampling.clip_denoised,
+                      progress_fn=progress_fn)
+        per_t = [sample_from_latent(model_fn, schedule, x0, t, jax.random.fold_in(key, t), num_draws, **kwargs)
+                 for t in ts]
+        return jnp.stack([x_t for x_t, _ in per_t]), jnp.stack([draws for _, draws in per_t])
+
+    x_t, draws = _watched_chain(draw, params, jax.random.PRNGKey(seed), steps=sum(t + 1 for t in ts),
+                                desc="samples from latents", progress=progress)
+    name = f"latent_samples_t{'-'.join(map(str, ts))}_seed{seed}_{tag}"
+    result = {"png": os.path.join(out_dir, f"{name}.png"), "npz": os.path.join(out_dir, f"{name}.npz")}
+    style = _grid_style(config)
+    viz.save_png(result["png"], viz.latent_samples_grid(x0, x_t, draws, ts, scale=style["scale"],
+                                                        padding=style["padding"], pad_value=style["pad_value"]))
+    np.savez_compressed(result["npz"], x0=x0, x_t=x_t, samples=draws, t=np.asarray(ts))
     return result
 
 

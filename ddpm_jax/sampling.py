@@ -179,6 +179,37 @@ def interpolate(
     return jax.vmap(decode)(jnp.asarray(lambdas, jnp.float32))
 
 
+def sample_from_latent(
+    model_fn: ModelFn,
+    schedule: Schedule,
+    x0: jnp.ndarray,
+    t: int,
+    key: jax.Array,
+    num_samples: int,
+    *,
+    mean_type: str = "eps",
+    var_type: str = "fixedlarge",
+    clip_denoised: bool = True,
+    progress_fn: Callable[[jnp.ndarray], None] | None = None,
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Stochastic predictions x_0 ~ p_theta(x_0 | x_t) from one frozen latent (Ho et al. 2020, Sec. 4.3, Fig. 7).
+
+    x0 [B, ...] is encoded once by q(x_t | x_0) (Eq. 4) and the reverse chain from t (in [0, T - 1]) is run
+    ``num_samples`` times with independent noise: returns (x_t [B, ...], samples [num_samples, B, ...]). The
+    samples share what x_t still holds of x0: all but fine details for small t, large-scale features for large t.
+    """
+    encode_key, chain_key = jax.random.split(key)
+    x_t = q_sample(schedule, x0, jnp.full((x0.shape[0],), t, jnp.int32), jax.random.normal(encode_key, x0.shape))
+
+    def decode(sample_key):
+        return ddpm_sample(
+            model_fn, schedule, sample_key, x0.shape, mean_type=mean_type, var_type=var_type,
+            clip_denoised=clip_denoised, progress_fn=progress_fn, x_start=x_t, start_t=t,
+        )
+
+    return x_t, jax.vmap(decode)(jax.random.split(chain_key, num_samples))
+
+
 def ddim_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
     """Evenly spaced subsequence of [0, T-1] of length ``num_steps``, from T-1 down to 0."""
     if not 1 <= num_steps <= num_timesteps:

@@ -146,6 +146,27 @@ def interpolation_strip(
     return _add_labels(grid, pad_value, top=list(zip(centres, labels, strict=True)))
 
 
+def latent_samples_grid(
+    x0, x_t, samples, timesteps, scale: int | None = None, padding: int = 1, pad_value: int = 255
+) -> np.ndarray:
+    """Samples from frozen latents as a picture (Ho et al. 2020, Fig. 7): for each image of x0 [B, H, W, C] and each
+    of the S ``timesteps``, a row with x0, its latent x_t (x_t [S, B, ...]) and the K draws of p(x_0 | x_t)
+    (samples [S, K, B, ...]); rows labelled with t, columns "x0", "x_t" and the draws' numbers."""
+    x0, x_t, samples = to_uint8(x0), to_uint8(x_t), to_uint8(samples)
+    num_steps, num_draws, num_images, height, width, channels = samples.shape
+    scale = scale or _auto_scale(height)
+    rows = [
+        np.concatenate([x0[b][None], x_t[i, b][None], samples[i, :, b]])
+        for b in range(num_images) for i in range(num_steps)
+    ]
+    grid = image_grid(np.concatenate(rows), ncols=num_draws + 2, padding=padding, pad_value=pad_value, scale=scale)
+    top = zip(_column_centres(num_draws + 2, width * scale, padding),
+              ["x0", "x_t", *(str(k + 1) for k in range(num_draws))], strict=True)
+    row_centres = _column_centres(len(rows), height * scale, padding)
+    left = [(y, f"t={int(timesteps[r % num_steps])}") for r, y in enumerate(row_centres)]
+    return _add_labels(grid, pad_value, top=list(top), left=left)
+
+
 def chain_frames(
     traj_x,
     traj_pred_x0=None,

@@ -130,6 +130,26 @@ def test_interpolation_shares_its_noise_across_lambda():
     assert not np.allclose(images[0], images[3], atol=0.1)
 
 
+def test_samples_from_a_frozen_latent_follow_the_true_posterior():
+    """With the exact reverse process the chain from x_t samples q(x_0 | x_t), for Gaussian data N(mu, s^2) in
+    closed form: the samples' mean and variance given each x_t, within 5 Monte-Carlo standard errors."""
+    num_samples, t = 4000, 9
+    x0 = jnp.array([[MU - 2 * S, MU, MU + 2 * S]])
+    x_t, samples = jax.jit(
+        lambda key: dj.sample_from_latent(exact_reverse_fn(SMALL, MU, S), SMALL, x0, t, key, num_samples,
+                                          var_type="learned", clip_denoised=False)
+    )(jax.random.PRNGKey(12))
+    assert samples.shape == (num_samples, 1, 3)
+    # x_t is x0's own encoding by Eq. 4, the same for every sample.
+    encode_key, _ = jax.random.split(jax.random.PRNGKey(12))
+    np.testing.assert_allclose(x_t, dj.q_sample(SMALL, x0, jnp.full((1,), t), jax.random.normal(encode_key, (1, 3))),
+                               rtol=1e-6)
+    mean, var = (np.asarray(v, np.float64) for v in gaussian_posterior_x0(SMALL, x_t, jnp.full((1,), t), MU, S))
+    got = np.asarray(samples, np.float64)
+    assert np.all(np.abs(got.mean(0) - mean) < 5 * np.sqrt(var / num_samples)), (got.mean(0), mean)
+    assert np.all(np.abs(got.var(0) / var - 1) < 5 * np.sqrt(2 / num_samples)), (got.var(0), var)
+
+
 def test_ddim_eta1_all_steps_equals_ancestral_fixedsmall():
     """Song et al. 2021: eta = 1 over all T steps is DDPM with sigma_t^2 = beta~_t, step for step."""
     model_fn = optimal_eps_fn(SMALL, MU, S)

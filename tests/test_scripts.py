@@ -17,7 +17,7 @@ from PIL import Image
 
 import ddpm_jax as dj
 from configs import swissroll
-from ddpm_jax import generation, run
+from ddpm_jax import generation, run, viz
 from ddpm_jax.data import load_split, uint8_to_float
 from ddpm_jax.interrupts import ChainWatch, interrupts_deferred
 from ddpm_jax.models import denoiser_fn
@@ -319,6 +319,29 @@ def test_interpolation_pictures_decode_pairs_of_test_images(tmp_path):
         generation.draw_interpolations(swissroll.get_config(), None, None, None, out_dir=str(tmp_path), tag="x")
 
 
+def test_latent_sample_pictures_draw_from_frozen_latents_of_test_images(tmp_path):
+    """sample.py --latent: test images 0 and 1 encoded to t = 2 and 9, three draws each, as `sample_from_latent`."""
+    config, model, schedule, params = tiny_unet()
+    result = generation.draw_latent_samples(config, model, schedule, params, out_dir=str(tmp_path), tag="tiny",
+                                            ts=[2, 9], num_images=2, num_draws=3, seed=5, progress=False)
+    saved = np.load(result["npz"])
+    test_images = uint8_to_float(load_split(config.data, "test")[0][:2])
+    np.testing.assert_array_equal(saved["x0"], test_images)
+    for i, t in enumerate((2, 9)):
+        x_t, draws = dj.sample_from_latent(denoiser_fn(model, params), schedule, test_images, t,
+                                           jax.random.fold_in(jax.random.PRNGKey(5), t), 3,
+                                           mean_type=config.diffusion.mean_type, var_type=config.diffusion.var_type)
+        np.testing.assert_allclose(saved["x_t"][i], x_t, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(saved["samples"][i], draws, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(saved["samples"][1, 0], saved["samples"][1, 1], atol=0.05)  # independent draws
+    with Image.open(result["png"]) as picture:  # 2 images x 2 steps rows; x0, x_t and 3 draws; 6x upscaled digits
+        assert picture.size[1] - viz._LABEL_HEIGHT == 4 * (8 * 6 + 6) + 6
+    with pytest.raises(ValueError, match=r"0 <= t < T = 10, .*got t=\[10\]"):
+        generation.draw_latent_samples(config, model, schedule, params, out_dir=str(tmp_path), tag="x", ts=[10])
+    with pytest.raises(ValueError, match="latent-sample pictures are for images"):
+        generation.draw_latent_samples(swissroll.get_config(), None, None, None, out_dir=str(tmp_path), tag="x")
+
+
 def test_ctrl_c_stops_bits_per_dim_within_its_batch(monkeypatch):
     """Each eval batch is one 10-step chain here (two batches in all): the stop comes inside the first."""
     calls = interrupt_chains_at_step(monkeypatch, 5)
@@ -357,6 +380,12 @@ def test_sample_py_draws_from_a_finished_run(killed_and_uninterrupted, tmp_path)
     interpolate_with_ddim = sample_py(f"--workdir={workdir}", "--interpolate", "--sampler=ddim", "--num=4")
     assert interpolate_with_ddim.returncode == 1, interpolate_with_ddim.stderr[-2000:]
     assert "--sampler, --num belong to sampling" in interpolate_with_ddim.stderr
+    two_pictures = sample_py(f"--workdir={workdir}", "--interpolate", "--latent")
+    assert two_pictures.returncode == 1 and "give one of them" in two_pictures.stderr
+    latent_with_num = sample_py(f"--workdir={workdir}", "--latent", "--latent_t=4,x", "--num=4")
+    assert latent_with_num.returncode == 1 and "--latent decodes test images" in latent_with_num.stderr
+    bad_steps = sample_py(f"--workdir={workdir}", "--latent", "--latent_t=4,x")
+    assert bad_steps.returncode == 1 and "--latent_t takes integer steps, got 4,x" in bad_steps.stderr
     fid_of_points = sample_py(f"--workdir={workdir}", f"--out_dir={out_dir}_fid", "--fid_stats=train")
     assert fid_of_points.returncode == 1 and "error: FID is defined for images" in fid_of_points.stderr
     assert not os.path.exists(f"{out_dir}_fid")  # stopped before sampling

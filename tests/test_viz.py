@@ -100,6 +100,26 @@ def test_interpolation_strip_rows_are_pairs_with_their_sources_at_the_ends():
     assert (strip[: viz._LABEL_HEIGHT] < 128).any()  # the lambdas written in the header
 
 
+def test_latent_samples_grid_rows_are_image_and_step_with_source_latent_and_draws():
+    rng = np.random.default_rng(3)
+    steps, draws, images, height, width, scale, padding = 2, 3, 2, 2, 3, 2, 1
+    x0 = rng.uniform(-1, 1, (images, height, width, 1))
+    x_t = rng.uniform(-1, 1, (steps, images, height, width, 1))
+    samples = rng.uniform(-1, 1, (steps, draws, images, height, width, 1))
+    grid = viz.latent_samples_grid(x0, x_t, samples, [5, 50], scale=scale, padding=padding)
+    tile_h, tile_w = height * scale, width * scale
+    band = grid.shape[1] - ((draws + 2) * (tile_w + padding) + padding)  # the t labels on the left
+    assert band > 0 and (grid[viz._LABEL_HEIGHT :, :band] < 128).any()
+    for b in range(images):
+        for i in range(steps):
+            row = b * steps + i
+            for j, tile_image in enumerate([x0[b], x_t[i, b], *samples[i, :, b]]):
+                top = viz._LABEL_HEIGHT + padding + row * (tile_h + padding)
+                left = band + padding + j * (tile_w + padding)
+                tile = grid[top : top + tile_h, left : left + tile_w]
+                np.testing.assert_array_equal(tile, upscaled(viz.to_uint8(tile_image), scale))
+
+
 def test_save_chain_gif_has_one_frame_per_record_and_holds_the_last(tmp_path):
     records = 4
     # Distinct records: Pillow merges identical consecutive GIF frames.
