@@ -24,7 +24,7 @@ from ddpm_jax.data import load_split, make_dataset, uint8_to_float
 from ddpm_jax.interrupts import ChainWatch, progress_bar
 from ddpm_jax.models.conv import cpu_conv_compiler_options
 from ddpm_jax.models.layers import denoiser_fn
-from ddpm_jax.sampling import Trajectory, ddim_sample, ddpm_sample
+from ddpm_jax.sampling import Trajectory, ddim_sample, ddpm_sample, interpolate, sample_from_latent
 from ddpm_jax.training import batch_sharding, mesh_dividing, replicated
 
 
@@ -105,15 +105,13 @@ def sample_metrics(config, samples: np.ndarray, *, seed: int = 0) -> dict:
 
 def _split_images(config, split: str, num_examples: int | None = None) -> np.ndarray:
     """The first ``num_examples`` (default: all) images of a data split at the run's size, uint8 [N, H, W, C]."""
-    if not is_image_data(config):
-        raise ValueError(f"{config.data.dataset} is a 2-D data set, not images")
     images = load_split(config.data, split, data_dir=config.data.data_dir or None, download=config.data.download)[0]
     return images[:num_examples]
 
 
 def _require_images(config, what: str) -> None:
     if not is_image_data(config):
-        raise ValueError(f"{what} pictures are for images; {config.data.dataset} is a 2-D data set")
+        raise ValueError(f"{what} are for images; {config.data.dataset} is a 2-D data set")
 
 
 def _test_images(config, num: int, what: str) -> np.ndarray:
@@ -139,9 +137,7 @@ def draw_interpolations(config, model, schedule, params, *, out_dir: str, tag: s
     """Ho et al. 2020, Fig. 8 for this model: the first 2 * ``num_pairs`` test images in pairs, encoded to step
     ``t`` (default T/2 - 1, the paper's 500 of 1000 steps) and decoded for lambdas 0..1 (`sampling.interpolate`).
     Writes a PNG (a row per pair, the two sources at its ends) and an .npz; returns their paths."""
-    from ddpm_jax.sampling import interpolate
-
-    _require_images(config, "interpolation")
+    _require_images(config, "interpolation pictures")
     t = schedule.num_timesteps // 2 - 1 if t is None else t
     if not 0 <= t < schedule.num_timesteps or num_pairs < 1 or num_lambdas < 2:
         raise ValueError(f"interpolation needs 0 <= t < T = {schedule.num_timesteps}, at least one pair and two "
@@ -173,9 +169,7 @@ def draw_latent_samples(config, model, schedule, params, *, out_dir: str, tag: s
     in ``ts`` (default: T/4, T/2, 3T/4 and T steps of diffusion), and ``num_draws`` samples of p_theta(x_0 | x_t)
     from each frozen latent (`sampling.sample_from_latent`). Writes a PNG (per image and t a row: x_0, x_t, the
     draws) and an .npz; returns their paths."""
-    from ddpm_jax.sampling import sample_from_latent
-
-    _require_images(config, "latent-sample")
+    _require_images(config, "latent-sample pictures")
     num_timesteps = schedule.num_timesteps
     ts = [num_timesteps * q // 4 - 1 for q in (1, 2, 3, 4)] if ts is None else [int(t) for t in ts]
     if not ts or not all(0 <= t < num_timesteps for t in ts) or num_images < 1 or num_draws < 1:
@@ -212,6 +206,7 @@ def data_fid_stats(config, split: str, variables: dict, *, num_examples: int | N
     data split at the run's image size, the reference its samples are compared with."""
     from ddpm_jax.metrics import compute_stats
 
+    _require_images(config, "FID statistics")
     images = _split_images(config, split, num_examples)  # uint8: a quarter of the memory of floats
     with progress_bar(total=len(images), desc=f"Inception ({split} split)", unit="image", leave=False,
                        disable=not progress) as bar:
