@@ -115,6 +115,8 @@ def main(argv):
             print(f"{FLAGS.latent_draws} samples from the latents of {FLAGS.latent_images} test images ({tag})")
             for key in ("png", "npz"):
                 print(f"  {key}: {result[key]}")
+            for t, agreement in result.get("class_agreement", {}).items():
+                print(f"  t={t}: the digits classifier puts {agreement:.1%} of the samples in their source's class")
             return
         fid_reference = None
         if FLAGS.fid_stats:  # before sampling: a missing file or weights should not wait for 50,000 samples

@@ -168,7 +168,8 @@ def draw_latent_samples(config, model, schedule, params, *, out_dir: str, tag: s
     """Ho et al. 2020, Fig. 7 for this model: the first ``num_images`` test images, each encoded once to every step
     in ``ts`` (default: T/4, T/2, 3T/4 and T steps of diffusion), and ``num_draws`` samples of p_theta(x_0 | x_t)
     from each frozen latent (`sampling.sample_from_latent`). Writes a PNG (per image and t a row: x_0, x_t, the
-    draws) and an .npz; returns their paths."""
+    draws) and an .npz; returns their paths and, for digits, the fraction of draws the digits classifier puts in
+    their source's class at each t ("class_agreement")."""
     _require_images(config, "latent-sample pictures")
     num_timesteps = schedule.num_timesteps
     ts = [num_timesteps * q // 4 - 1 for q in (1, 2, 3, 4)] if ts is None else [int(t) for t in ts]
@@ -194,6 +195,10 @@ def draw_latent_samples(config, model, schedule, params, *, out_dir: str, tag: s
     viz.save_png(result["png"], viz.latent_samples_grid(x0, x_t, draws, ts, scale=style["scale"],
                                                         padding=style["padding"], pad_value=style["pad_value"]))
     np.savez_compressed(result["npz"], x0=x0, x_t=x_t, samples=draws, t=np.asarray(ts))
+    if config.data.dataset == "digits":
+        from ddpm_jax.metrics import digits_class_agreement
+
+        result["class_agreement"] = {t: digits_class_agreement(draws[i], x0) for i, t in enumerate(ts)}
     return result
 
 

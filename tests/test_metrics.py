@@ -164,6 +164,18 @@ def test_classifier_held_out_accuracy(held_out):
     assert accuracy >= 0.97
 
 
+def test_class_agreement_counts_draws_in_their_sources_class(held_out):
+    sources = held_out[0][:20]
+    classes = digits_classifier.digits_class_probs(sources).argmax(-1)
+    neighbours = np.roll(sources, 1, axis=0)  # draw 2 of source i is source i - 1
+    samples = np.stack([sources, neighbours])
+    expected = (20 + np.sum(np.roll(classes, 1) == classes)) / 40
+    assert digits_classifier.digits_class_agreement(samples, sources) == pytest.approx(expected)
+    assert expected < 0.75  # most neighbours are other digits, so a wrong pairing would show
+    with pytest.raises(ValueError, match=r"must be draws for sources"):
+        digits_classifier.digits_class_agreement(samples[:, :10], sources)
+
+
 def test_class_entropy_of_held_out_and_single_class(held_out):
     images, labels = held_out
     probs = digits_classifier.digits_class_probs(images)

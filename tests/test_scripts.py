@@ -20,6 +20,7 @@ from configs import swissroll
 from ddpm_jax import generation, run, viz
 from ddpm_jax.data import load_split, uint8_to_float
 from ddpm_jax.interrupts import ChainWatch, interrupts_deferred
+from ddpm_jax.metrics import digits_class_agreement
 from ddpm_jax.models import denoiser_fn
 from ddpm_jax.training import make_mesh
 from tests.multihost_worker import REPO, TINY_SWISSROLL, apply_overrides, subprocess_env, tiny_unet, tiny_unet_bpd
@@ -334,6 +335,9 @@ def test_latent_sample_pictures_draw_from_frozen_latents_of_test_images(tmp_path
         np.testing.assert_allclose(saved["x_t"][i], x_t, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(saved["samples"][i], draws, rtol=1e-5, atol=1e-5)
     assert not np.allclose(saved["samples"][1, 0], saved["samples"][1, 1], atol=0.05)  # independent draws
+    assert result["class_agreement"] == {  # digits: how many draws keep their source's class
+        t: pytest.approx(digits_class_agreement(saved["samples"][i], test_images)) for i, t in enumerate((2, 9))
+    }
     with Image.open(result["png"]) as picture:  # 2 images x 2 steps rows; x0, x_t and 3 draws; 6x upscaled digits
         assert picture.size[1] - viz._LABEL_HEIGHT == 4 * (8 * 6 + 6) + 6
     with pytest.raises(ValueError, match=r"0 <= t < T = 10, .*got t=\[10\]"):

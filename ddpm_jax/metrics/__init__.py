@@ -4,6 +4,7 @@ baseline."""
 
 from ddpm_jax.metrics.digits_classifier import (
     class_entropy,
+    digits_class_agreement,
     digits_class_probs,
     digits_features,
     digits_metrics,
@@ -38,6 +39,7 @@ __all__ = [
     "compute_features",
     "compute_stats",
     "data_baseline",
+    "digits_class_agreement",
     "digits_class_probs",
     "digits_features",
     "digits_metrics",

@@ -120,6 +120,19 @@ def digits_class_probs(images, variables: dict | None = None) -> np.ndarray:
     return scipy.special.softmax(_batched_apply(images, variables)[1], axis=-1)
 
 
+def digits_class_agreement(samples, sources, variables: dict | None = None) -> float:
+    """The fraction of samples [K, B, 8|16, 8|16(, 1)] that the classifier puts in the class it gives their source
+    (sources [B, ...]): how much of each source a set of stochastic reconstructions keeps."""
+    samples, sources = np.asarray(samples), np.asarray(sources)
+    if samples.shape[1:] != sources.shape:
+        raise ValueError(f"samples [K, B, ...] must be draws for sources [B, ...]; got {samples.shape} and "
+                         f"{sources.shape}")
+    variables = load_digits_classifier() if variables is None else variables
+    source_class = _batched_apply(sources, variables)[1].argmax(axis=-1)
+    sample_class = _batched_apply(samples.reshape(-1, *sources.shape[1:]), variables)[1].argmax(axis=-1)
+    return float(np.mean(sample_class.reshape(samples.shape[:2]) == source_class))
+
+
 def class_entropy(probs: np.ndarray) -> float:
     """Entropy (nats) of the mean predicted class distribution: log(10) = 2.303 when all classes are equally
     present, 0 when every image is one class (mode collapse)."""
