@@ -25,6 +25,8 @@ config_flags.DEFINE_config_file(
 flags.DEFINE_string("workdir", None, "Checkpoints, logs and samples go here (default: runs/<config name>).")
 flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (or resume), or eval: test bits/dim of a checkpoint.")
 flags.DEFINE_integer("eval_examples", 0, "eval mode: the first N test images (0: the whole test split).")
+flags.DEFINE_enum("eval_split", None, ["train", "test"], "eval mode: the split (default: the config's eval.split, "
+                  "test); train writes eval_train.json and rate_distortion_train.*.")
 flags.DEFINE_string("pretrained", None, "eval mode: evaluate a diffusers UNet2DModel folder (the DDPM authors' "
                     "released weights) instead of a checkpoint; default config configs/cifar10.py.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
@@ -65,23 +67,26 @@ def _run(workdir: str) -> None:
         print(f"done: checkpoint and samples.png in {workdir}")
     else:
         try:
+            config = pretrained_config() if FLAGS.pretrained else eval_config(workdir)
+            if FLAGS.eval_split:
+                config.eval.split = FLAGS.eval_split
             if FLAGS.pretrained:
-                config = pretrained_config()
                 model, schedule, params = run.load_pretrained(FLAGS.pretrained, config)
                 validate_config(config)
                 result = run.evaluate_model(config, model, schedule, params, out_dir=workdir,
                                             num_examples=FLAGS.eval_examples or None, progress=FLAGS.progress)
             else:
-                result = run.evaluate_checkpoint(eval_config(workdir), workdir,
-                                                 num_examples=FLAGS.eval_examples or None, progress=FLAGS.progress)
+                result = run.evaluate_checkpoint(config, workdir, num_examples=FLAGS.eval_examples or None,
+                                                 progress=FLAGS.progress)
         except KeyboardInterrupt:
             print("interrupted: no bits/dim written", file=sys.stderr)
             raise
-        print(f"test bits/dim: {result['bpd']:.4f} over {result['bpd_examples']} images "
-              f"(prior {result['bpd_prior']:.2e}, decoder L_0 {result['bpd_decoder']:.4f}) -> {workdir}/eval.json")
+        files = result["files"]
+        print(f"{result['split']} bits/dim: {result['bpd']:.4f} over {result['bpd_examples']} images "
+              f"(prior {result['bpd_prior']:.2e}, decoder L_0 {result['bpd_decoder']:.4f}) -> {files['json']}")
         last = result["rate_distortion"][0]
         print(f"after all {last['reverse_step']} reverse steps: rate {last['rate_bpd']:.4f} bits/dim, distortion "
-              f"RMSE {last['distortion_rmse']:.3f} on [0, 255] -> {workdir}/rate_distortion.png")
+              f"RMSE {last['distortion_rmse']:.3f} on [0, 255] -> {files['png']}")
 
 
 def eval_config(workdir: str):

@@ -84,4 +84,5 @@ def get_base_config() -> ml_collections.ConfigDict:
     evaluation.bpd_every = 0  # steps between held-out bits/dim evaluations (0: never during training)
     evaluation.num_bpd_examples = 64  # held-out examples for bits/dim during training
     evaluation.batch_size = 64
+    evaluation.split = "test"  # bits/dim and rate-distortion on this split ("train": the paper's train NLL)
     return config

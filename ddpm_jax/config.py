@@ -105,6 +105,7 @@ def validate_config(config, *, num_devices: int = 1, process_count: int = 1) -> 
     choice("diffusion.loss_type", df.loss_type, LOSS_TYPES)
     choice("training.optimizer", tr.optimizer, OPTIMIZERS)
     choice("sampling.sampler", s.sampler, SAMPLERS)
+    choice("eval.split", ev.split, ("train", "test"))
     for path, value in [
         ("diffusion.num_timesteps", df.num_timesteps),
         ("training.batch_size", tr.batch_size),

@@ -89,8 +89,9 @@ def evaluate_bpd(
     config, params, model, schedule, *, num_examples: int, key: jax.Array, mesh=None, progress=False,
     bpd_fn=None, watch: ChainWatch | None = None, per_step: bool = False,
 ) -> dict:
-    """Mean bits/dim (total, prior, decoder L_0) over the first ``num_examples`` of the test split; with
-    ``per_step`` (or a bpd_fn made with it) also their `rate_distortion` curve, under "rate_distortion".
+    """Mean bits/dim (total, prior, decoder L_0) over the first ``num_examples`` of ``eval.split`` (the test split by
+    default); with ``per_step`` (or a bpd_fn made with it) also their `rate_distortion` curve, under
+    "rate_distortion".
 
     Each eval batch is split over the devices of ``mesh`` (default: all) and each process reads only its own
     rows. ``bpd_fn``: a ``make_bpd_fn(..., progress_fn=watch)`` to reuse (its compiled 1000-step scan) across
@@ -99,7 +100,7 @@ def evaluate_bpd(
     """
     mesh = make_mesh() if mesh is None else mesh
     dataset = make_dataset(
-        config.data, "test", batch_size=config.eval.batch_size, seed=config.seed,
+        config.data, config.eval.split, batch_size=config.eval.batch_size, seed=config.seed,
         process_index=jax.process_index(), process_count=jax.process_count(),
         data_dir=config.data.data_dir or None, download=config.data.download,
     )
@@ -109,7 +110,7 @@ def evaluate_bpd(
     num_batches = math.ceil(min(num_examples, dataset.num_examples) / config.eval.batch_size)
     rows, masks = [], []
     with progress_bar(
-        total=num_batches * schedule.num_timesteps, desc="bits/dim", unit="step", leave=False,
+        total=num_batches * schedule.num_timesteps, desc=f"bits/dim ({config.eval.split})", unit="step", leave=False,
         disable=not progress or jax.process_index() != 0,
     ) as bar:
         for i, batch in enumerate(dataset.ordered_batches(num_examples=num_examples)):
@@ -369,9 +370,10 @@ def evaluate_checkpoint(config, workdir: str, *, num_examples: int | None = None
 
 def evaluate_model(config, model, schedule, params, *, out_dir: str, num_examples: int | None = None,
                    progress: bool = True, step: int | None = None) -> dict:
-    """Test-set bits/dim of ``params`` and their rate-distortion curve (Ho et al. 2020, Fig. 5), written to
+    """Bits/dim of ``params`` on ``eval.split`` and their rate-distortion curve (Ho et al. 2020, Fig. 5), written to
     ``out_dir``: eval.json (the curve at every tenth of the reverse steps, as the paper's Table 4),
-    rate_distortion.npz (every step) and rate_distortion.png. ``step``: the checkpoint's, recorded if given.
+    rate_distortion.npz (every step) and rate_distortion.png, each named with a ``_train`` suffix for the training
+    split. ``step``: the checkpoint's, recorded if given. Returns eval.json's contents and the paths ("files").
 
     Runs on as many of the devices as divide ``eval.batch_size`` (all of them where their number does).
     """
@@ -381,6 +383,7 @@ def evaluate_model(config, model, schedule, params, *, out_dir: str, num_example
         config, params, model, schedule, num_examples=num_examples or 10**9, per_step=True,
         key=jax.random.PRNGKey(config.seed + 2), mesh=mesh_dividing(config.eval.batch_size), progress=progress,
     )
+    result["split"] = config.eval.split
     if step is not None:
         result["step"] = step
     curve = result.pop("rate_distortion")
@@ -390,15 +393,18 @@ def evaluate_model(config, model, schedule, params, *, out_dir: str, num_example
          "distortion_rmse": float(curve.distortion_rmse[i])}
         for i in range(len(curve.reverse_steps) - 1, -1, -every)
     ]
+    suffix = "" if config.eval.split == "test" else f"_{config.eval.split}"
+    files = {name: os.path.join(out_dir, f"{stem}{suffix}.{name}")
+             for stem, name in (("eval", "json"), ("rate_distortion", "npz"), ("rate_distortion", "png"))}
     if jax.process_index() == 0:
         os.makedirs(out_dir, exist_ok=True)
-        np.savez(os.path.join(out_dir, "rate_distortion.npz"), **curve._asdict())
+        np.savez(files["npz"], **curve._asdict())
         title = ("" if step is None else f"step {step}: ") + (
-            f"test-set rate and distortion, {result['bpd_examples']} images")
-        viz.save_png(os.path.join(out_dir, "rate_distortion.png"), viz.rate_distortion_plot(*curve, title=title))
-        with open(os.path.join(out_dir, "eval.json"), "w") as f:
+            f"rate and distortion on {result['bpd_examples']} {config.eval.split} images")
+        viz.save_png(files["png"], viz.rate_distortion_plot(*curve, title=title))
+        with open(files["json"], "w") as f:
             json.dump(result, f, indent=2)
-    return result
+    return {**result, "files": files}
 
 
 def load_config(workdir: str, base=None):

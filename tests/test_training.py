@@ -399,6 +399,7 @@ def test_unreadable_checkpoint_gives_a_clear_error_and_is_not_overwritten(swissr
         (swissroll.get_config, {"diffusion.num_timesteps": 1}, 1, "num_timesteps=1 must be >= 2"),
         (swissroll.get_config, {"diffusion.num_timesteps": 20, "sampling.sampler": "ddim"}, 1, "means 50 DDIM steps"),
         (digits.get_config, {"eval.bpd_every": 100, "eval.batch_size": 100}, 8, "eval.batch_size=100 is not divisible"),
+        (digits.get_config, {"eval.split": "validation"}, 1, r"eval.split='validation' .*train.*test"),
     ],
 )
 def test_validate_config_names_the_problem(config_fn, overrides, num_devices, message):
@@ -482,6 +483,18 @@ def test_digits_unet_trains_samples_and_evaluates(tmp_path):
     assert [row["reverse_step"] for row in evaluation["rate_distortion"]] == list(range(50, 0, -5))
     assert evaluation["rate_distortion"][0]["distortion_rmse"] == pytest.approx(curve["distortion_rmse"][-1])
     assert_valid_png(os.path.join(workdir, "rate_distortion.png"))
+    # On the training split (the paper's Table 1 reports both): its own files, beside the test split's.
+    config.eval.split = "train"
+    on_train = run.evaluate_checkpoint(config, workdir, num_examples=11, progress=False)
+    train_x0 = make_dataset(config.data, "train", batch_size=11, seed=0).examples[:11].astype(np.float64) / 127.5 - 1
+    kl = 0.5 * (-1.0 - np.log(var) + var + (np.sqrt(abar) * train_x0) ** 2)
+    assert on_train["split"] == "train" and on_train["bpd_prior"] == pytest.approx(kl.mean() / np.log(2.0), rel=1e-4)
+    assert on_train["files"]["json"] == os.path.join(workdir, "eval_train.json")
+    with open(os.path.join(workdir, "eval_train.json")) as f:
+        assert json.load(f)["bpd"] == on_train["bpd"]
+    with open(os.path.join(workdir, "eval.json")) as f:
+        assert json.load(f)["bpd"] == evaluation["bpd"]  # the test split's, untouched
+    assert os.path.exists(os.path.join(workdir, "rate_distortion_train.png"))
 
 
 # ----------------------------------------------------------------------------------------------------------
