@@ -65,22 +65,18 @@ def _run(workdir: str) -> None:
             raise ValueError("--pretrained weights are evaluated with --mode=eval; training starts from scratch")
         run.train_and_evaluate(FLAGS.config, workdir, progress=FLAGS.progress)
         print(f"done: checkpoint and samples.png in {workdir}")
-    else:
-        try:
-            config = pretrained_config() if FLAGS.pretrained else eval_config(workdir)
-            if FLAGS.eval_split:
-                config.eval.split = FLAGS.eval_split
-            if FLAGS.pretrained:
-                model, schedule, params = run.load_pretrained(FLAGS.pretrained, config)
-                validate_config(config)
-                result = run.evaluate_model(config, model, schedule, params, out_dir=workdir,
-                                            num_examples=FLAGS.eval_examples or None, progress=FLAGS.progress)
-            else:
-                result = run.evaluate_checkpoint(config, workdir, num_examples=FLAGS.eval_examples or None,
-                                                 progress=FLAGS.progress)
-        except KeyboardInterrupt:
-            print("interrupted: no bits/dim written", file=sys.stderr)
-            raise
+    else:  # on Ctrl-C, run.evaluate_model says which batches it kept for the next run
+        config = pretrained_config() if FLAGS.pretrained else eval_config(workdir)
+        if FLAGS.eval_split:
+            config.eval.split = FLAGS.eval_split
+        if FLAGS.pretrained:
+            model, schedule, params = run.load_pretrained(FLAGS.pretrained, config)
+            validate_config(config)
+            result = run.evaluate_model(config, model, schedule, params, out_dir=workdir,
+                                        num_examples=FLAGS.eval_examples or None, progress=FLAGS.progress)
+        else:
+            result = run.evaluate_checkpoint(config, workdir, num_examples=FLAGS.eval_examples or None,
+                                             progress=FLAGS.progress)
         files = result["files"]
         print(f"{result['split']} bits/dim: {result['bpd']:.4f} over {result['bpd_examples']} images "
               f"(prior {result['bpd_prior']:.2e}, decoder L_0 {result['bpd_decoder']:.4f}) -> {files['json']}")

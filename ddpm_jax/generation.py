@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import sys
 import time
 
@@ -24,6 +23,7 @@ from ddpm_jax.data import load_split, make_dataset, uint8_to_float
 from ddpm_jax.interrupts import ChainWatch, progress_bar
 from ddpm_jax.models.conv import cpu_conv_compiler_options
 from ddpm_jax.models.layers import denoiser_fn
+from ddpm_jax.parts import Parts
 from ddpm_jax.sampling import Trajectory, ddim_sample, ddpm_sample, interpolate, sample_from_latent
 from ddpm_jax.training import batch_sharding, mesh_dividing, replicated
 
@@ -58,19 +58,6 @@ def make_sample_fn(
         records = batch_sharding(mesh, 2)
         out_shardings = (out_shardings, Trajectory(records, records, replicated(mesh)))
     return jax.jit(sample, out_shardings=out_shardings, compiler_options=cpu_conv_compiler_options())
-
-
-def _save_npz_atomically(path: str, **arrays: np.ndarray) -> None:
-    """np.savez to ``path`` through a temporary file: a crash leaves the old file or none, never half of one."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(path + ".tmp", path)
-
-
-def _load_npz(path: str) -> dict[str, np.ndarray]:
-    with np.load(path) as arrays:
-        return dict(arrays)
 
 
 def _grid_style(config) -> dict:
@@ -278,9 +265,8 @@ def generate(config, model, schedule, params, *, out_dir: str, tag: str, traject
     mesh = mesh_dividing(chain_size) if mesh is None else mesh
     sampler = f"ddim{num_steps}" if s.sampler == "ddim" else "ddpm"
     tag = f"{sampler}_seed{seed}_{tag}"
-    parts_dir = os.path.join(out_dir, f"samples_{tag}.parts")
-    part_paths = [os.path.join(parts_dir, f"chain{chain_size}_{c:05d}.npz") for c in range(num_chains)]
-    todo = [c for c, path in enumerate(part_paths) if not os.path.exists(path) or (trajectory and c == 0)]
+    parts = Parts(os.path.join(out_dir, f"samples_{tag}.parts"), f"chain{chain_size}_")
+    todo = [c for c in range(num_chains) if not parts.done(c) or (trajectory and c == 0)]
 
     watch = ChainWatch()
     sample_fn = make_sample_fn(
@@ -300,16 +286,16 @@ def generate(config, model, schedule, params, *, out_dir: str, tag: str, traject
                     seconds += time.perf_counter() - start
                 if trajectory:
                     out, traj = out[0], (out[1] if c == 0 else traj)
-                _save_npz_atomically(part_paths[c], samples=np.asarray(out))
+                parts.save(c, samples=np.asarray(out))
     except KeyboardInterrupt:
-        kept = sum(os.path.exists(path) for path in part_paths)
+        kept = parts.count()
         if kept:
-            print(f"interrupted: {kept} of {num_chains} chains of {chain_size} samples kept in {parts_dir}; "
+            print(f"interrupted: {kept} of {num_chains} chains of {chain_size} samples kept in {parts.directory}; "
                   "the same command goes on from them", file=sys.stderr)
         else:
             print("interrupted: no samples written", file=sys.stderr)
         raise
-    samples = np.concatenate([_load_npz(path)["samples"] for path in part_paths])[: s.num_samples]
+    samples = np.concatenate([parts.load(c)["samples"] for c in range(num_chains)])[: s.num_samples]
 
     result = {"seconds": seconds, "chains_drawn": len(todo), "num_chains": num_chains,
               "png": os.path.join(out_dir, f"samples_{tag}.png"), "npz": os.path.join(out_dir, f"samples_{tag}.npz")}
@@ -348,7 +334,7 @@ def generate(config, model, schedule, params, *, out_dir: str, tag: str, traject
                 result["metrics"].update(inception_metrics(samples, stats, variables, on_batch=bar.update))
     except KeyboardInterrupt:
         print(f"interrupted after sampling: the samples are in {result['npz']}, and the same command goes on from "
-              f"the chains kept in {parts_dir}", file=sys.stderr)
+              f"the chains kept in {parts.directory}", file=sys.stderr)
         raise
-    shutil.rmtree(parts_dir)
+    parts.remove()
     return result

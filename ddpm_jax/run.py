@@ -8,9 +8,11 @@ on top of the pure pieces in `training` and `likelihood`; drawing samples into f
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import sys
 import time
 from functools import partial
 
@@ -28,6 +30,7 @@ from ddpm_jax.interrupts import ChainWatch, interrupts_deferred, progress_bar
 from ddpm_jax.likelihood import RateDistortion, calc_bpd_loop, rate_distortion
 from ddpm_jax.models.conv import cpu_conv_compiler_options
 from ddpm_jax.models.layers import denoiser_fn
+from ddpm_jax.parts import Parts
 from ddpm_jax.training import (
     NUM_LOSS_QUARTILES,
     TrainState,
@@ -87,7 +90,7 @@ def make_bpd_fn(config, model, schedule, mesh, *, per_step: bool = False, progre
 
 def evaluate_bpd(
     config, params, model, schedule, *, num_examples: int, key: jax.Array, mesh=None, progress=False,
-    bpd_fn=None, watch: ChainWatch | None = None, per_step: bool = False,
+    bpd_fn=None, watch: ChainWatch | None = None, per_step: bool = False, parts: Parts | None = None,
 ) -> dict:
     """Mean bits/dim (total, prior, decoder L_0) over the first ``num_examples`` of ``eval.split`` (the test split by
     default); with ``per_step`` (or a bpd_fn made with it) also their `rate_distortion` curve, under
@@ -97,6 +100,7 @@ def evaluate_bpd(
     rows. ``bpd_fn``: a ``make_bpd_fn(..., progress_fn=watch)`` to reuse (its compiled 1000-step scan) across
     evaluations, given with its ``watch``; made here if None. Ctrl-C stops a batch's chain after the step in
     progress on a one-device mesh; on several devices the KeyboardInterrupt comes when the batch is done.
+    ``parts``: keep each batch's rows there as it finishes and read those of batches already kept (one process).
     """
     mesh = make_mesh() if mesh is None else mesh
     dataset = make_dataset(
@@ -114,10 +118,16 @@ def evaluate_bpd(
         disable=not progress or jax.process_index() != 0,
     ) as bar:
         for i, batch in enumerate(dataset.ordered_batches(num_examples=num_examples)):
+            masks.append(batch["mask"])  # the last batch is padded to full size; its padding is not counted
+            if parts is not None and parts.done(i):
+                rows.append(parts.load(i))
+                bar.update(schedule.num_timesteps)
+                continue
             x0 = jax.make_array_from_process_local_data(batch_sharding(mesh), batch["image"])
             with watch.watching(on_step=lambda t: bar.update(1), stop=mesh.size == 1):
                 rows.append(_process_rows(bpd_fn(params, x0, jax.random.fold_in(key, i)), mesh))
-            masks.append(batch["mask"])  # the last batch is padded to full size; its padding is not counted
+            if parts is not None:
+                parts.save(i, **rows[-1])
     per_example = valid_rows_of_all_processes(jax.tree.map(lambda *r: np.concatenate(r), *rows), np.concatenate(masks))
     result = {k: float(per_example[k].mean()) for k in ("bpd", "bpd_prior", "bpd_decoder")}
     result["bpd_examples"] = len(per_example["bpd"])
@@ -375,14 +385,28 @@ def evaluate_model(config, model, schedule, params, *, out_dir: str, num_example
     rate_distortion.npz (every step) and rate_distortion.png, each named with a ``_train`` suffix for the training
     split. ``step``: the checkpoint's, recorded if given. Returns eval.json's contents and the paths ("files").
 
-    Runs on as many of the devices as divide ``eval.batch_size`` (all of them where their number does).
+    Runs on as many of the devices as divide ``eval.batch_size`` (all of them where their number does). In one
+    process each finished batch is kept in ``out_dir/eval.parts`` until the files are written: after a Ctrl-C or a
+    crash the same call goes on from the batches kept, with the same result.
     """
     if not is_image_data(config):
         raise ValueError("bits/dim is defined for 8-bit images; 2-D data sets are evaluated with sample.py --metrics")
-    result = evaluate_bpd(
-        config, params, model, schedule, num_examples=num_examples or 10**9, per_step=True,
-        key=jax.random.PRNGKey(config.seed + 2), mesh=mesh_dividing(config.eval.batch_size), progress=progress,
-    )
+    suffix = "" if config.eval.split == "test" else f"_{config.eval.split}"
+    num_examples = num_examples or 10**9
+    parts = None
+    if jax.process_count() == 1:  # several processes would have to agree on which batches to skip
+        fingerprint = _eval_fingerprint(config, params, num_examples)
+        parts = Parts(os.path.join(out_dir, f"eval{suffix}.parts"), f"{fingerprint}_")
+    try:
+        result = evaluate_bpd(
+            config, params, model, schedule, num_examples=num_examples, per_step=True, parts=parts,
+            key=jax.random.PRNGKey(config.seed + 2), mesh=mesh_dividing(config.eval.batch_size), progress=progress,
+        )
+    except KeyboardInterrupt:
+        kept = parts.count() if parts else 0
+        print(f"interrupted: {kept} finished batches kept in {parts.directory}; the same command goes on from them"
+              if kept else "interrupted: no bits/dim written", file=sys.stderr)
+        raise
     result["split"] = config.eval.split
     if step is not None:
         result["step"] = step
@@ -393,7 +417,6 @@ def evaluate_model(config, model, schedule, params, *, out_dir: str, num_example
          "distortion_rmse": float(curve.distortion_rmse[i])}
         for i in range(len(curve.reverse_steps) - 1, -1, -every)
     ]
-    suffix = "" if config.eval.split == "test" else f"_{config.eval.split}"
     files = {name: os.path.join(out_dir, f"{stem}{suffix}.{name}")
              for stem, name in (("eval", "json"), ("rate_distortion", "npz"), ("rate_distortion", "png"))}
     if jax.process_index() == 0:
@@ -404,7 +427,19 @@ def evaluate_model(config, model, schedule, params, *, out_dir: str, num_example
         viz.save_png(files["png"], viz.rate_distortion_plot(*curve, title=title))
         with open(files["json"], "w") as f:
             json.dump(result, f, indent=2)
+    if parts is not None:
+        parts.remove()
     return {**result, "files": files}
+
+
+def _eval_fingerprint(config, params, num_examples: int) -> str:
+    """A digest of everything a batch's bits/dim depend on: the parameters, the settings and which examples."""
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(params):
+        digest.update(np.asarray(leaf).tobytes())
+    settings = {group: config[group].to_dict() for group in ("data", "model", "diffusion", "eval")}
+    digest.update(json.dumps([settings, config.seed, num_examples], sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]
 
 
 def load_config(workdir: str, base=None):

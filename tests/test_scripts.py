@@ -1,6 +1,7 @@
 """train.py and sample.py as a user runs them: SIGKILL mid-training and resume reproduces an uninterrupted run
 exactly; bad flags and configs stop at once with one message; sample.py draws from a finished run."""
 
+import functools
 import json
 import os
 import re
@@ -352,6 +353,31 @@ def test_ctrl_c_stops_bits_per_dim_within_its_batch(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         tiny_unet_bpd(make_mesh(jax.devices()[:1]))
     assert 5 <= len(calls) < 10 and calls[:5] == [9, 8, 7, 6, 5]
+
+
+def test_interrupted_evaluation_goes_on_from_the_batches_it_kept(monkeypatch, tmp_path, capsys):
+    """train.py --mode=eval: 20 digits in 3 batches of 8, each one 10-step chain; Ctrl-C in the third batch."""
+    config, model, schedule, params = tiny_unet()
+    evaluate = functools.partial(run.evaluate_model, config, model, schedule, params, progress=False)
+    uninterrupted = evaluate(out_dir=str(tmp_path / "once"), num_examples=20)
+    out_dir = str(tmp_path / "twice")
+    interrupt_chains_at_step(monkeypatch, 25)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(out_dir=out_dir, num_examples=20)
+    assert "interrupted: 2 finished batches kept in" in capsys.readouterr().err
+    assert len(os.listdir(os.path.join(out_dir, "eval.parts"))) == 2 and not os.path.exists(f"{out_dir}/eval.json")
+    calls = interrupt_chains_at_step(monkeypatch, None)
+    resumed = evaluate(out_dir=out_dir, num_examples=20)
+    assert calls == list(range(9, -1, -1))  # the third batch's chain only
+    assert {**resumed, "files": None} == {**uninterrupted, "files": None}
+    assert sorted(os.listdir(out_dir)) == ["eval.json", "rate_distortion.npz", "rate_distortion.png"]
+    # Batches kept for other examples (or parameters, or settings) are not reused.
+    interrupt_chains_at_step(monkeypatch, 25)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(out_dir=out_dir, num_examples=20)
+    calls = interrupt_chains_at_step(monkeypatch, None)
+    evaluate(out_dir=out_dir, num_examples=19)
+    assert len(calls) == 30
 
 
 def test_eval_mode_uses_the_runs_own_config(killed_and_uninterrupted):
