@@ -275,3 +275,22 @@ def test_inception_score_matches_numpy_formula():
     ten_classes = np.full((100, 1008), -50.0)
     ten_classes[np.arange(100), np.arange(100) % 10] = 50.0
     assert inception.inception_score(ten_classes, splits=1)[0] == pytest.approx(10.0, rel=1e-6)
+
+
+def test_running_inception_score_of_uneven_batches_and_splits():
+    """103 samples in 10 splits of 11 or 10 (np.array_split's), given in batches of 7 that straddle the splits."""
+    logits = np.random.default_rng(4).normal(scale=3.0, size=(103, 50))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    scores = [np.exp(np.mean(np.sum(part * (np.log(part) - np.log(part.mean(0))), axis=1)))
+              for part in np.array_split(probs, 10)]
+    running = inception.RunningInceptionScore(103)
+    for start in range(0, 103, 7):
+        running.update(logits[start : start + 7])
+    mean, std = running.score()
+    assert mean == pytest.approx(np.mean(scores), rel=1e-10) and std == pytest.approx(np.std(scores), rel=1e-10)
+    with pytest.raises(ValueError, match="more than the 103 samples announced"):
+        running.update(logits[:1])
+    with pytest.raises(ValueError, match="2 of the 103 samples announced were given"):
+        partial = inception.RunningInceptionScore(103)
+        partial.update(logits[:2])
+        partial.score()

@@ -22,6 +22,7 @@ from ddpm_jax.metrics.distances import (
     split_disjoint,
 )
 from ddpm_jax.metrics.inception import (
+    RunningInceptionScore,
     compute_features,
     compute_stats,
     fid_from_samples,
@@ -35,6 +36,7 @@ from ddpm_jax.metrics.inception import (
 
 __all__ = [
     "RunningGaussianStats",
+    "RunningInceptionScore",
     "class_entropy",
     "compute_features",
     "compute_stats",

@@ -29,6 +29,7 @@ from ddpm_jax.models.conv import cpu_conv_compiler_options
 __all__ = [
     "FID_WEIGHTS_URL",
     "FIDInceptionV3",
+    "RunningInceptionScore",
     "compute_features",
     "compute_stats",
     "convert_state_dict",
@@ -325,23 +326,24 @@ def compute_stats(
 ) -> tuple[np.ndarray, np.ndarray]:
     """FID statistics (mu [2048], sigma [2048, 2048], float64) of [N, H, W, 1|3] images (uint8, or floats in
     [-1, 1]), merged batch by batch: the N feature vectors are never held at once."""
-    return _pool_stats_and_logits(images, variables, batch_size, on_batch, resize, with_logits=False)[0]
+    return _running_metrics(images, variables, batch_size, on_batch, resize, with_score=False)[0]
 
 
-def _pool_stats_and_logits(
+def _running_metrics(
     images, variables: dict, batch_size: int, on_batch: Callable[[int], None] | None, resize: bool,
-    with_logits: bool,
-) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray | None]:
-    """((mu, sigma) of the pool features, 'logits_unbiased' [N, 1008] if ``with_logits``) from one pass."""
-    stats, logits = RunningGaussianStats(), []
-    names = ("pool", "logits_unbiased") if with_logits else ("pool",)
+    with_score: bool,
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[float, float] | None]:
+    """((mu, sigma) of the pool features, the Inception Score if ``with_score``) from one pass of the network."""
+    stats = RunningGaussianStats()
+    score = RunningInceptionScore(len(images)) if with_score else None
+    names = ("pool", "logits_unbiased") if with_score else ("pool",)
     for batch in _feature_batches(images, variables, batch_size, resize, True, names):
         stats.update(batch["pool"])
-        if with_logits:
-            logits.append(batch["logits_unbiased"])
+        if score is not None:
+            score.update(batch["logits_unbiased"])
         if on_batch is not None:
             on_batch(len(batch["pool"]))
-    return stats.stats(), np.concatenate(logits) if with_logits else None
+    return stats.stats(), score.score() if score is not None else None
 
 
 def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray) -> None:
@@ -377,31 +379,67 @@ def inception_metrics(
     resize: bool = True,
 ) -> dict[str, float]:
     """FID against ``reference_stats`` (path or (mu, sigma)) and Inception Score (10 splits; from 10 samples) of
-    [N, H, W, 1|3] samples (uint8, or floats in [-1, 1]), from one pass of the network. FID is biased upwards for
-    small N: papers report it for N = 50,000."""
-    with_logits = len(samples) >= 10
-    stats, logits = _pool_stats_and_logits(samples, variables, batch_size, on_batch, resize, with_logits)
+    [N, H, W, 1|3] samples (uint8, or floats in [-1, 1]), from one pass of the network that keeps no per-sample
+    output. FID is biased upwards for small N: papers report it for N = 50,000."""
+    with_score = len(samples) >= 10
+    stats, score = _running_metrics(samples, variables, batch_size, on_batch, resize, with_score)
     metrics = {"fid": fid_from_stats(stats, reference_stats), "fid_samples": len(samples)}
-    if with_logits:
-        metrics["inception_score"], metrics["inception_score_std"] = inception_score(logits)
+    if with_score:
+        metrics["inception_score"], metrics["inception_score_std"] = score
     return metrics
 
 
 def inception_score(logits, splits: int = 10) -> tuple[float, float]:
-    """Inception Score exp(E_x KL(p(y|x) || p(y))) (Salimans et al. 2016): mean and std over splits.
+    """Inception Score exp(E_x KL(p(y|x) || p(y))) (Salimans et al. 2016) of logits [N, classes]: mean and std over
+    ``splits`` consecutive parts (as np.array_split cuts them).
 
     Pass 'logits_unbiased' to match the original TF implementation (it multiplied by the softmax weights
     without the bias).
     """
-    probs = scipy.special.softmax(np.asarray(logits, np.float64), axis=-1)
-    if probs.shape[0] < splits:
-        raise ValueError(f"need at least {splits} images for {splits} splits, got {probs.shape[0]}")
-    log_probs = np.log(np.clip(probs, 1e-300, None))
-    scores = []
-    for part, log_part in zip(np.array_split(probs, splits), np.array_split(log_probs, splits), strict=True):
-        log_marginal = np.log(part.mean(axis=0))
-        scores.append(np.exp(np.mean(np.sum(part * (log_part - log_marginal), axis=1))))
-    return float(np.mean(scores)), float(np.std(scores))
+    logits = np.asarray(logits, np.float64)
+    score = RunningInceptionScore(len(logits), splits)
+    score.update(logits)
+    return score.score()
+
+
+class RunningInceptionScore:
+    """inception_score of logits that arrive a batch at a time, for a known number of samples.
+
+    E_x KL(p(y|x) || p(y)) = E_x sum_y p log p - sum_y p(y) log p(y), so each split needs only the sum of its
+    probabilities and of sum_y p log p: O(splits x classes) numbers instead of every row.
+    """
+
+    def __init__(self, num_samples: int, splits: int = 10):
+        if num_samples < splits:
+            raise ValueError(f"need at least {splits} images for {splits} splits, got {num_samples}")
+        sizes = [len(part) for part in np.array_split(np.arange(num_samples), splits)]
+        self.boundaries = np.cumsum([0, *sizes])
+        self.seen = 0
+        self.prob_sums: np.ndarray | None = None  # [splits, classes]
+        self.neg_entropy_sums = np.zeros(splits)
+
+    def update(self, logits) -> None:
+        logits = np.asarray(logits, np.float64)
+        if self.seen + len(logits) > self.boundaries[-1]:
+            raise ValueError(f"more than the {self.boundaries[-1]} samples announced")
+        log_probs = scipy.special.log_softmax(logits, axis=-1)
+        probs = np.exp(log_probs)
+        split = np.searchsorted(self.boundaries, self.seen + np.arange(len(logits)), side="right") - 1
+        if self.prob_sums is None:
+            self.prob_sums = np.zeros((len(self.neg_entropy_sums), logits.shape[-1]))
+        np.add.at(self.prob_sums, split, probs)
+        np.add.at(self.neg_entropy_sums, split, np.sum(probs * log_probs, axis=-1))
+        self.seen += len(logits)
+
+    def score(self) -> tuple[float, float]:
+        """Mean and std of the splits' scores."""
+        if self.seen != self.boundaries[-1]:
+            raise ValueError(f"{self.seen} of the {self.boundaries[-1]} samples announced were given")
+        sizes = np.diff(self.boundaries)
+        marginals = self.prob_sums / sizes[:, None]
+        marginal_neg_entropy = np.sum(marginals * np.log(np.clip(marginals, 1e-300, None)), axis=-1)
+        scores = np.exp(self.neg_entropy_sums / sizes - marginal_neg_entropy)
+        return float(scores.mean()), float(scores.std())
 
 
 @functools.cache  # tracing the network's init takes seconds
