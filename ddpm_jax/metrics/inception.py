@@ -427,8 +427,10 @@ class RunningInceptionScore:
         split = np.searchsorted(self.boundaries, self.seen + np.arange(len(logits)), side="right") - 1
         if self.prob_sums is None:
             self.prob_sums = np.zeros((len(self.neg_entropy_sums), logits.shape[-1]))
-        np.add.at(self.prob_sums, split, probs)
-        np.add.at(self.neg_entropy_sums, split, np.sum(probs * log_probs, axis=-1))
+        for part in np.unique(split):  # consecutive rows: one split, or two where a batch straddles them
+            rows = split == part
+            self.prob_sums[part] += probs[rows].sum(axis=0)
+            self.neg_entropy_sums[part] += np.sum(probs[rows] * log_probs[rows])
         self.seen += len(logits)
 
     def score(self) -> tuple[float, float]:
