@@ -27,6 +27,8 @@ flags.DEFINE_integer("steps", None, "DDIM steps (with --sampler=ddim or a run th
 flags.DEFINE_float("eta", None, "DDIM eta (0: deterministic; 1: ancestral-like); in the file names when not 0.")
 flags.DEFINE_integer("num", None, "Number of samples (default: config.sampling.num_samples).")
 flags.DEFINE_integer("batch_size", None, "Samples per chain, split over the devices (default: sampling.batch_size).")
+flags.DEFINE_enum("spacing", None, ["linear", "quadratic"],
+                  "DDIM timesteps: evenly spaced, or denser near t = 0 (Song et al. 2021, App. D.2).")
 flags.DEFINE_integer("seed", 0, "Random seed of the chains.")
 flags.DEFINE_bool("ema", True, "Use the EMA parameters (false: the raw ones, files named _raw).")
 flags.DEFINE_bool("trajectory", False, "Also write pictures of the reverse chain.")
@@ -77,24 +79,23 @@ def main(argv):
         if FLAGS.interpolate and FLAGS.latent:
             raise ValueError("--interpolate and --latent each draw their own picture: give one of them")
         if FLAGS.interpolate or FLAGS.latent:
-            sampling_flags = ("sampler", "steps", "eta", "num", "batch_size", "trajectory", "metrics", "fid_stats",
-                              "png_dir")
+            sampling_flags = ("sampler", "steps", "eta", "spacing", "num", "batch_size", "trajectory", "metrics",
+                              "fid_stats", "png_dir")
             given = [f"--{name}" for name in sampling_flags if FLAGS[name].present]
             if given:
                 mode = "--interpolate" if FLAGS.interpolate else "--latent"
                 raise ValueError(f"{mode} decodes test images with the ancestral chain; {', '.join(given)} "
                                  "belong to sampling")
         config, model, schedule, params, tag = _load()
-        overrides = {"sampler": FLAGS.sampler, "num_steps": FLAGS.steps, "eta": FLAGS.eta, "num_samples": FLAGS.num,
-                     "batch_size": FLAGS.batch_size}
+        overrides = {"sampler": FLAGS.sampler, "num_steps": FLAGS.steps, "eta": FLAGS.eta, "spacing": FLAGS.spacing,
+                     "num_samples": FLAGS.num, "batch_size": FLAGS.batch_size}
         for name, value in overrides.items():
             if value is not None:
                 config.sampling[name] = value
+        ddim_flags = [f"--{name}" for name in ("steps", "eta", "spacing") if FLAGS[name].value is not None]
+        if config.sampling.sampler == "ddpm" and ddim_flags:
+            raise ValueError(f"{' and '.join(ddim_flags)} set DDIM, and this run samples with ddpm: add --sampler=ddim")
         validate_config(config)
-        if config.sampling.sampler == "ddpm" and (FLAGS.steps is not None or FLAGS.eta is not None):
-            raise ValueError("--steps and --eta are DDIM settings and this run samples with ddpm: add --sampler=ddim")
-        if config.sampling.sampler == "ddim" and config.sampling.eta:
-            tag += f"_eta{config.sampling.eta:g}"
         out_dir = FLAGS.out_dir or ("samples" if FLAGS.pretrained else os.path.join(FLAGS.workdir, "samples"))
         if FLAGS.interpolate:
             result = generation.draw_interpolations(config, model, schedule, params, out_dir=out_dir, tag=tag,

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from ddpm_jax.data import DATASETS
 from ddpm_jax.diffusion import LOSS_TYPES, MEAN_TYPES, VAR_TYPES
 from ddpm_jax.models import MLP, UNet
+from ddpm_jax.sampling import TIMESTEP_SPACINGS
 from ddpm_jax.schedules import SCHEDULES, Schedule, make_schedule
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -105,6 +106,7 @@ def validate_config(config, *, num_devices: int = 1, process_count: int = 1) -> 
     choice("diffusion.loss_type", df.loss_type, LOSS_TYPES)
     choice("training.optimizer", tr.optimizer, OPTIMIZERS)
     choice("sampling.sampler", s.sampler, SAMPLERS)
+    choice("sampling.spacing", s.spacing, TIMESTEP_SPACINGS)
     choice("eval.split", ev.split, ("train", "test"))
     for path, value in [
         ("diffusion.num_timesteps", df.num_timesteps),
@@ -186,6 +188,9 @@ def validate_config(config, *, num_devices: int = 1, process_count: int = 1) -> 
         problems.append("diffusion.loss_type='hybrid' needs diffusion.var_type 'learned' or 'learned_range'")
     if s.sampler == "ddim" and df.mean_type == "xprev":
         problems.append("sampling.sampler='ddim' needs diffusion.mean_type eps, x0 or v (not xprev)")
+    if s.sampler == "ddpm" and s.spacing != "linear":
+        problems.append(f"sampling.spacing={s.spacing!r} chooses DDIM's timesteps; the ddpm sampler runs all T steps "
+                        "(set sampling.sampler='ddim' or sampling.spacing='linear')")
     if isinstance(df.num_timesteps, int) and isinstance(s.num_steps, int):
         if s.num_steps > df.num_timesteps:
             problems.append(f"sampling.num_steps={s.num_steps} exceeds diffusion.num_timesteps={df.num_timesteps}")

@@ -210,11 +210,26 @@ def sample_from_latent(
     return x_t, jax.vmap(decode)(jax.random.split(chain_key, num_samples))
 
 
-def ddim_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
-    """Evenly spaced subsequence of [0, T-1] of length ``num_steps``, from T-1 down to 0."""
+TIMESTEP_SPACINGS = ("linear", "quadratic")
+
+
+def ddim_timesteps(num_timesteps: int, num_steps: int, spacing: str = "linear") -> np.ndarray:
+    """The ``num_steps`` timesteps of a DDIM chain, from T-1 down to 0 (Song et al. 2021, App. D.2).
+
+    "linear": evenly spaced. "quadratic": tau_i = floor(c i^2) with c = (T-1)/(num_steps-1)^2, denser near
+    t = 0 (the DDIM paper's choice for CIFAR-10); where that floor repeats a step (small i), the step is moved
+    up to one past the previous, so every step is distinct.
+    """
+    check_choice("spacing", spacing, TIMESTEP_SPACINGS)
     if not 1 <= num_steps <= num_timesteps:
         raise ValueError(f"num_steps must be in [1, {num_timesteps}] (the schedule's T), got {num_steps}")
-    return np.round(np.linspace(num_timesteps - 1, 0, num_steps)).astype(np.int32)
+    if spacing == "linear" or num_steps == 1:
+        return np.round(np.linspace(num_timesteps - 1, 0, num_steps)).astype(np.int32)
+    i = np.arange(num_steps, dtype=np.int64)
+    taus = (num_timesteps - 1) * i * i // (num_steps - 1) ** 2  # in integers: floor(c i^2) exactly
+    # tau_i >= i keeps them distinct; it binds only while c i^2 grows by less than one per step.
+    taus = np.maximum.accumulate(taus - i) + i
+    return taus[::-1].astype(np.int32)
 
 
 def ddim_sample(
@@ -225,13 +240,14 @@ def ddim_sample(
     num_steps: int,
     eta: float = 0.0,
     *,
+    spacing: str = "linear",
     mean_type: str = "eps",
     var_type: str = "fixedlarge",
     clip_denoised: bool = True,
     trajectory_every: int | None = None,
     progress_fn: Callable[[jnp.ndarray], None] | None = None,
 ):
-    """DDIM (Song et al. 2021, Eq. 12) over a strided subsequence of timesteps; eta = 0 is deterministic.
+    """DDIM (Song et al. 2021, Eq. 12) over the `ddim_timesteps` of ``spacing``; eta = 0 is deterministic.
 
     x_s = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma^2) eps_hat + sigma z, with
     sigma = eta sqrt((1 - abar_s)/(1 - abar_t)) sqrt(1 - abar_t/abar_s). With eta = 1 and all T steps
@@ -242,7 +258,7 @@ def ddim_sample(
         raise ValueError("ddim_sample needs an x_0, eps or v prediction; mean_type 'xprev' works only with ddpm_sample")
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
-    timesteps = ddim_timesteps(schedule.num_timesteps, num_steps)
+    timesteps = ddim_timesteps(schedule.num_timesteps, num_steps, spacing)
     prev_timesteps = np.append(timesteps[1:], -1).astype(np.int32)
     init_key, step_key = chain_keys(key)
     x_init = jax.random.normal(init_key, shape, jnp.float32)

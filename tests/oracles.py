@@ -1,5 +1,7 @@
 """Closed-form oracles for Gaussian data x_0 ~ N(mu, s^2 I), where the optimal denoiser is known exactly."""
 
+import math
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -56,7 +58,17 @@ def discretized_gaussian_entropy_bits(mu, s):
     return float(-(p * np.log2(p)).sum()), centers, np.diff(norm.cdf(edges, loc=mu, scale=s))
 
 
-def linear_chain_moments(betas, mu, s, *, sampler, var_type="fixedlarge", num_steps=None, eta=0.0):
+def ddim_quadratic_timesteps(T, num_steps):
+    """DDIM's quadratic steps floor(c i^2), c = (T-1)/(num_steps-1)^2, a repeat moved one past its predecessor."""
+    taus = []
+    for i in range(num_steps):
+        tau = math.floor((T - 1) * i * i / (num_steps - 1) ** 2)
+        taus.append(tau if not taus or tau > taus[-1] else taus[-1] + 1)
+    return np.array(taus[::-1])
+
+
+def linear_chain_moments(betas, mu, s, *, sampler, var_type="fixedlarge", num_steps=None, eta=0.0,
+                         spacing="linear"):
     """Exact mean and std of a sampler's output for Gaussian data with the optimal eps model, in float64.
 
     With x_0 ~ N(mu, s^2) every step is x_s = c x_t + d + sigma z, so the moments of N(0, 1) started chains
@@ -70,7 +82,10 @@ def linear_chain_moments(betas, mu, s, *, sampler, var_type="fixedlarge", num_st
         ts = np.arange(T - 1, -1, -1)
         prev = ts - 1
     else:
-        ts = np.round(np.linspace(T - 1, 0, num_steps)).astype(int)
+        if spacing == "linear":
+            ts = np.round(np.linspace(T - 1, 0, num_steps)).astype(int)
+        else:
+            ts = ddim_quadratic_timesteps(T, num_steps)
         prev = np.append(ts[1:], -1)
     m, v = 0.0, 1.0
     for t, p in zip(ts, prev, strict=True):

@@ -396,16 +396,19 @@ def test_sample_py_draws_from_a_finished_run(killed_and_uninterrupted, tmp_path)
     _, workdir, _ = killed_and_uninterrupted
     out_dir = str(tmp_path / "samples")
     proc = sample_py(f"--workdir={workdir}", f"--out_dir={out_dir}", "--num=32", "--sampler=ddim", "--steps=10",
-                     "--trajectory", "--metrics")
+                     "--spacing=quadratic", "--trajectory", "--metrics")
     assert proc.returncode == 0, proc.stderr[-3000:]
     names = sorted(os.listdir(out_dir))
-    assert any(n.startswith("samples_ddim10") and n.endswith(".png") for n in names), names
-    assert any(n.startswith("chain_ddim10") and n.endswith(".png") for n in names), names
+    assert any(n.startswith("samples_ddim10_quadratic_seed0") and n.endswith(".png") for n in names), names
+    assert any(n.startswith("chain_ddim10_quadratic_seed0") and n.endswith(".png") for n in names), names
     npz = next(n for n in names if n.endswith(".npz"))
     assert np.load(os.path.join(out_dir, npz))["samples"].shape == (32, 2)
     assert '"swd_data"' in proc.stdout and "32 samples" in proc.stdout
-    ancestral_with_ddim_flag = sample_py(f"--workdir={workdir}", f"--out_dir={out_dir}", "--steps=10")
-    assert ancestral_with_ddim_flag.returncode == 1 and "add --sampler=ddim" in ancestral_with_ddim_flag.stderr
+    ancestral_with_ddim_flag = sample_py(f"--workdir={workdir}", f"--out_dir={out_dir}", "--steps=10",
+                                         "--spacing=quadratic")
+    assert ancestral_with_ddim_flag.returncode == 1
+    assert "--steps and --spacing set DDIM, and this run samples with ddpm: add --sampler=ddim" in \
+        ancestral_with_ddim_flag.stderr
     two_models = sample_py(f"--workdir={workdir}", f"--pretrained={workdir}")
     assert two_models.returncode == 1 and "give one of them" in two_models.stderr
     interpolate_with_ddim = sample_py(f"--workdir={workdir}", "--interpolate", "--sampler=ddim", "--num=4")

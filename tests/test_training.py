@@ -400,6 +400,9 @@ def test_unreadable_checkpoint_gives_a_clear_error_and_is_not_overwritten(swissr
         (swissroll.get_config, {"diffusion.num_timesteps": 20, "sampling.sampler": "ddim"}, 1, "means 50 DDIM steps"),
         (digits.get_config, {"eval.bpd_every": 100, "eval.batch_size": 100}, 8, "eval.batch_size=100 is not divisible"),
         (digits.get_config, {"eval.split": "validation"}, 1, r"eval.split='validation' .*train.*test"),
+        (digits.get_config, {"sampling.spacing": "quadratic"}, 1, r"spacing='quadratic' chooses DDIM's timesteps"),
+        (digits.get_config, {"sampling.sampler": "ddim", "sampling.spacing": "log"}, 1,
+         r"sampling.spacing='log' .*linear.*quadratic"),
     ],
 )
 def test_validate_config_names_the_problem(config_fn, overrides, num_devices, message):
