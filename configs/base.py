@@ -59,6 +59,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     training.ema_decay = 0.9999
     training.ema_warmup = False
     training.steps_per_call = 1  # optimizer steps per jitted call (lax.scan)
+    training.microbatches = 1  # gradient accumulation: each batch in this many sequential parts (same update)
     training.log_every = 100
     training.checkpoint_every = 5000
     training.keep_checkpoints = 3

@@ -113,6 +113,7 @@ def validate_config(config, *, num_devices: int = 1, process_count: int = 1) -> 
         ("training.batch_size", tr.batch_size),
         ("training.num_steps", tr.num_steps),
         ("training.steps_per_call", tr.steps_per_call),
+        ("training.microbatches", tr.microbatches),
         ("training.log_every", tr.log_every),
         ("training.checkpoint_every", tr.checkpoint_every),
         ("training.keep_checkpoints", tr.keep_checkpoints),
@@ -164,6 +165,12 @@ def validate_config(config, *, num_devices: int = 1, process_count: int = 1) -> 
             )
         if tr.batch_size % process_count:
             problems.append(f"training.batch_size={tr.batch_size} is not divisible by the {process_count} hosts")
+        parts = tr.microbatches * num_devices if isinstance(tr.microbatches, int) and tr.microbatches > 1 else 0
+        if parts and tr.batch_size % num_devices == 0 and tr.batch_size % parts:
+            problems.append(
+                f"training.batch_size={tr.batch_size} gives {tr.batch_size // num_devices} examples per device, "
+                f"which do not split into training.microbatches={tr.microbatches} parts; use a multiple of {parts}"
+            )
     image_data = d.dataset in DATASETS and DATASETS[d.dataset].kind != "toy"
     if image_data and ev.bpd_every and isinstance(ev.batch_size, int) and ev.batch_size > 0 \
             and ev.batch_size % num_devices:

@@ -307,11 +307,13 @@ def training_losses(
     var_type: str = "fixedlarge",
     loss_type: str = "mse",
     vlb_weight: float = 0.001,
+    noise: jnp.ndarray | None = None,
 ) -> dict[str, jnp.ndarray]:
     """Per-example training losses at timesteps t: L_simple (Eq. 14), L1/Huber, L_vlb (Eq. 5) or L_hybrid.
 
     ``hybrid`` is Improved DDPM's L_simple + lambda L_vlb with lambda = ``vlb_weight``; L_vlb = T E_t[L_t] is
     estimated by T times the sampled term, whose gradient reaches only the variance (the mean is stopped).
+    The eps of q(x_t | x_0) is ``noise`` if given (shape of x0), else drawn from ``key``.
     Returns a dict with ``loss`` [batch] and its terms (``mse``/``l1``/``huber``, ``vb``).
     """
     check_choice("loss_type", loss_type, LOSS_TYPES)
@@ -324,7 +326,10 @@ def training_losses(
     if loss_type == "hybrid" and not learned_var:
         raise ValueError("loss_type 'hybrid' needs a learned variance (var_type 'learned' or 'learned_range')")
 
-    noise = jax.random.normal(key, x0.shape, x0.dtype)
+    if noise is None:
+        noise = jax.random.normal(key, x0.shape, x0.dtype)
+    elif noise.shape != x0.shape:
+        raise ValueError(f"noise {noise.shape} must have the data's shape {x0.shape}")
     x_t = q_sample(schedule, x0, t, noise)
     model_output = model_fn(x_t, t)
     mean_out, var_out = split_model_output(model_output, var_type)

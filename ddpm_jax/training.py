@@ -131,7 +131,10 @@ def ema_decay_at(step: jax.Array, decay: float, warmup: bool) -> jax.Array:
 def make_train_step(config, model: nn.Module, schedule: Schedule) -> Callable:
     """A pure step ``(state, batches) -> (state, metrics)`` over ``batches["image"]`` of shape [K, B, ...].
 
-    The K steps run under `lax.scan` (several optimizer steps per call). A step whose loss or gradient is not
+    The K steps run under `lax.scan` (several optimizer steps per call). With ``training.microbatches`` = m > 1
+    each step's gradient is the mean of m sequential parts' gradients (a `lax.scan`; part j holds rows j, j + m,
+    ...), drawn with the same t and noise as the whole batch: the same update as one pass when dropout is off,
+    with the activations of B/m examples at a time. A step whose loss or gradient is not
     finite leaves the state unchanged except for ``num_skipped``. The library's `Optimizer` in ``state.tx`` is
     applied in one pass (`Optimizer.apply`); any other optax transformation through ``apply_gradients``.
     Metrics are per step: loss, gradient norm, and per-quartile-of-t loss sums and counts
@@ -140,23 +143,51 @@ def make_train_step(config, model: nn.Module, schedule: Schedule) -> Callable:
     d, tr = config.diffusion, config.training
     num_timesteps = schedule.num_timesteps
 
-    def one_step(state: TrainState, batch):
-        key = jax.random.fold_in(state.rng, state.step)
-        t_key, noise_key, dropout_key = jax.random.split(key, 3)
-        x0 = batch["image"]
-        t = jax.random.randint(t_key, (x0.shape[0],), 0, num_timesteps)
+    microbatches = tr.microbatches
 
+    def loss_and_grads(state: TrainState, x0, t, noise, dropout_key):
         def loss_fn(params):
             def model_fn(x, t):
                 return state.apply_fn({"params": params}, x, t, train=True, rngs={"dropout": dropout_key})
 
             terms = training_losses(
-                schedule, model_fn, x0, t, noise_key,
+                schedule, model_fn, x0, t, None, noise=noise,
                 mean_type=d.mean_type, var_type=d.var_type, loss_type=d.loss_type, vlb_weight=d.vlb_weight,
             )
             return jnp.mean(terms["loss"]), terms["loss"]
 
-        (loss, per_example), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        return jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+
+    def accumulated_loss_and_grads(state: TrainState, x0, t, noise, dropout_key):
+        batch = x0.shape[0]
+        if batch % microbatches:
+            raise ValueError(f"a batch of {batch} does not split into training.microbatches={microbatches} parts")
+
+        def parts(a):  # [B, ...] -> [m, B/m, ...]; each device's rows stay on it
+            return a.reshape(batch // microbatches, microbatches, *a.shape[1:]).swapaxes(0, 1)
+
+        def add_part(grad_sum, part):
+            x0_j, t_j, noise_j, j = part
+            (_, per_example_j), grads_j = loss_and_grads(state, x0_j, t_j, noise_j, jax.random.fold_in(dropout_key, j))
+            return jax.tree.map(jnp.add, grad_sum, grads_j), per_example_j
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        grad_sum, per_example = jax.lax.scan(
+            add_part, zeros, (parts(x0), parts(t), parts(noise), jnp.arange(microbatches))
+        )
+        per_example = per_example.swapaxes(0, 1).reshape(batch)  # back in the batch's order
+        return (jnp.mean(per_example), per_example), jax.tree.map(lambda g: g / microbatches, grad_sum)
+
+    def one_step(state: TrainState, batch):
+        key = jax.random.fold_in(state.rng, state.step)
+        t_key, noise_key, dropout_key = jax.random.split(key, 3)
+        x0 = batch["image"]
+        t = jax.random.randint(t_key, (x0.shape[0],), 0, num_timesteps)
+        noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
+        if microbatches > 1:
+            (loss, per_example), grads = accumulated_loss_and_grads(state, x0, t, noise, dropout_key)
+        else:
+            (loss, per_example), grads = loss_and_grads(state, x0, t, noise, dropout_key)
         grad_norm = optax.tree.norm(grads)
         # One reduction: the norm is non-finite iff some gradient entry is (per-leaf checks cost ~40 s of compile).
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

@@ -1,9 +1,9 @@
 """Subprocess worker for the multi-device and multi-process training tests (run as a script, not collected).
 
 python tests/multihost_worker.py sharded OUT.npz
-    On 8 (fake) CPU devices: one jitted training call on a mesh of all 8 and one on a mesh of device 0 only,
-    from the same state and batch, and the held-out bits/dim, samples and per-device FLOPs of a tiny digits
-    U-Net on each; writes the results.
+    On 8 (fake) CPU devices: jitted training calls on a mesh of all 8 (also in 2 microbatches) and on a mesh of
+    device 0 only, from the same state and batches, and the held-out bits/dim, samples and per-device FLOPs of
+    a tiny digits U-Net on each; writes the results.
 python tests/multihost_worker.py multihost WORKDIR PORT PROCESS_ID NUM_PROCESSES
     One process of a jax.distributed run on 127.0.0.1:PORT: run.train_and_evaluate of the same steps (each
     process reads only its own rows of every global batch, Orbax saves jointly); writes the final state this
@@ -100,13 +100,14 @@ def flat(tree) -> np.ndarray:
     return np.concatenate(leaves)
 
 
-def train_calls(mesh, process_index: int, process_count: int) -> dict:
+def train_calls(mesh, process_index: int, process_count: int, microbatches: int = 1) -> dict:
     """NUM_CALLS sharded calls of the training step; returns the final params, EMA params and per-step losses."""
     from ddpm_jax.config import build_model, schedule_from_config
     from ddpm_jax.data import make_dataset
     from ddpm_jax.training import global_batch, init_train_state, jit_train_step, make_train_step
 
     config = tiny_config()
+    config.training.microbatches = microbatches
     model = build_model(config)
     schedule = schedule_from_config(config.diffusion)
     dataset = make_dataset(
@@ -199,7 +200,9 @@ def main(argv: list[str]) -> None:
         assert jax.device_count() == 8, jax.devices()
         sharded = train_calls(make_mesh(), 0, 1)
         single = train_calls(make_mesh(jax.devices()[:1]), 0, 1)
+        accumulated = train_calls(make_mesh(), 0, 1, microbatches=2)  # one example per device and part
         arrays = {f"sharded_{k}": v for k, v in sharded.items()} | {f"single_{k}": v for k, v in single.items()}
+        arrays |= {f"accumulated_{k}": v for k, v in accumulated.items()}
         for name, mesh in (("sharded", make_mesh()), ("single", make_mesh(jax.devices()[:1]))):
             arrays[f"{name}_bpd"] = tiny_unet_bpd(mesh)
             arrays[f"{name}_samples"] = tiny_unet_samples(mesh, os.path.join(os.path.dirname(out), name))

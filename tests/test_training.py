@@ -235,6 +235,36 @@ def test_train_step_updates_in_place_and_equals_optax_apply_gradients():
             np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-6, atol=1e-7)
 
 
+def test_microbatches_give_the_update_of_the_whole_batch():
+    """training.microbatches=4: the model sees 16 of the 64 rows at a time, and the step (state and metrics)
+    equals the step over the whole batch, whose t and noise it shares (the MLP has no dropout)."""
+    config = swissroll_config()
+    model = build_model(config)
+    schedule = schedule_from_config(config.diffusion)
+    mesh = make_mesh(jax.devices()[:1])
+    state = init_train_state(config, model, jax.random.PRNGKey(0), mesh)
+    batch = {"image": jnp.asarray(np.random.default_rng(0).normal(size=(1, 64, 2)), jnp.float32)}
+    results = {}
+    for microbatches in (1, 4):
+        step = make_train_step(swissroll_config(training__microbatches=microbatches), model, schedule)
+        seen = []
+
+        def recording_apply(variables, x, t, seen=seen, **kwargs):
+            seen.append(x.shape)
+            return model.apply(variables, x, t, **kwargs)
+
+        jax.eval_shape(step, state.replace(apply_fn=recording_apply), batch)
+        assert set(seen) == {(64 // microbatches, 2)}, (microbatches, seen)
+        results[microbatches] = jit_train_step(step, mesh)(jax.tree.map(jnp.copy, state), batch)
+    (whole, whole_metrics), (parts, parts_metrics) = results[1], results[4]
+    for name in ("params", "opt_state", "ema_params"):
+        for got, want in zip(*(jax.tree.leaves(getattr(s, name)) for s in (parts, whole)), strict=True):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-7)
+    for name in ("loss", "grad_norm", "loss_by_t_sum", "loss_by_t_count"):
+        np.testing.assert_allclose(parts_metrics[name], whole_metrics[name], rtol=1e-5, err_msg=name)
+    assert not np.allclose(jax.tree.leaves(parts.params)[0], jax.tree.leaves(state.params)[0])
+
+
 def test_nonfinite_batch_skips_the_update_and_is_counted():
     config = swissroll_config()
     model = build_model(config)
@@ -400,6 +430,9 @@ def test_unreadable_checkpoint_gives_a_clear_error_and_is_not_overwritten(swissr
         (swissroll.get_config, {"diffusion.num_timesteps": 20, "sampling.sampler": "ddim"}, 1, "means 50 DDIM steps"),
         (digits.get_config, {"eval.bpd_every": 100, "eval.batch_size": 100}, 8, "eval.batch_size=100 is not divisible"),
         (digits.get_config, {"eval.split": "validation"}, 1, r"eval.split='validation' .*train.*test"),
+        (swissroll.get_config, {"training.microbatches": 3}, 1, r"batch_size=1024 gives 1024 .*a multiple of 3$"),
+        (swissroll.get_config, {"training.batch_size": 16, "training.microbatches": 4}, 8,
+         r"gives 2 examples per device, which do not split into training.microbatches=4 parts; use a multiple of 32"),
         (digits.get_config, {"sampling.spacing": "quadratic"}, 1, r"spacing='quadratic' chooses DDIM's timesteps"),
         (digits.get_config, {"sampling.sampler": "ddim", "sampling.spacing": "log"}, 1,
          r"sampling.spacing='log' .*linear.*quadratic"),
@@ -554,6 +587,8 @@ def test_sharded_step_equals_single_device_step(sharded_result):
     # Each process row of a batch comes from the same examples: only the reduction order differs.
     for name in ("params", "ema_params", "opt_state", "losses"):
         np.testing.assert_allclose(r[f"sharded_{name}"], r[f"single_{name}"], rtol=1e-5, atol=1e-7)
+        # training.microbatches=2 on the 8 devices: each device's 2 rows in 2 parts, the same update.
+        np.testing.assert_allclose(r[f"accumulated_{name}"], r[f"single_{name}"], rtol=1e-5, atol=1e-7)
     assert not np.allclose(r["single_params"][:100], 0)
     # Bits/dim split over the 8 devices (one example each) is the one-device figure, over the same 11 examples.
     assert r["sharded_bpd"][3] == r["single_bpd"][3] == BPD_EXAMPLES
