@@ -29,6 +29,7 @@ flags.DEFINE_integer("num", None, "Number of samples (default: config.sampling.n
 flags.DEFINE_integer("batch_size", None, "Samples per chain, split over the devices (default: sampling.batch_size).")
 flags.DEFINE_enum("spacing", None, ["linear", "quadratic"],
                   "DDIM timesteps: evenly spaced, or denser near t = 0 (Song et al. 2021, App. D.2).")
+flags.DEFINE_bool("progress", True, "Show progress bars (--noprogress for logs).")
 flags.DEFINE_integer("seed", 0, "Random seed of the chains.")
 flags.DEFINE_bool("ema", True, "Use the EMA parameters (false: the raw ones, files named _raw).")
 flags.DEFINE_bool("trajectory", False, "Also write pictures of the reverse chain.")
@@ -98,8 +99,10 @@ def main(argv):
         validate_config(config)
         out_dir = FLAGS.out_dir or ("samples" if FLAGS.pretrained else os.path.join(FLAGS.workdir, "samples"))
         if FLAGS.interpolate:
-            result = generation.draw_interpolations(config, model, schedule, params, out_dir=out_dir, tag=tag,
-                                             t=FLAGS.interpolate_t, num_pairs=FLAGS.pairs, seed=FLAGS.seed)
+            result = generation.draw_interpolations(
+                config, model, schedule, params, out_dir=out_dir, tag=tag, t=FLAGS.interpolate_t,
+                num_pairs=FLAGS.pairs, seed=FLAGS.seed, progress=FLAGS.progress,
+            )
             print(f"interpolations of {FLAGS.pairs} pairs of test images ({tag})")
             for key in ("png", "npz"):
                 print(f"  {key}: {result[key]}")
@@ -111,7 +114,7 @@ def main(argv):
                 raise ValueError(f"--latent_t takes integer steps, got {','.join(FLAGS.latent_t)}") from err
             result = generation.draw_latent_samples(
                 config, model, schedule, params, out_dir=out_dir, tag=tag, ts=ts, num_images=FLAGS.latent_images,
-                num_draws=FLAGS.latent_draws, seed=FLAGS.seed,
+                num_draws=FLAGS.latent_draws, seed=FLAGS.seed, progress=FLAGS.progress,
             )
             print(f"{FLAGS.latent_draws} samples from the latents of {FLAGS.latent_images} test images ({tag})")
             for key in ("png", "npz"):
@@ -122,11 +125,13 @@ def main(argv):
         fid_reference = None
         if FLAGS.fid_stats:  # before sampling: a missing file or weights should not wait for 50,000 samples
             fid_reference = generation.load_fid_reference(
-                config, FLAGS.fid_stats, inception_weights=FLAGS.inception_weights, out_dir=out_dir
+                config, FLAGS.fid_stats, inception_weights=FLAGS.inception_weights, out_dir=out_dir,
+                progress=FLAGS.progress,
             )
         result = generation.generate(
             config, model, schedule, params, out_dir=out_dir, tag=tag, trajectory=FLAGS.trajectory,
             with_metrics=FLAGS.metrics, fid_reference=fid_reference, png_dir=FLAGS.png_dir, seed=FLAGS.seed,
+            progress=FLAGS.progress,
         )
     except ValueError as err:
         raise SystemExit(f"error: {err}") from err
