@@ -1,10 +1,9 @@
-"""Memory and time of the training step against `training.microbatches` (gradient accumulation) and `model.remat`.
+"""Memory and time of the training step against `training.microbatches` (gradient accumulation).
 
     python benchmarks/microbatches.py --model cifar10 --batch 32 --microbatches 1,2,4 --repeats 3
     python benchmarks/microbatches.py --model digits --batch 128 --microbatches 1,2,4,8 --repeats 10
-    python benchmarks/microbatches.py --model cifar10 --batch 32 --microbatches 1 --remat 0,1 --repeats 3 --tag remat
 
-For each number of parts (and each remat setting): XLA's buffer assignment of the compiled one-step function
+For each number of parts: XLA's buffer assignment of the compiled one-step function
 (temporaries, arguments, outputs; what the executable allocates, no run needed) and, with --repeats > 0, the
 median time per step after compilation and one warm-up call. The arms run one after another (not interleaved),
 so compare arms of one run only. Prints a table and writes benchmarks/results/microbatches_<model>_<device>.json
@@ -31,10 +30,9 @@ from ddpm_jax.training import global_batch, init_train_state, jit_train_step, ma
 MB = 2**20
 
 
-def bench(model_name: str, batch: int, dtype_name: str, microbatches: int, remat: bool, repeats: int) -> dict:
+def bench(model_name: str, batch: int, dtype_name: str, microbatches: int, repeats: int) -> dict:
     config = get_config(model_name, batch, dtype_name)
     config.training.microbatches = microbatches
-    config.model.remat = remat
     validate_config(config)
     model, schedule, mesh = build_model(config), schedule_from_config(config.diffusion), make_mesh()
     state = init_train_state(config, model, jax.random.key(0), mesh)
@@ -45,7 +43,6 @@ def bench(model_name: str, batch: int, dtype_name: str, microbatches: int, remat
     memory = compiled.memory_analysis()
     result = {
         "microbatches": microbatches,
-        "remat": remat,
         "temp_bytes": memory.temp_size_in_bytes,
         "argument_bytes": memory.argument_size_in_bytes,
         "output_bytes": memory.output_size_in_bytes,
@@ -69,7 +66,6 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--microbatches", default="1,2,4")
-    parser.add_argument("--remat", default="0", help="comma list of model.remat settings (0, 1) per number of parts")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per arm (0: memory only)")
     parser.add_argument("--tag", default="")
     parser.add_argument("--out-dir", default=None)
@@ -77,15 +73,13 @@ def main() -> None:
 
     rows = []
     for microbatches in (int(m) for m in args.microbatches.split(",")):
-        for remat in (bool(int(r)) for r in args.remat.split(",")):
-            rows.append(bench(args.model, args.batch, args.dtype, microbatches, remat, args.repeats))
-            print(rows[-1] | {"per_step": common.fmt_time(rows[-1].get("per_step"))}, flush=True)
+        rows.append(bench(args.model, args.batch, args.dtype, microbatches, args.repeats))
+        print(rows[-1] | {"per_step": common.fmt_time(rows[-1].get("per_step"))}, flush=True)
     base = rows[0]
     table = []
     for r in rows:
         line = {
             "microbatches": r["microbatches"],
-            "remat": "yes" if r["remat"] else "no",
             "examples per part": args.batch // r["microbatches"],
             "temporaries": f"{r['temp_bytes'] / MB:,.0f} MiB ({r['temp_bytes'] / base['temp_bytes']:.2f}x)",
             "arguments": f"{r['argument_bytes'] / MB:,.0f} MiB",

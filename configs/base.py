@@ -31,7 +31,6 @@ def get_base_config() -> ml_collections.ConfigDict:
     model.num_groups = 32
     model.dtype = "float32"  # computation dtype: float32 | bfloat16 (parameters stay float32)
     model.attn_implementation = ""  # "" (XLA) | "cudnn" (GPU with bfloat16: cuDNN's fused attention)
-    model.remat = False  # recompute each U-Net block in the backward pass: less memory, about 1/3 more compute
     model.mlp_hidden = 256
     model.mlp_layers = 4
 

@@ -71,7 +71,6 @@ def build_model(config) -> nn.Module:
         num_groups=m.num_groups,
         dtype=dtype,
         attn_implementation=m.attn_implementation or None,
-        remat=bool(m.remat),
     )
 
 
@@ -99,8 +98,6 @@ def validate_config(config, *, num_devices: int = 1, process_count: int = 1) -> 
     choice("model.name", m.name, ("unet", "mlp"))
     choice("model.dtype", m.dtype, tuple(DTYPES))
     choice("model.attn_implementation", m.attn_implementation, ("", "cudnn"))
-    if m.remat and m.name != "unet":
-        problems.append(f"model.remat recomputes the U-Net's blocks; model.name={m.name!r} has none (set it False)")
     if m.attn_implementation == "cudnn" and m.dtype != "bfloat16":
         problems.append("model.attn_implementation='cudnn' needs model.dtype='bfloat16' (cuDNN attention is 16-bit)")
     choice("diffusion.beta_schedule", df.beta_schedule, SCHEDULES)

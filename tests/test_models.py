@@ -118,29 +118,6 @@ def test_inference_params_cast_conv_and_dense_once_without_changing_outputs(tiny
     assert inference_params(params, jnp.float32) is params
 
 
-def test_remat_keeps_parameters_loss_and_gradients_and_recomputes_each_block():
-    """UNet(remat=True): the same parameter tree, and in training mode (dropout on, one key) the same loss and
-    gradients as without; its gradient program has one checkpoint per residual and attention block."""
-    model, remat_model = UNet(**TINY), UNet(**TINY, remat=True)
-    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
-    t = jnp.array([3, 900], jnp.int32)
-    params = _random_params(model, x, t)
-    assert jax.tree.structure(jax.eval_shape(remat_model.init, jax.random.key(0), x, t)) == jax.tree.structure(params)
-
-    def loss_of(m):
-        return lambda p: jnp.mean(jnp.square(m.apply(p, x, t, True, rngs={"dropout": jax.random.key(7)})))
-
-    (loss, grads), (remat_loss, remat_grads) = (jax.jit(jax.value_and_grad(loss_of(m)))(params)
-                                                for m in (model, remat_model))
-    np.testing.assert_allclose(remat_loss, loss, rtol=1e-6)
-    for got, want in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(grads), strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-    # Residual blocks: 2 down, 2 in the middle, 4 up; attention at 4x4: 1 down, 1 in the middle, 2 up.
-    for m, checkpoints in ((model, 0), (remat_model, 12)):
-        jaxpr = jax.make_jaxpr(jax.grad(loss_of(m)))(params)
-        assert sum(e.primitive.name in ("remat2", "checkpoint") for e in jaxpr.jaxpr.eqns) == checkpoints
-
-
 def test_time_changes_the_output(tiny_outputs):
     eval_out = tiny_outputs[0]
     # Both batch rows hold the same image; only their timesteps (3 and 900) differ.

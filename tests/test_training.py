@@ -430,7 +430,6 @@ def test_unreadable_checkpoint_gives_a_clear_error_and_is_not_overwritten(swissr
         (swissroll.get_config, {"diffusion.num_timesteps": 20, "sampling.sampler": "ddim"}, 1, "means 50 DDIM steps"),
         (digits.get_config, {"eval.bpd_every": 100, "eval.batch_size": 100}, 8, "eval.batch_size=100 is not divisible"),
         (digits.get_config, {"eval.split": "validation"}, 1, r"eval.split='validation' .*train.*test"),
-        (swissroll.get_config, {"model.remat": True}, 1, "model.remat recomputes the U-Net's blocks; model.name='mlp'"),
         (swissroll.get_config, {"training.microbatches": 3}, 1, r"batch_size=1024 gives 1024 .*a multiple of 3$"),
         (swissroll.get_config, {"training.batch_size": 16, "training.microbatches": 4}, 8,
          r"gives 2 examples per device, which do not split into training.microbatches=4 parts; use a multiple of 32"),

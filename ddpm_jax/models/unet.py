@@ -26,8 +26,6 @@ class UNet(nn.Module):
     (e.g. bfloat16 on accelerators); parameters stay float32 and GroupNorm statistics and the attention
     softmax are computed in float32. `attn_resolutions` are image heights at which attention is applied.
     `attn_implementation` is passed to jax.nn.dot_product_attention: None (XLA) or "cudnn" (GPU, 16-bit).
-    `remat` recomputes each residual and attention block in the backward pass instead of keeping its
-    activations (`nn.remat`): less memory for about one more forward pass; the same parameters and outputs.
     """
 
     ch: int = 128
@@ -42,7 +40,6 @@ class UNet(nn.Module):
     conv_shortcut: bool = False
     dtype: Dtype = jnp.float32
     attn_implementation: str | None = None
-    remat: bool = False
 
     def __post_init__(self):
         # Configs hand over lists; tuples keep the module hashable.
@@ -91,13 +88,10 @@ class UNet(nn.Module):
     def __call__(self, x: jax.Array, t: jax.Array, train: bool = False) -> jax.Array:
         self.check_resolution(x.shape[1], x.shape[2])
         num_levels = len(self.ch_mult)
-        # static_argnums counts self: `train` (argument 3 of ResnetBlock.__call__) selects dropout at trace time.
-        resnet_block = nn.remat(ResnetBlock, static_argnums=(3,)) if self.remat else ResnetBlock
-        attn_block = nn.remat(AttnBlock) if self.remat else AttnBlock
-        resnet = lambda out_ch, name: resnet_block(
+        resnet = lambda out_ch, name: ResnetBlock(
             out_ch, self.dropout, self.num_groups, self.norm_eps, self.conv_shortcut, self.dtype, name=name
         )
-        attn = lambda name: attn_block(self.num_groups, self.norm_eps, self.dtype, self.attn_implementation, name=name)
+        attn = lambda name: AttnBlock(self.num_groups, self.norm_eps, self.dtype, self.attn_implementation, name=name)
         dense = lambda features, name: nn.Dense(features, dtype=self.dtype, kernel_init=default_init(), name=name)
 
         temb = timestep_embedding(t, self.ch)
