@@ -137,6 +137,13 @@ def main(argv):
         raise SystemExit(f"error: {err}") from err
     except KeyboardInterrupt:  # generation.generate said what it kept
         raise SystemExit(130) from None
+    except Exception as err:
+        message = run.out_of_memory_message(
+            err, "A smaller --batch_size (samples per chain) needs less; the chains kept so far are reused."
+        )
+        if message is None:
+            raise
+        raise SystemExit(f"error: {message}") from err
     drawn = "" if result["chains_drawn"] == result["num_chains"] else f"{result['chains_drawn']} of "
     chains = "chain" if result["num_chains"] == 1 else "chains"
     print(f"{config.sampling.num_samples} samples ({tag}); {drawn}{result['num_chains']} {chains} drawn in "

@@ -51,6 +51,20 @@ def main(argv):
         raise SystemExit(f"error: {err}") from err
     except KeyboardInterrupt:
         raise SystemExit(130) from None  # the checkpoint was saved; rerun the same command to resume
+    except Exception as err:
+        remedy = (OUT_OF_MEMORY_TRAIN if FLAGS.mode == "train" else
+                  "A smaller --config.eval.batch_size needs less (the bound is the same).")
+        message = run.out_of_memory_message(err, remedy)
+        if message is None:
+            raise
+        raise SystemExit(f"error: {message}") from err
+
+
+OUT_OF_MEMORY_TRAIN = (
+    "--config.training.microbatches=2 (or 4) computes each step in parts with the same update and about 1/2 (1/4) "
+    "of the activations; --config.model.dtype=bfloat16 computes in 2-byte floats; a smaller "
+    "--config.training.batch_size changes the run. Rerunning with the same --workdir resumes from its last checkpoint."
+)
 
 
 def _interrupt(signum, frame):

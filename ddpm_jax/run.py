@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 import time
 from functools import partial
@@ -440,6 +441,18 @@ def _eval_fingerprint(config, params, num_examples: int) -> str:
     settings = {group: config[group].to_dict() for group in ("data", "model", "diffusion", "eval")}
     digest.update(json.dumps([settings, config.seed, num_examples], sort_keys=True, default=str).encode())
     return digest.hexdigest()[:16]
+
+
+def out_of_memory_message(err: BaseException, remedy: str) -> str | None:
+    """For XLA's out-of-memory error, one line saying so and ``remedy``; else None.
+
+    Accelerators report RESOURCE_EXHAUSTED; the CPU reports "INTERNAL: ... Out of memory allocating N bytes".
+    """
+    if not isinstance(err, jax.errors.JaxRuntimeError) or not re.search(r"RESOURCE_EXHAUSTED|out of memory",
+                                                                         str(err), re.IGNORECASE):
+        return None
+    first_line = str(err).strip().splitlines()[0][:300].rstrip(".")
+    return f"out of memory ({first_line}). {remedy}"
 
 
 def load_config(workdir: str, base=None):
