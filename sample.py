@@ -23,12 +23,13 @@ from ddpm_jax.config import validate_config
 flags.DEFINE_string("workdir", "runs/digits", "Workdir of a training run (its config.json and checkpoints).")
 flags.DEFINE_string("pretrained", None, "A diffusers UNet2DModel folder (config.json + safetensors) to sample from.")
 flags.DEFINE_enum("sampler", None, ["ddpm", "ddim"], "Sampler (default: the run's config.sampling.sampler).")
-flags.DEFINE_integer("steps", None, "DDIM steps (with --sampler=ddim or a run that samples with ddim).")
+flags.DEFINE_integer("steps", None, "Steps of the chain (default: all T for ddpm, 50 for ddim); fewer than T for "
+                     "ddpm: a respaced ancestral chain (Nichol & Dhariwal 2021).")
 flags.DEFINE_float("eta", None, "DDIM eta (0: deterministic; 1: ancestral-like); in the file names when not 0.")
 flags.DEFINE_integer("num", None, "Number of samples (default: config.sampling.num_samples).")
 flags.DEFINE_integer("batch_size", None, "Samples per chain, split over the devices (default: sampling.batch_size).")
 flags.DEFINE_enum("spacing", None, ["linear", "quadratic"],
-                  "DDIM timesteps: evenly spaced, or denser near t = 0 (Song et al. 2021, App. D.2).")
+                  "The --steps of a shorter chain: evenly spaced, or denser near t = 0 (Song et al. 2021, App. D.2).")
 flags.DEFINE_bool("progress", True, "Show progress bars (--noprogress for logs).")
 flags.DEFINE_integer("seed", 0, "Random seed of the chains.")
 flags.DEFINE_bool("ema", True, "Use the EMA parameters (false: the raw ones, files named _raw).")
@@ -90,12 +91,13 @@ def main(argv):
         config, model, schedule, params, tag = _load()
         overrides = {"sampler": FLAGS.sampler, "num_steps": FLAGS.steps, "eta": FLAGS.eta, "spacing": FLAGS.spacing,
                      "num_samples": FLAGS.num, "batch_size": FLAGS.batch_size}
+        if FLAGS.sampler not in (None, config.sampling.sampler) and FLAGS.steps is None:
+            config.sampling.num_steps = 0  # another sampler than the run's: its own default length
         for name, value in overrides.items():
             if value is not None:
                 config.sampling[name] = value
-        ddim_flags = [f"--{name}" for name in ("steps", "eta", "spacing") if FLAGS[name].value is not None]
-        if config.sampling.sampler == "ddpm" and ddim_flags:
-            raise ValueError(f"{' and '.join(ddim_flags)} set DDIM, and this run samples with ddpm: add --sampler=ddim")
+        if config.sampling.sampler == "ddpm" and FLAGS.eta is not None:
+            raise ValueError("--eta sets DDIM's noise, and this run samples with ddpm: add --sampler=ddim")
         validate_config(config)
         out_dir = FLAGS.out_dir or ("samples" if FLAGS.pretrained else os.path.join(FLAGS.workdir, "samples"))
         if FLAGS.interpolate:

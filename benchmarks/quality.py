@@ -9,6 +9,7 @@
 
     python benchmarks/quality.py [--digits-workdir runs/digits] [--swissroll-seconds 60]
     python benchmarks/quality.py --spacing-sweep 10,20,50 --seeds 0,1   # DDIM's linear vs quadratic timesteps
+    python benchmarks/quality.py --spacing-sweep 20,50,100 --sweep-sampler ddpm   # the respaced ancestral chain
 
 Prints a table and writes benchmarks/results/quality_<device>.json.
 """
@@ -59,14 +60,14 @@ def swissroll_quality(seconds: float, num_samples: int) -> dict:
     }
 
 
-def digits_quality(workdir: str, num_samples: int, sampler: str, ddim_steps: int, spacing: str = "linear",
+def digits_quality(workdir: str, num_samples: int, sampler: str, num_steps: int, spacing: str = "linear",
                    seed: int = 0) -> dict:
     from configs.base import get_base_config
 
     config = run.load_config(workdir, base=get_base_config())
     config.sampling.num_samples = num_samples
     config.sampling.sampler = sampler
-    config.sampling.num_steps = ddim_steps
+    config.sampling.num_steps = num_steps  # 0: the sampler's default (all T for ddpm)
     config.sampling.spacing = spacing
     model, schedule, params, step = run.restore_params(config, workdir)
     out = generation.generate(
@@ -83,8 +84,8 @@ def digits_quality(workdir: str, num_samples: int, sampler: str, ddim_steps: int
         "workdir": workdir,
         "step": step,
         "sampler": sampler,
-        "ddim_steps": ddim_steps if sampler == "ddim" else None,
-        "spacing": spacing if sampler == "ddim" else None,
+        "steps": num_steps or None,
+        "spacing": spacing,
         "seed": seed,
         "sampling_seconds": out["seconds"],
         "png": out["png"],
@@ -92,18 +93,20 @@ def digits_quality(workdir: str, num_samples: int, sampler: str, ddim_steps: int
     }
 
 
-def ddim_spacing_sweep(workdir: str, num_samples: int, step_counts: list[int], seeds: list[int]) -> list[dict]:
-    """Fréchet distance of DDIM samples with linear against quadratic timesteps (Song et al. 2021, App. D.2)."""
+def spacing_sweep(workdir: str, num_samples: int, sampler: str, step_counts: list[int], seeds: list[int]) -> list[dict]:
+    """Fréchet distance of samples from chains of a few steps, linear against quadratic (Song et al. 2021, App. D.2):
+    DDIM, or the respaced ancestral chain (Nichol & Dhariwal 2021)."""
     rows = []
     for num_steps in step_counts:
         for spacing in ("linear", "quadratic"):
-            runs = [digits_quality(workdir, num_samples, "ddim", num_steps, spacing, seed) for seed in seeds]
+            runs = [digits_quality(workdir, num_samples, sampler, num_steps, spacing, seed) for seed in seeds]
             frechets = [r["frechet"] for r in runs]
-            rows.append({"ddim_steps": num_steps, "spacing": spacing, "seeds": seeds, "frechet": frechets,
+            rows.append({"sampler": sampler, "steps": num_steps, "spacing": spacing, "seeds": seeds,
+                         "frechet": frechets,
                          "frechet_mean": sum(frechets) / len(frechets), "frechet_data": runs[0]["frechet_data"],
                          "confidence": [r["confidence"] for r in runs],
                          "class_entropy": [r["class_entropy"] for r in runs]})
-            print(f"DDIM {num_steps:4d} steps, {spacing:9s}: Fréchet " + ", ".join(f"{f:.1f}" for f in frechets)
+            print(f"{sampler} {num_steps:4d} steps, {spacing:9s}: Fréchet " + ", ".join(f"{f:.1f}" for f in frechets)
                   + f" (mean {rows[-1]['frechet_mean']:.1f}; data {rows[-1]['frechet_data']:.1f})", flush=True)
     return rows
 
@@ -118,8 +121,10 @@ def main() -> None:
     parser.add_argument("--digits-ddim-steps", type=int, default=100)
     parser.add_argument("--skip-digits", action="store_true")
     parser.add_argument("--spacing-sweep", default="",
-                        help="comma-separated DDIM step counts: compare linear and quadratic timesteps on the digits "
-                             "run instead (writes quality_spacing_<platform>.json)")
+                        help="comma-separated step counts: compare linear and quadratic timesteps on the digits run "
+                             "instead (writes quality_spacing[_ddpm]_<platform>.json)")
+    parser.add_argument("--sweep-sampler", default="ddim", choices=["ddim", "ddpm"],
+                        help="ddpm: the respaced ancestral chain")
     parser.add_argument("--seeds", default="0", help="seeds of the --spacing-sweep samples")
     args = parser.parse_args()
     logging.set_verbosity(logging.WARNING)
@@ -137,8 +142,10 @@ def main() -> None:
     if args.spacing_sweep:
         step_counts = [int(n) for n in args.spacing_sweep.split(",")]
         seeds = [int(n) for n in args.seeds.split(",")]
-        result["digits_spacing"] = ddim_spacing_sweep(args.digits_workdir, args.digits_samples, step_counts, seeds)
-        write_result(result, f"benchmarks/results/quality_spacing_{device.platform}.json")
+        result["digits_spacing"] = spacing_sweep(args.digits_workdir, args.digits_samples, args.sweep_sampler,
+                                                 step_counts, seeds)
+        name = "quality_spacing" + ("" if args.sweep_sampler == "ddim" else f"_{args.sweep_sampler}")
+        write_result(result, f"benchmarks/results/{name}_{device.platform}.json")
         return
     result["swissroll"] = swissroll_quality(args.swissroll_seconds, args.swissroll_samples)
     s = result["swissroll"]
@@ -151,10 +158,11 @@ def main() -> None:
         if not os.path.isdir(os.path.join(args.digits_workdir, "checkpoints")):
             raise SystemExit(f"no checkpoints in {args.digits_workdir}: run `python train.py` first")
         result["digits"] = d = digits_quality(
-            args.digits_workdir, args.digits_samples, args.digits_sampler, args.digits_ddim_steps
+            args.digits_workdir, args.digits_samples, args.digits_sampler,
+            args.digits_ddim_steps if args.digits_sampler == "ddim" else 0,
         )
         print(
-            f"digits (step {d['step']}, {d['num_samples']} samples, {d['sampler']} {d['ddim_steps'] or ''}): "
+            f"digits (step {d['step']}, {d['num_samples']} samples, {d['sampler']} {d['steps'] or ''}): "
             f"Fréchet {d['frechet']:.1f} vs "
             f"data {d['frechet_data']:.1f}; class entropy {d['class_entropy']:.3f} vs data "
             f"{d['class_entropy_data']:.3f} (max ln 10 = 2.303); confidence {d['confidence']:.3f} vs "

@@ -74,9 +74,9 @@ def get_base_config() -> ml_collections.ConfigDict:
 
     config.sampling = sampling = ml_collections.ConfigDict()
     sampling.sampler = "ddpm"  # ddpm | ddim
-    sampling.num_steps = 0  # ddim steps (0 = 50)
+    sampling.num_steps = 0  # steps of the chain: ddpm 0 = all T (fewer: a respaced chain), ddim 0 = 50
     sampling.eta = 0.0
-    sampling.spacing = "linear"  # ddim timesteps: linear | quadratic (denser near t = 0; DDIM's CIFAR-10 choice)
+    sampling.spacing = "linear"  # steps of a shorter chain: linear | quadratic (denser near t = 0; DDIM's for CIFAR-10)
     sampling.num_samples = 64
     sampling.batch_size = 256  # samples per chain of sample.py, split over the devices (0: all in one chain)
     sampling.clip_denoised = True

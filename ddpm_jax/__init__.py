@@ -23,7 +23,14 @@ from ddpm_jax.diffusion import (
 from ddpm_jax.gaussians import discretized_gaussian_log_likelihood, normal_kl
 from ddpm_jax.likelihood import BpdResult, RateDistortion, calc_bpd_loop, prior_bpd, rate_distortion
 from ddpm_jax.sampling import Trajectory, ddim_sample, ddim_timesteps, ddpm_sample, interpolate, sample_from_latent
-from ddpm_jax.schedules import SCHEDULES, Schedule, beta_schedule, make_schedule, make_schedule_from_betas
+from ddpm_jax.schedules import (
+    SCHEDULES,
+    Schedule,
+    beta_schedule,
+    make_schedule,
+    make_schedule_from_betas,
+    respace_schedule,
+)
 
 __version__ = "0.1.0"
 
@@ -46,6 +53,7 @@ __all__ = [
     "interpolate",
     "make_schedule",
     "make_schedule_from_betas",
+    "respace_schedule",
     "normal_kl",
     "p_mean_variance",
     "p_sample",

@@ -45,9 +45,9 @@ def is_image_data(config) -> bool:
 
 
 def num_sampling_steps(config, schedule) -> int:
-    """Steps of the config's sampler: all T for ddpm, sampling.num_steps (default 50) for ddim."""
+    """Steps of the config's sampler: sampling.num_steps, by default all T for ddpm and 50 for ddim."""
     if config.sampling.sampler == "ddpm":
-        return schedule.num_timesteps
+        return config.sampling.num_steps or schedule.num_timesteps
     return config.sampling.num_steps or DEFAULT_DDIM_STEPS
 
 
@@ -195,9 +195,9 @@ def validate_config(config, *, num_devices: int = 1, process_count: int = 1) -> 
         problems.append("diffusion.loss_type='hybrid' needs diffusion.var_type 'learned' or 'learned_range'")
     if s.sampler == "ddim" and df.mean_type == "xprev":
         problems.append("sampling.sampler='ddim' needs diffusion.mean_type eps, x0 or v (not xprev)")
-    if s.sampler == "ddpm" and s.spacing != "linear":
-        problems.append(f"sampling.spacing={s.spacing!r} chooses DDIM's timesteps; the ddpm sampler runs all T steps "
-                        "(set sampling.sampler='ddim' or sampling.spacing='linear')")
+    if s.sampler == "ddpm" and s.spacing != "linear" and not s.num_steps:
+        problems.append(f"sampling.spacing={s.spacing!r} chooses the steps of a shorter chain, and the ddpm sampler "
+                        "runs all T steps (set sampling.num_steps, or sampling.spacing='linear')")
     if isinstance(df.num_timesteps, int) and isinstance(s.num_steps, int):
         if s.num_steps > df.num_timesteps:
             problems.append(f"sampling.num_steps={s.num_steps} exceeds diffusion.num_timesteps={df.num_timesteps}")

@@ -46,11 +46,11 @@ def make_sample_fn(
 
     def sample(params, key):
         model_fn = denoiser_fn(model, params)
+        num_steps = num_sampling_steps(config, schedule)
         if s.sampler == "ddim":
-            num_steps = num_sampling_steps(config, schedule)
             return ddim_sample(model_fn, schedule, key, shape, num_steps=num_steps, eta=s.eta, spacing=s.spacing,
                                **kwargs)
-        return ddpm_sample(model_fn, schedule, key, shape, **kwargs)
+        return ddpm_sample(model_fn, schedule, key, shape, num_steps=num_steps, spacing=s.spacing, **kwargs)
 
     if mesh is None:
         return jax.jit(sample, compiler_options=cpu_conv_compiler_options())
@@ -264,10 +264,10 @@ def generate(config, model, schedule, params, *, out_dir: str, tag: str, traject
     chain_size = min(s.batch_size or s.num_samples, s.num_samples)
     num_chains = math.ceil(s.num_samples / chain_size)
     mesh = mesh_dividing(chain_size) if mesh is None else mesh
-    sampler = "ddpm"
-    if s.sampler == "ddim":  # every setting that changes the samples names their files
-        sampler = f"ddim{num_steps}" + ("" if s.spacing == "linear" else f"_{s.spacing}")
-        sampler += f"_eta{s.eta:g}" if s.eta else ""
+    # Every setting that changes the samples names their files.
+    sampler = "ddpm" if num_steps == schedule.num_timesteps and s.sampler == "ddpm" else f"{s.sampler}{num_steps}"
+    sampler += "" if s.spacing == "linear" else f"_{s.spacing}"
+    sampler += f"_eta{s.eta:g}" if s.sampler == "ddim" and s.eta else ""
     tag = f"{sampler}_seed{seed}_{tag}"
     parts = Parts(os.path.join(out_dir, f"samples_{tag}.parts"), f"chain{chain_size}_")
     todo = [c for c in range(num_chains) if not parts.done(c) or (trajectory and c == 0)]

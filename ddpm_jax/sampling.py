@@ -8,6 +8,7 @@ with the same keys gives the same samples.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -27,7 +28,7 @@ from ddpm_jax.diffusion import (
     q_sample,
     split_model_output,
 )
-from ddpm_jax.schedules import Schedule
+from ddpm_jax.schedules import Schedule, respace_schedule
 
 
 class Trajectory(NamedTuple):
@@ -89,6 +90,11 @@ def _run_chain(
     return x, Trajectory(xs, pred_x0s, ts)
 
 
+def _at_kept_timesteps(model_fn: ModelFn, kept: jnp.ndarray, x: jnp.ndarray, i: jnp.ndarray) -> jnp.ndarray:
+    """``model_fn`` at the original timesteps ``kept[i]`` of a respaced chain's indices ``i``."""
+    return model_fn(x, kept[i])
+
+
 def ddpm_sample(
     model_fn: ModelFn,
     schedule: Schedule,
@@ -102,6 +108,8 @@ def ddpm_sample(
     progress_fn: Callable[[jnp.ndarray], None] | None = None,
     x_start: jnp.ndarray | None = None,
     start_t: int | None = None,
+    num_steps: int | None = None,
+    spacing: str = "linear",
 ):
     """Ancestral sampling x_T ~ N(0, I), x_{t-1} ~ p_theta(x_{t-1} | x_t) for t = T..1 (Algorithm 2).
 
@@ -109,9 +117,22 @@ def ddpm_sample(
     ``progress_fn(t)``, if given, is called on the host after each step. ``x_start`` [shape], if given, replaces
     x_T: the chain starts from it at timestep ``start_t`` (default T - 1; e.g. a `q_sample` at that t) and runs
     ``start_t + 1`` steps, with the same step keys as the full chain.
+    ``num_steps`` < T runs a shorter ancestral chain over the `ddim_timesteps` of ``spacing``, on the
+    `respace_schedule` of those steps (Nichol & Dhariwal 2021, Sec. 4); the model still sees the original t.
     """
     init_key, step_key = chain_keys(key)
     num_timesteps = schedule.num_timesteps
+    if num_steps is not None and num_steps != num_timesteps:
+        if x_start is not None or start_t is not None:
+            raise ValueError("a respaced chain (num_steps < T) starts from x_T; x_start and start_t need all T steps")
+        kept = ddim_timesteps(num_timesteps, num_steps, spacing)[::-1]  # increasing
+        schedule = respace_schedule(schedule, kept)
+        model_fn = partial(_at_kept_timesteps, model_fn, jnp.asarray(kept))
+    else:
+        check_choice("spacing", spacing, TIMESTEP_SPACINGS)
+        if spacing != "linear":
+            raise ValueError(f"spacing={spacing!r} chooses the steps of a shorter chain: give num_steps < T too")
+        kept = np.arange(num_timesteps)
     start_t = num_timesteps - 1 if start_t is None else int(start_t)
     if not 0 <= start_t < num_timesteps:
         raise ValueError(f"start_t must be in [0, {num_timesteps - 1}] (T - 1), got {start_t}")
@@ -125,21 +146,22 @@ def ddpm_sample(
         x_init = jnp.asarray(x_start, jnp.float32)
     batch = shape[0]
 
-    def step(x, inp):
-        t = jnp.full((batch,), inp["t"], dtype=jnp.int32)
+    def step(x, inp):  # "i" indexes the (respaced) schedule, "t" is the original timestep
+        i = jnp.full((batch,), inp["i"], dtype=jnp.int32)
         return p_sample(
             schedule,
             model_fn,
             x,
-            t,
+            i,
             jax.random.fold_in(step_key, inp["t"]),
             mean_type=mean_type,
             var_type=var_type,
             clip_denoised=clip_denoised,
         )
 
-    timesteps = np.arange(start_t, -1, -1, dtype=np.int32)
-    return _run_chain(step, x_init, {"t": timesteps}, trajectory_every, progress_fn)
+    indices = np.arange(schedule.num_timesteps if x_start is None else start_t + 1, dtype=np.int32)[::-1]
+    return _run_chain(step, x_init, {"t": kept[indices].astype(np.int32), "i": indices}, trajectory_every,
+                      progress_fn)
 
 
 def interpolate(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import flax
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -135,3 +136,26 @@ def make_schedule_from_betas(betas) -> Schedule:
 def make_schedule(name: str, num_timesteps: int, **kwargs) -> Schedule:
     """Schedule for a named beta schedule (see `beta_schedule`)."""
     return make_schedule_from_betas(beta_schedule(name, num_timesteps, **kwargs))
+
+
+def respace_schedule(schedule: Schedule, timesteps) -> Schedule:
+    """The schedule of a chain that visits only ``timesteps`` (increasing indices into ``schedule``), Nichol &
+    Dhariwal 2021, Sec. 4: its alphas_cumprod are the original's at those steps, so its betas are
+    beta_i = 1 - alphas_cumprod[t_i] / alphas_cumprod[t_{i-1}] (alphas_cumprod[t_{-1}] = 1).
+
+    Computed in float64 from the schedule's float32 betas and alphas, which must be concrete (not traced).
+    """
+    timesteps = np.asarray(timesteps)
+    num_timesteps = schedule.num_timesteps
+    if timesteps.ndim != 1 or not len(timesteps) or timesteps[0] < 0 or timesteps[-1] >= num_timesteps \
+            or np.any(np.diff(timesteps) <= 0):
+        raise ValueError(f"timesteps must increase strictly within [0, {num_timesteps - 1}], got {timesteps}")
+    try:
+        betas, alphas = np.asarray(schedule.betas, np.float64), np.asarray(schedule.alphas, np.float64)
+    except jax.errors.TracerArrayConversionError as err:
+        raise ValueError("a respaced chain needs the schedule's values: close over the schedule instead of passing "
+                         "it through jit") from err
+    # log alpha from whichever float32 value holds it to ~1e-7 relative: 1 - beta for small betas, alpha for large.
+    log_alphas = np.where(betas < 0.5, np.log1p(-np.minimum(betas, 0.5)), np.log(alphas))
+    log_alphas_cumprod = np.append(0.0, np.cumsum(log_alphas)[timesteps])
+    return make_schedule_from_betas(-np.expm1(np.diff(log_alphas_cumprod)))

@@ -114,3 +114,21 @@ def test_schedule_from_betas_and_pytree():
 def test_bad_schedules_raise(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_respaced_schedule_keeps_alphas_cumprod_at_the_kept_steps():
+    """Nichol & Dhariwal's respacing: alphas_cumprod at the kept steps are the original's; all steps kept give the
+    original schedule back."""
+    schedule = dj.make_schedule("cosine", 1000)
+    kept = np.array([0, 1, 5, 100, 400, 999])
+    respaced = dj.respace_schedule(schedule, kept)
+    assert respaced.num_timesteps == len(kept)
+    np.testing.assert_allclose(respaced.alphas_cumprod, np.asarray(schedule.alphas_cumprod)[kept], rtol=1e-6)
+    np.testing.assert_allclose(respaced.betas[3], 1 - schedule.alphas_cumprod[100] / schedule.alphas_cumprod[5],
+                               rtol=1e-5)
+    same = dj.respace_schedule(schedule, np.arange(1000))
+    for name in ("betas", "alphas_cumprod", "posterior_variance", "posterior_mean_coef1", "posterior_mean_coef2"):
+        np.testing.assert_allclose(getattr(same, name), getattr(schedule, name), rtol=1e-5, err_msg=name)
+    for bad in (np.array([5, 5]), np.array([3, 1]), np.array([0, 1000]), np.array([], int)):
+        with pytest.raises(ValueError, match="timesteps must increase strictly"):
+            dj.respace_schedule(schedule, bad)

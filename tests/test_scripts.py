@@ -405,11 +405,13 @@ def test_sample_py_draws_from_a_finished_run(killed_and_uninterrupted, tmp_path)
     npz = next(n for n in names if n.endswith(".npz"))
     assert np.load(os.path.join(out_dir, npz))["samples"].shape == (32, 2)
     assert '"swd_data"' in proc.stdout and "32 samples" in proc.stdout
-    ancestral_with_ddim_flag = sample_py(f"--workdir={workdir}", f"--out_dir={out_dir}", "--steps=10",
-                                         "--spacing=quadratic")
-    assert ancestral_with_ddim_flag.returncode == 1
-    assert "--steps and --spacing set DDIM, and this run samples with ddpm: add --sampler=ddim" in \
-        ancestral_with_ddim_flag.stderr
+    respaced = sample_py(f"--workdir={workdir}", f"--out_dir={out_dir}", "--num=8", "--steps=10",
+                         "--spacing=quadratic", "--noprogress")  # an ancestral chain of 10 steps
+    assert respaced.returncode == 0, respaced.stderr[-3000:]
+    assert any(n.startswith("samples_ddpm10_quadratic_seed0") for n in os.listdir(out_dir))
+    ancestral_with_eta = sample_py(f"--workdir={workdir}", f"--out_dir={out_dir}", "--eta=0.5")
+    assert ancestral_with_eta.returncode == 1
+    assert "--eta sets DDIM's noise, and this run samples with ddpm: add --sampler=ddim" in ancestral_with_eta.stderr
     two_models = sample_py(f"--workdir={workdir}", f"--pretrained={workdir}")
     assert two_models.returncode == 1 and "give one of them" in two_models.stderr
     interpolate_with_ddim = sample_py(f"--workdir={workdir}", "--interpolate", "--sampler=ddim", "--num=4")
