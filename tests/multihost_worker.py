@@ -61,6 +61,7 @@ def subprocess_env(**extra: str) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
     env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONFAULTHANDLER"] = "1"  # a SIGABRT to a hung subprocess prints every thread's stack
     cache = jax.config.jax_compilation_cache_dir
     if cache:
         env["JAX_COMPILATION_CACHE_DIR"] = cache

@@ -113,7 +113,11 @@ def test_ctrl_c_or_sigterm_saves_a_checkpoint_at_the_step_reached(sig, tmp_path)
         time.sleep(0.05)
     time.sleep(0.5)
     proc.send_signal(sig)
-    out, _ = proc.communicate(timeout=120)
+    try:
+        out, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:  # seen once in CI after the checkpoint was saved; not reproduced since
+        proc.send_signal(signal.SIGABRT)
+        pytest.fail("train.py did not exit after saving; its threads:\n" + proc.communicate(timeout=60)[0][-8000:])
     assert proc.returncode == 130, out[-3000:]
     saved = re.search(r"interrupted: checkpoint saved at step (\d+)", out)
     assert saved, out[-3000:]
