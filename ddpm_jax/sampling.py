@@ -236,7 +236,8 @@ TIMESTEP_SPACINGS = ("linear", "quadratic")
 
 
 def ddim_timesteps(num_timesteps: int, num_steps: int, spacing: str = "linear") -> np.ndarray:
-    """The ``num_steps`` timesteps of a DDIM chain, from T-1 down to 0 (Song et al. 2021, App. D.2).
+    """The ``num_steps`` timesteps of a shorter chain (DDIM, or a respaced ancestral one), from T-1 down to 0
+    (Song et al. 2021, App. D.2).
 
     "linear": evenly spaced. "quadratic": tau_i = floor(c i^2) with c = (T-1)/(num_steps-1)^2, denser near
     t = 0 (the DDIM paper's choice for CIFAR-10); where that floor repeats a step (small i), the step is moved

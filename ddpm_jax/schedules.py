@@ -156,6 +156,6 @@ def respace_schedule(schedule: Schedule, timesteps) -> Schedule:
         raise ValueError("a respaced chain needs the schedule's values: close over the schedule instead of passing "
                          "it through jit") from err
     # log alpha from whichever float32 value holds it to ~1e-7 relative: 1 - beta for small betas, alpha for large.
-    log_alphas = np.where(betas < 0.5, np.log1p(-np.minimum(betas, 0.5)), np.log(alphas))
+    log_alphas = np.where(betas < 0.5, np.log1p(-betas), np.log(alphas))
     log_alphas_cumprod = np.append(0.0, np.cumsum(log_alphas)[timesteps])
     return make_schedule_from_betas(-np.expm1(np.diff(log_alphas_cumprod)))
