@@ -266,7 +266,7 @@ def generate(config, model, schedule, params, *, out_dir: str, tag: str, traject
     mesh = mesh_dividing(chain_size) if mesh is None else mesh
     # Every setting that changes the samples names their files.
     sampler = "ddpm" if num_steps == schedule.num_timesteps and s.sampler == "ddpm" else f"{s.sampler}{num_steps}"
-    sampler += "" if s.spacing == "linear" else f"_{s.spacing}"
+    sampler += f"_{s.spacing}" if s.spacing != "linear" and num_steps < schedule.num_timesteps else ""  # T: all steps
     sampler += f"_eta{s.eta:g}" if s.sampler == "ddim" and s.eta else ""
     tag = f"{sampler}_seed{seed}_{tag}"
     parts = Parts(os.path.join(out_dir, f"samples_{tag}.parts"), f"chain{chain_size}_")

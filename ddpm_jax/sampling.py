@@ -130,7 +130,8 @@ def ddpm_sample(
         model_fn = partial(_at_kept_timesteps, model_fn, jnp.asarray(kept))
     else:
         check_choice("spacing", spacing, TIMESTEP_SPACINGS)
-        if spacing != "linear":
+        # With num_steps == T every spacing keeps all T steps; without num_steps a spacing is a likely mistake.
+        if num_steps is None and spacing != "linear":
             raise ValueError(f"spacing={spacing!r} chooses the steps of a shorter chain: give num_steps < T too")
         kept = np.arange(num_timesteps)
     start_t = num_timesteps - 1 if start_t is None else int(start_t)

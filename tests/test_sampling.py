@@ -132,6 +132,18 @@ def test_scan_sampler_equals_python_loop(var_type):
     np.testing.assert_allclose(scanned, looped, rtol=1e-5, atol=1e-5)
 
 
+def test_all_t_steps_are_the_full_chain_whatever_the_spacing():
+    """num_steps = T keeps every step under either spacing; a spacing without num_steps is refused."""
+    model_fn = optimal_eps_fn(SMALL, MU, S)
+    key = jax.random.PRNGKey(4)
+    full = dj.ddpm_sample(model_fn, SMALL, key, (5, 3))
+    for spacing in dj.sampling.TIMESTEP_SPACINGS:
+        np.testing.assert_array_equal(
+            dj.ddpm_sample(model_fn, SMALL, key, (5, 3), num_steps=SMALL_T, spacing=spacing), full)
+    with pytest.raises(ValueError, match="give num_steps < T too"):
+        dj.ddpm_sample(model_fn, SMALL, key, (5, 3), spacing="quadratic")
+
+
 def test_chain_from_a_given_state_equals_the_loop_from_that_step():
     model_fn = optimal_eps_fn(SMALL, MU, S)
     key, start_t = jax.random.PRNGKey(7), 8
