@@ -124,15 +124,17 @@ ABLATION = {  # name: (diffusion.mean_type, diffusion.var_type, diffusion.loss_t
 }
 
 
-def ablation_row(root: str, name: str, num_samples: int) -> dict:
-    """Train configs/digits.py with one row's settings into root/name (resumed if there), then its test-set bound
-    and the Fréchet distance of ``num_samples`` samples of the full ancestral chain, drawn at the end of training."""
+def ablation_row(root: str, name: str, num_samples: int, num_steps: int = 0) -> dict:
+    """Train configs/digits.py with one row's settings into root/name (resumed if there) for ``num_steps`` (0: the
+    config's 800), then its test-set bound and the Fréchet distance of ``num_samples`` samples of the full ancestral
+    chain, drawn at the end of training."""
     from configs.digits import get_config
 
     mean_type, var_type, loss_type = ABLATION[name]
     config = get_config()
     config.diffusion.mean_type, config.diffusion.var_type, config.diffusion.loss_type = mean_type, var_type, loss_type
     config.sampling.num_samples = num_samples
+    config.training.num_steps = num_steps or config.training.num_steps
     workdir = os.path.join(root, name)
     row = {"name": name, "mean_type": mean_type, "var_type": var_type, "loss_type": loss_type, "workdir": workdir,
            "training_steps": config.training.num_steps}
@@ -175,6 +177,7 @@ def main() -> None:
                         "into --ablation-dir/<row> and measure its bound and samples (writes quality_ablation_*.json)")
     parser.add_argument("--ablation-dir", default="runs/ablation")
     parser.add_argument("--ablation-samples", type=int, default=500)
+    parser.add_argument("--ablation-steps", type=int, default=0, help="training steps (0: the digits config's 800)")
     args = parser.parse_args()
     logging.set_verbosity(logging.WARNING)
 
@@ -193,8 +196,11 @@ def main() -> None:
         unknown = sorted(set(names) - set(ABLATION))
         if unknown:
             raise SystemExit(f"unknown --ablation rows {unknown}; choose from {list(ABLATION)}")
-        result["ablation"] = [ablation_row(args.ablation_dir, name, args.ablation_samples) for name in names]
-        write_result(result, f"benchmarks/results/quality_ablation_{device.platform}.json")
+        result["ablation"] = [ablation_row(args.ablation_dir, name, args.ablation_samples, args.ablation_steps)
+                              for name in names]
+        steps = f"_steps{args.ablation_steps}" if args.ablation_steps else ""
+        path = f"benchmarks/results/quality_ablation{steps}_{device.platform}.json"
+        write_result(with_earlier_rows(result, path), path)
         return
     if args.spacing_sweep:
         step_counts = [int(n) for n in args.spacing_sweep.split(",")]
@@ -226,6 +232,19 @@ def main() -> None:
             f"{d['confidence_data']:.3f}"
         )
     write_result(result, f"benchmarks/results/quality_{device.platform}.json")
+
+
+def with_earlier_rows(result: dict, path: str) -> dict:
+    """``result`` with the ablation rows of an earlier run in ``path`` that it did not repeat, each row labelled with
+    the command and date that measured it, in ABLATION's order."""
+    rows = [{"command": result["command"], "date": result["date"], **row} for row in result["ablation"]]
+    if os.path.exists(path):
+        with open(path) as f:
+            earlier = json.load(f)
+        names = {row["name"] for row in rows}
+        rows += [{"command": earlier["command"], "date": earlier["date"], **row}
+                 for row in earlier.get("ablation", []) if row["name"] not in names]
+    return {**result, "ablation": sorted(rows, key=lambda row: list(ABLATION).index(row["name"]))}
 
 
 def write_result(result: dict, path: str) -> None:
