@@ -148,7 +148,8 @@ def main(argv):
         raise SystemExit(f"error: {message}") from err
     drawn = "" if result["chains_drawn"] == result["num_chains"] else f"{result['chains_drawn']} of "
     chains = "chain" if result["num_chains"] == 1 else "chains"
-    print(f"{config.sampling.num_samples} samples ({tag}); {drawn}{result['num_chains']} {chains} drawn in "
+    samples = "sample" if config.sampling.num_samples == 1 else "samples"
+    print(f"{config.sampling.num_samples} {samples} ({tag}); {drawn}{result['num_chains']} {chains} drawn in "
           f"{result['seconds']:.1f} s")
     for key in ("png", "npz", "trajectory_png", "trajectory_gif", "png_dir"):
         if key in result:

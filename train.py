@@ -2,9 +2,10 @@
 
 With no flags it trains the 8x8 digits model (configs/digits.py, no download) into runs/digits, resuming from
 the latest checkpoint there. `--mode=eval` computes the test-set bits/dim and rate-distortion curve of the latest
-checkpoint in --workdir, under the run's own config (its config.json) unless --config flags are given; with
-`--pretrained=DIR` those of released weights (a diffusers UNet2DModel folder, e.g. google/ddpm-cifar10-32) under
-configs/cifar10.py or the --config given, written to --workdir (default runs/pretrained_<DIR's name>).
+checkpoint in --workdir, under the run's own config (its config.json) with any --config.* overrides on top (a
+--config=FILE replaces it); with `--pretrained=DIR` those of released weights (a diffusers UNet2DModel folder,
+e.g. google/ddpm-cifar10-32) under configs/cifar10.py or the --config given, written to --workdir (default
+runs/pretrained_<DIR's name>).
 """
 
 import os
@@ -18,13 +19,24 @@ from configs.base import get_base_config
 from ddpm_jax import run
 from ddpm_jax.config import validate_config
 
+
+def unknown_field(err: Exception) -> SystemExit:
+    """ml_collections' error for a --config.* field the config does not have, as one line."""
+    reason = " ".join(str(err).encode().decode("unicode_escape").replace("'", "").split())
+    return SystemExit(f"error: unknown config field {reason}")
+
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
-config_flags.DEFINE_config_file(
-    "config", os.path.join(_HERE, "configs", "digits.py"), "Experiment config file.", lock_config=True
-)
+try:  # without --config=FILE the overrides are read here, on the default config
+    config_flags.DEFINE_config_file(
+        "config", os.path.join(_HERE, "configs", "digits.py"), "Experiment config file.", lock_config=True
+    )
+except (AttributeError, KeyError) as err:
+    raise unknown_field(err) from None
 flags.DEFINE_string("workdir", None, "Checkpoints, logs and samples go here (default: runs/<config name>).")
 flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (or resume), or eval: test bits/dim of a checkpoint.")
-flags.DEFINE_integer("eval_examples", 0, "eval mode: the first N test images (0: the whole test split).")
+flags.DEFINE_integer("eval_examples", 0, "eval mode: the first N test images (0: the whole test split).",
+                     lower_bound=0)
 flags.DEFINE_enum("eval_split", None, ["train", "test"], "eval mode: the split (default: the config's eval.split, "
                   "test); train writes eval_train.json and rate_distortion_train.*.")
 flags.DEFINE_string("pretrained", None, "eval mode: evaluate a diffusers UNet2DModel folder (the DDPM authors' "
@@ -99,20 +111,25 @@ def _run(workdir: str) -> None:
               f"RMSE {last['distortion_rmse']:.3f} on [0, 255] -> {files['png']}")
 
 
+def config_file_given() -> bool:
+    return any(arg == "--config" or arg.startswith("--config=") for arg in sys.argv[1:])
+
+
 def eval_config(workdir: str):
-    """--mode=eval evaluates the run in ``workdir`` under its own config.json, unless --config flags are given."""
-    given = any(arg.startswith("--config") for arg in sys.argv[1:])
-    if given or not os.path.exists(os.path.join(workdir, "config.json")):
-        return FLAGS.config  # checked against config.json when the checkpoint is restored
-    return run.load_config(workdir, base=get_base_config())
+    """--mode=eval evaluates the run in ``workdir`` under its own config.json with the --config.* overrides on top,
+    or under a --config=FILE given (checked against config.json when the checkpoint is restored)."""
+    if config_file_given() or not os.path.exists(os.path.join(workdir, "config.json")):
+        return FLAGS.config
+    config = run.load_config(workdir, base=get_base_config())
+    config.update_from_flattened_dict(config_flags.get_override_values(FLAGS["config"]))
+    return config
 
 
 def pretrained_config():
     """--pretrained: configs/cifar10.py (the paper's diffusion settings) unless a --config file is given."""
-    args = sys.argv[1:]
-    if any(arg == "--config" or arg.startswith("--config=") for arg in args):
+    if config_file_given():
         return FLAGS.config
-    if any(arg.startswith("--config.") for arg in args):  # they were applied to the default digits config
+    if any(arg.startswith("--config.") for arg in sys.argv[1:]):  # they were applied to the default digits config
         raise ValueError("with --pretrained, --config.* overrides need the config file too, e.g. "
                          "--config=configs/cifar10.py --config.data.data_dir=...")
     from configs.cifar10 import get_config
@@ -124,9 +141,8 @@ def parse_flags(argv):
     """absl's flag parsing, with an unknown --config.* field reported in one line instead of a traceback."""
     try:
         return app.parse_flags_with_usage(argv)
-    except AttributeError as err:  # what ml_collections raises for a field the config does not have
-        reason = " ".join(str(err).encode().decode("unicode_escape").replace("'", "").split())
-        raise SystemExit(f"error: unknown config field {reason}") from None
+    except (AttributeError, KeyError) as err:  # an unknown field, or group, of the --config=FILE given
+        raise unknown_field(err) from None
 
 
 if __name__ == "__main__":

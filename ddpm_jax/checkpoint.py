@@ -60,6 +60,10 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def saved_time(self, step: int) -> float:
+        """When the checkpoint of ``step`` was finalised (its directory's modification time)."""
+        return os.path.getmtime(os.path.join(self.directory, str(step)))
+
     def check_config(self, config_dict: dict) -> None:
         """Raise ValueError if ``config_dict`` conflicts with the config the checkpoints were written with."""
         if self.latest_step() is None or not os.path.exists(self.config_path):

@@ -201,10 +201,16 @@ def validate_config(config, *, num_devices: int = 1, process_count: int = 1) -> 
     if isinstance(df.num_timesteps, int) and isinstance(s.num_steps, int):
         if s.num_steps > df.num_timesteps:
             problems.append(f"sampling.num_steps={s.num_steps} exceeds diffusion.num_timesteps={df.num_timesteps}")
+        elif s.sampler == "ddpm" and 0 < s.num_steps < df.num_timesteps and df.var_type == "learned":
+            problems.append(
+                f"sampling.num_steps={s.num_steps} respaces the ancestral chain, and diffusion.var_type='learned' "
+                "predicts the variance of one of the T steps only: sample all T steps (sampling.num_steps=0), or "
+                "use sampling.sampler='ddim'"
+            )
         elif s.sampler == "ddim" and not s.num_steps and DEFAULT_DDIM_STEPS > df.num_timesteps:
             problems.append(
                 f"sampling.num_steps=0 means {DEFAULT_DDIM_STEPS} DDIM steps, more than diffusion.num_timesteps="
-                f"{df.num_timesteps}; set sampling.num_steps <= {df.num_timesteps}"
+                f"{df.num_timesteps}; set sampling.num_steps <= {df.num_timesteps} (sample.py: --steps)"
             )
 
     if d.dataset in DATASETS:
@@ -216,6 +222,9 @@ def validate_config(config, *, num_devices: int = 1, process_count: int = 1) -> 
                 problems.append(f"data.dim={d.dim} but {d.dataset!r} has {spec.shape[0]} dimensions")
             if d.random_flip:
                 problems.append("data.random_flip applies to images only")
+            if ev.bpd_every:
+                problems.append(f"eval.bpd_every={ev.bpd_every}: bits/dim is defined for 8-bit images, and "
+                                f"{d.dataset!r} is 2-D (set eval.bpd_every=0)")
         else:
             if m.name != "unet":
                 problems.append(f"data.dataset={d.dataset!r} holds images: use model.name='unet'")

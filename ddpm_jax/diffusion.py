@@ -160,10 +160,13 @@ def split_model_output(model_output: jnp.ndarray, var_type: str) -> tuple[jnp.nd
 def fixed_log_variance(schedule: Schedule, t: jnp.ndarray, ndim: int, var_type: str) -> jnp.ndarray:
     """log sigma_t^2 of the fixed reverse variances (Sec. 3.2): beta~_t (fixedsmall) or beta_t (fixedlarge).
 
-    fixedlarge uses the posterior variance at t = 1, as the DDPM code does, so the decoder is not too wide.
+    fixedlarge uses the posterior variance at t = 1, as the DDPM code does, so the decoder is not too wide
+    (a one-step chain, e.g. one respaced to a single step, has no index 1 and keeps its beta).
     """
     if var_type == "fixedsmall":
         return extract(schedule.posterior_log_variance_clipped, t, ndim)
+    if schedule.num_timesteps == 1:
+        return extract(jnp.log(schedule.betas), t, ndim)
     large = jnp.concatenate([schedule.posterior_variance[1:2], schedule.betas[1:]])
     return extract(jnp.log(large), t, ndim)
 

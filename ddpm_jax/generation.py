@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ddpm_jax import viz
 from ddpm_jax.config import data_shape, is_image_data, num_sampling_steps
-from ddpm_jax.data import load_split, make_dataset, uint8_to_float
+from ddpm_jax.data import NUM_TOY_TEST, load_split, make_dataset, uint8_to_float
 from ddpm_jax.interrupts import ChainWatch, progress_bar
 from ddpm_jax.models.conv import cpu_conv_compiler_options
 from ddpm_jax.models.layers import denoiser_fn
@@ -89,6 +89,17 @@ def sample_metrics(config, samples: np.ndarray, *, seed: int = 0) -> dict:
     if config.data.dataset == "digits":
         return metrics.digits_metrics(samples)
     return {}
+
+
+def sample_metrics_problem(config) -> str | None:
+    """Why `sample_metrics` cannot score ``sampling.num_samples`` samples, or None: asked before drawing them."""
+    n = config.sampling.num_samples
+    if not is_image_data(config) and not 2 <= n <= NUM_TOY_TEST // 2:
+        return (f"sampling.num_samples={n}: the 2-D metrics compare the samples with as many held-out points and "
+                f"those with as many more, from a test split of {NUM_TOY_TEST}; use 2 to {NUM_TOY_TEST // 2}")
+    if config.data.dataset == "digits" and n < 2:
+        return f"sampling.num_samples={n}: the digits metrics (a Fréchet distance) need at least 2 samples"
+    return None
 
 
 def _split_images(config, split: str, num_examples: int | None = None) -> np.ndarray:
@@ -256,6 +267,8 @@ def generate(config, model, schedule, params, *, out_dir: str, tag: str, traject
         raise ValueError(f"FID needs at least 2 samples (papers use 50,000), got sampling.num_samples={s.num_samples}")
     if png_dir is not None and not is_image_data(config):
         raise ValueError(f"one PNG per sample is for images; {config.data.dataset} is a 2-D data set")
+    if with_metrics and (problem := sample_metrics_problem(config)):
+        raise ValueError(f"{problem} (sample.py: --num)")
     num_steps = num_sampling_steps(config, schedule)
     trajectory_every = None
     if trajectory:  # sampling.trajectory_every, or about ten pictures of the chain

@@ -26,7 +26,7 @@ from ddpm_jax import viz
 from ddpm_jax.checkpoint import Checkpointer
 from ddpm_jax.config import build_model, is_image_data, num_sampling_steps, schedule_from_config, validate_config
 from ddpm_jax.data import make_dataset
-from ddpm_jax.generation import make_sample_fn, sample_metrics, save_samples
+from ddpm_jax.generation import make_sample_fn, sample_metrics, sample_metrics_problem, save_samples
 from ddpm_jax.interrupts import ChainWatch, interrupts_deferred, progress_bar
 from ddpm_jax.likelihood import RateDistortion, calc_bpd_loop, rate_distortion
 from ddpm_jax.models.conv import cpu_conv_compiler_options
@@ -227,6 +227,8 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> TrainS
     """
     maybe_initialize_distributed(config)
     validate_config(config, num_devices=jax.device_count(), process_count=jax.process_count())
+    if problem := sample_metrics_problem(config):  # the samples drawn during training are scored
+        raise ValueError(problem)
     os.makedirs(workdir, exist_ok=True)
     checkpointer = Checkpointer(workdir, keep=config.training.keep_checkpoints)
     try:
@@ -254,6 +256,12 @@ def _train(config, workdir: str, checkpointer: Checkpointer, progress: bool) -> 
         state = checkpointer.restore(state)
         start_step = int(state.step)
     checkpointer.record_config(config.to_dict())  # only now: a failed restore leaves the run's config.json as it was
+    final_samples = os.path.join(workdir, "samples.png")  # drawn after the last checkpoint, unless interrupted
+    if start_step >= tr.num_steps and jax.process_count() == 1 and os.path.exists(final_samples) \
+            and os.path.getmtime(final_samples) >= checkpointer.saved_time(start_step):
+        print(f"{workdir} is trained to step {start_step} (training.num_steps={tr.num_steps}) and its samples.png "
+              "drawn: nothing to do; a larger training.num_steps trains on")
+        return state
     step_fn = jit_train_step(make_train_step(config, model, schedule), mesh)
     writer = MetricsWriter(workdir, start_step)
     watch = ChainWatch()

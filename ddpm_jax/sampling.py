@@ -25,6 +25,7 @@ from ddpm_jax.diffusion import (
     predict_eps_from_x0,
     predict_x0_from_eps,
     predict_x0_from_v,
+    predict_x0_from_xprev,
     q_sample,
     split_model_output,
 )
@@ -95,6 +96,17 @@ def _at_kept_timesteps(model_fn: ModelFn, kept: jnp.ndarray, x: jnp.ndarray, i: 
     return model_fn(x, kept[i])
 
 
+def _x0_from_xprev_at_kept_timesteps(
+    model_fn: ModelFn, original: Schedule, kept: jnp.ndarray, var_type: str, x: jnp.ndarray, i: jnp.ndarray
+) -> jnp.ndarray:
+    """An xprev model's output at ``kept[i]`` as the x_0 it implies under the ``original`` schedule (Eq. 7 solved
+    for x_0): its mean is one step of the T-step chain, which the respaced chain's longer steps cannot use."""
+    t = kept[i]
+    mean_out, var_out = split_model_output(model_fn(x, t), var_type)
+    pred_x0 = predict_x0_from_xprev(original, x, t, mean_out)
+    return pred_x0 if var_out is None else jnp.concatenate([pred_x0, var_out], axis=-1)
+
+
 def ddpm_sample(
     model_fn: ModelFn,
     schedule: Schedule,
@@ -119,15 +131,24 @@ def ddpm_sample(
     ``start_t + 1`` steps, with the same step keys as the full chain.
     ``num_steps`` < T runs a shorter ancestral chain over the `ddim_timesteps` of ``spacing``, on the
     `respace_schedule` of those steps (Nichol & Dhariwal 2021, Sec. 4); the model still sees the original t.
+    There an xprev model's mean is turned into its x_0 under the original schedule first, and ``var_type``
+    'learned' is refused: it predicts the variance of one original step (learned_range fits any step length).
     """
     init_key, step_key = chain_keys(key)
     num_timesteps = schedule.num_timesteps
     if num_steps is not None and num_steps != num_timesteps:
         if x_start is not None or start_t is not None:
             raise ValueError("a respaced chain (num_steps < T) starts from x_T; x_start and start_t need all T steps")
+        if var_type == "learned":
+            raise ValueError("var_type='learned' predicts the variance of one step of the T-step chain, not of a "
+                             "respaced chain's longer steps (num_steps < T): sample all T steps, or use ddim_sample")
         kept = ddim_timesteps(num_timesteps, num_steps, spacing)[::-1]  # increasing
+        if mean_type == "xprev":
+            model_fn = partial(_x0_from_xprev_at_kept_timesteps, model_fn, schedule, jnp.asarray(kept), var_type)
+            mean_type = "x0"
+        else:
+            model_fn = partial(_at_kept_timesteps, model_fn, jnp.asarray(kept))
         schedule = respace_schedule(schedule, kept)
-        model_fn = partial(_at_kept_timesteps, model_fn, jnp.asarray(kept))
     else:
         check_choice("spacing", spacing, TIMESTEP_SPACINGS)
         # With num_steps == T every spacing keeps all T steps; without num_steps a spacing is a likely mistake.

@@ -386,10 +386,12 @@ def test_interrupted_evaluation_goes_on_from_the_batches_it_kept(monkeypatch, tm
 
 
 def test_eval_mode_uses_the_runs_own_config(killed_and_uninterrupted):
-    """Without --config, --mode=eval reads the run's config.json (swiss roll), not the default (digits)."""
+    """Without --config=FILE, --mode=eval reads the run's config.json (swiss roll), not the default (digits),
+    also under --config.* overrides (the remedy its out-of-memory message gives)."""
     _, workdir, _ = killed_and_uninterrupted
     proc = subprocess.run(
-        [sys.executable, os.path.join(REPO, "train.py"), f"--workdir={workdir}", "--mode=eval"],
+        [sys.executable, os.path.join(REPO, "train.py"), f"--workdir={workdir}", "--mode=eval",
+         "--config.eval.batch_size=8"],
         cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
@@ -433,6 +435,10 @@ def test_sample_py_draws_from_a_finished_run(killed_and_uninterrupted, tmp_path)
 # Each case: flags after the config file, extra environment, the message expected on stderr.
 BAD_RUNS = {
     "unknown key": (["--config.training.batchsize=3"], {}, 'unknown config field batchsize.*"batch_size"'),
+    "unknown key, no config file": (["--config.training.bogus=1"], {}, "error: unknown config field .*bogus"),
+    "unknown group": (["--config.trainin.lr=0.1"], {}, 'unknown config field trainin Did you mean "training"'),
+    "negative eval examples": (["--mode=eval", "--eval_examples=-3"], {}, "--eval_examples=-3: -3 is not a "
+                                                                           "non-negative integer"),
     "wrong type": (["--config.training.batch_size=abc"], {}, "batch_size=abc: invalid literal for int"),
     "batch not divisible by devices": (
         ["--config.training.batch_size=12"], {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
@@ -461,7 +467,8 @@ def test_bad_flags_and_configs_stop_before_any_work_with_one_message(tmp_path):
     procs = {}
     for name, (flags, extra_env, _) in BAD_RUNS.items():
         workdir = tmp_path / name.replace(" ", "_").replace("/", "_")
-        default = [] if any(f.startswith("--pretrained") for f in flags) else ["--config=configs/swissroll.py"]
+        no_file = name.endswith("no config file") or any(f.startswith("--pretrained") for f in flags)
+        default = [] if no_file else ["--config=configs/swissroll.py"]
         config = [f for f in flags if f.startswith("--config=")] or default
         rest = [f for f in flags if not f.startswith("--config=")]
         command = [sys.executable, os.path.join(REPO, "train.py"), *config, f"--workdir={workdir}", *rest]

@@ -136,6 +136,28 @@ def test_resume_continues_and_matches_an_uninterrupted_run(swissroll_run, tmp_pa
     assert training_lines(read_metrics(fresh_dir)) == training_lines(after)
 
 
+def test_rerunning_a_finished_run_does_nothing_unless_its_last_samples_were_cut_short(swissroll_run, tmp_path,
+                                                                                      capsys):
+    config, workdir, _ = swissroll_run
+    copy = str(tmp_path / "run")
+    shutil.copytree(workdir, copy)
+    digest = tree_digest(copy)
+    assert int(run.train_and_evaluate(config, copy, progress=False).step) == 20
+    assert "is trained to step 20 (training.num_steps=20) and its samples.png drawn: nothing to do" \
+        in capsys.readouterr().out
+    assert tree_digest(copy) == digest  # no second metrics line for the same samples, no new picture
+    # As if the last samples had been interrupted: no metrics line for them, a picture older than the checkpoint.
+    lines = [line for line in read_metrics(copy) if "sample_swd" not in line]
+    with open(os.path.join(copy, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(line) + "\n" for line in lines)
+    samples = os.path.join(copy, "samples.png")
+    os.utime(samples, (0, 0))
+    run.train_and_evaluate(config, copy, progress=False)
+    assert "nothing to do" not in capsys.readouterr().out
+    assert os.path.getmtime(samples) > os.path.getmtime(os.path.join(copy, "checkpoints", "20"))
+    assert [line["step"] for line in read_metrics(copy) if "sample_swd" in line] == [20]
+
+
 def test_generate_writes_png_npz_trajectory_and_metrics(swissroll_run, tmp_path):
     from ddpm_jax import metrics
 
@@ -435,6 +457,10 @@ def test_unreadable_checkpoint_gives_a_clear_error_and_is_not_overwritten(swissr
          r"gives 2 examples per device, which do not split into training.microbatches=4 parts; use a multiple of 32"),
         (digits.get_config, {"sampling.spacing": "quadratic"}, 1,
          r"spacing='quadratic' chooses the steps of a shorter chain, and the ddpm sampler runs all T steps"),
+        (digits.get_config, {"diffusion.var_type": "learned", "diffusion.loss_type": "hybrid",
+                              "sampling.num_steps": 100}, 1,
+         r"num_steps=100 respaces the ancestral chain, and diffusion.var_type='learned' predicts the variance"),
+        (swissroll.get_config, {"eval.bpd_every": 100}, 1, "eval.bpd_every=100: bits/dim is defined for 8-bit images"),
         (digits.get_config, {"sampling.sampler": "ddim", "sampling.spacing": "log"}, 1,
          r"sampling.spacing='log' .*linear.*quadratic"),
     ],
@@ -443,6 +469,23 @@ def test_validate_config_names_the_problem(config_fn, overrides, num_devices, me
     config = apply_overrides(config_fn(), overrides)
     with pytest.raises(ValueError, match=message):
         validate_config(config, num_devices=num_devices)
+
+
+@pytest.mark.parametrize("config_fn, num_samples, message", [
+    (swissroll.get_config, 1, "the 2-D metrics compare"),
+    (swissroll.get_config, 5001, r"sampling.num_samples=5001: .*use 2 to 5000"),
+    (digits.get_config, 1, "the digits metrics .*need at least 2 samples"),
+])
+def test_a_sample_count_the_metrics_cannot_score_is_refused_before_any_work(tmp_path, config_fn, num_samples,
+                                                                          message):
+    """Training scores its samples, and sample.py --metrics scores them: both say so before drawing any."""
+    config = apply_overrides(config_fn(), {"sampling.num_samples": num_samples})
+    with pytest.raises(ValueError, match=message):
+        run.train_and_evaluate(config, str(tmp_path / "run"), progress=False)
+    with pytest.raises(ValueError, match=message + ".*sample.py: --num"):
+        generation.generate(config, None, None, None, out_dir=str(tmp_path / "samples"), tag="x", with_metrics=True)
+    assert list(tmp_path.iterdir()) == []
+    assert generation.sample_metrics_problem(apply_overrides(config_fn(), {"sampling.num_samples": 2})) is None
 
 
 def test_bits_per_dim_of_2d_data_is_refused(swissroll_run):
