@@ -1,8 +1,9 @@
 """Forward process, posterior, parameterizations, reverse process and training losses of DDPM.
 
 Equation numbers refer to Ho et al. 2020 (DDPM) unless stated. Every function takes ``t`` as an int array of
-shape [batch] with values in [0, T-1] (index t is the paper's timestep t + 1) and works for images (NHWC) and
-vectors ([batch, dim]) alike: per-timestep coefficients broadcast over all non-batch axes.
+shape [batch] (or a scalar for the whole batch) with values in [0, T-1] (index t is the paper's timestep t + 1)
+and works for images (NHWC) and vectors ([batch, dim]) alike: per-timestep coefficients broadcast over all
+non-batch axes.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ddpm_jax.gaussians import discretized_gaussian_log_likelihood, normal_kl
 from ddpm_jax.schedules import Schedule
@@ -30,9 +32,30 @@ def check_choice(kind: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"unknown {kind} {value!r}; choose one of {', '.join(choices)}")
 
 
+def concrete_value(value) -> np.ndarray | None:
+    """``value`` as a NumPy array, or None when it is traced (under jit, vmap or grad)."""
+    try:
+        return np.asarray(value)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def broadcast_shape(t: jnp.ndarray, ndim: int) -> tuple[int, ...]:
+    """[batch, 1, ..., 1] for t [batch], [1, ..., 1] for a scalar t: a per-example value against rank ``ndim``."""
+    return tuple(jnp.shape(t)) + (1,) * (ndim - jnp.ndim(t))
+
+
 def extract(coefs: jnp.ndarray, t: jnp.ndarray, ndim: int) -> jnp.ndarray:
-    """coefs[t] reshaped to [batch, 1, ..., 1] so it broadcasts against an array of rank ``ndim``."""
-    return coefs[t].reshape((t.shape[0],) + (1,) * (ndim - 1))
+    """coefs[t] shaped to broadcast against an array of rank ``ndim`` (see `broadcast_shape`).
+
+    A t outside [0, len(coefs) - 1] raises when it is concrete, and gives NaN when traced (where JAX's indexing
+    would silently clamp it, e.g. the paper's t = T to T - 1).
+    """
+    value = concrete_value(t)
+    if value is not None and value.size and not (0 <= value.min() and value.max() < coefs.shape[0]):
+        raise ValueError(f"timesteps must lie in [0, {coefs.shape[0] - 1}], got {value.min()}..{value.max()}")
+    values = coefs.at[t].get(mode="fill", fill_value=jnp.nan, wrap_negative_indices=False)
+    return values.reshape(broadcast_shape(t, ndim))
 
 
 def mean_flat(x: jnp.ndarray) -> jnp.ndarray:
@@ -239,7 +262,7 @@ def p_sample(
         clip_denoised=clip_denoised,
     )
     noise = jax.random.normal(key, x_t.shape, x_t.dtype)
-    nonzero = (t != 0).astype(x_t.dtype).reshape((t.shape[0],) + (1,) * (x_t.ndim - 1))
+    nonzero = (t != 0).astype(x_t.dtype).reshape(broadcast_shape(t, x_t.ndim))
     return out.mean + nonzero * jnp.exp(0.5 * out.log_variance) * noise, out.pred_x0
 
 

@@ -20,8 +20,11 @@ def discretized_gaussian_log_likelihood(x: jnp.ndarray, *, means: jnp.ndarray, l
     """Elementwise log p(x_0 | x_1) of the discretized Gaussian decoder, Eq. 13.
 
     ``x`` holds 8-bit data rescaled to [-1, 1] (bins of width 2/255); the edge bins extend to -inf and +inf.
-    Uses the exact normal CDF in log space; the tail nearer to the bin is used for precision.
+    Uses the exact normal CDF in log space; the tail nearer to the bin is used for precision. 16-bit inputs are
+    computed in float32.
     """
+    dtype = jnp.promote_types(jnp.result_type(x, means, log_scales), jnp.float32)
+    x, means, log_scales = (jnp.asarray(a, dtype) for a in (x, means, log_scales))
     centered = x - means
     inv_stdv = jnp.exp(-log_scales)
     upper = inv_stdv * (centered + 1.0 / 255.0)

@@ -19,6 +19,7 @@ from ddpm_jax.diffusion import (
     MEAN_TYPES,
     ModelFn,
     check_choice,
+    concrete_value,
     extract,
     p_sample,
     predict_eps_from_v,
@@ -53,18 +54,19 @@ def _run_chain(
 ):
     """Scan ``step(x, inputs) -> (x, pred_x0)`` over the rows of ``per_step``; record every k-th step if asked.
 
+    The chain keeps the dtype of ``x_init`` (float32, or float64 with jax_enable_x64) whatever the model returns.
     ``progress_fn(t)`` is called on the host after each step (through an unordered `jax.debug.callback`: once
     per step, also when the chain is sharded over several devices), e.g. to move a progress bar; it costs one
     host round trip per step.
     """
     num_steps = len(per_step["t"])
-    if progress_fn is not None:
-        inner_step = step
+    model_step = step
 
-        def step(x, inp):
-            out = inner_step(x, inp)
+    def step(x, inp):
+        x_prev, pred_x0 = model_step(x, inp)
+        if progress_fn is not None:
             jax.debug.callback(progress_fn, inp["t"])
-            return out
+        return x_prev.astype(x.dtype), pred_x0.astype(x.dtype)
     if trajectory_every is None:
         x, _ = jax.lax.scan(lambda x, inp: (step(x, inp)[0], None), x_init, per_step)
         return x
@@ -161,11 +163,11 @@ def ddpm_sample(
     if x_start is None:
         if start_t != num_timesteps - 1:
             raise ValueError(f"start_t={start_t} starts the chain from a given state: pass it as x_start")
-        x_init = jax.random.normal(init_key, shape, jnp.float32)
+        x_init = jax.random.normal(init_key, shape)
     elif tuple(x_start.shape) != tuple(shape):
         raise ValueError(f"x_start has shape {tuple(x_start.shape)}, the samples {tuple(shape)}")
     else:
-        x_init = jnp.asarray(x_start, jnp.float32)
+        x_init = jnp.asarray(x_start, jnp.promote_types(jnp.result_type(x_start), jnp.float32))
     batch = shape[0]
 
     def step(x, inp):  # "i" indexes the (respaced) schedule, "t" is the original timestep
@@ -301,14 +303,15 @@ def ddim_sample(
     check_choice("mean_type", mean_type, MEAN_TYPES)
     if mean_type == "xprev":
         raise ValueError("ddim_sample needs an x_0, eps or v prediction; mean_type 'xprev' works only with ddpm_sample")
-    if eta < 0:
+    eta_value = concrete_value(eta)  # a traced eta (e.g. vmapped over) is not checked
+    if eta_value is not None and eta_value < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     timesteps = ddim_timesteps(schedule.num_timesteps, num_steps, spacing)
-    prev_timesteps = np.append(timesteps[1:], -1).astype(np.int32)
+    # The step after t = 0 goes to "timestep -1", index T here, where alpha_bar is 1: it returns the predicted x_0.
+    prev_timesteps = np.append(timesteps[1:], schedule.num_timesteps).astype(np.int32)
     init_key, step_key = chain_keys(key)
-    x_init = jax.random.normal(init_key, shape, jnp.float32)
+    x_init = jax.random.normal(init_key, shape)
     batch = shape[0]
-    # alpha_bar at "timestep -1" is 1: the last step returns the predicted x_0.
     alphas_cumprod_prev_step = jnp.append(schedule.alphas_cumprod, 1.0)
 
     def step(x, inp):

@@ -300,3 +300,36 @@ def test_model_output_shape_mismatch_raises():
         dj.p_mean_variance(SCHEDULE, jnp.zeros((2, 3)), x_t, jnp.array([0, 1]), var_type="learned")
     with pytest.raises(ValueError, match="does not match"):
         dj.p_mean_variance(SCHEDULE, jnp.zeros((2, 8)), x_t, jnp.array([0, 1]), var_type="fixedlarge")
+
+
+def test_a_scalar_t_is_the_same_t_for_every_example():
+    x0, noise, _, _ = _batch((4, 3))
+    t = jnp.full((4,), 250)
+    np.testing.assert_array_equal(dj.q_sample(SCHEDULE, x0, 250, noise), dj.q_sample(SCHEDULE, x0, t, noise))
+    optimal = optimal_eps_fn(SCHEDULE, 0.0, 0.5)
+    model_fn = lambda x, t: optimal(x, jnp.broadcast_to(t, x.shape[:1]))  # noqa: E731  (as the U-Net and MLP do)
+    key = jax.random.PRNGKey(0)
+    for scalar in (jnp.asarray(0), jnp.asarray(250)):  # t = 0 too: there p_sample adds no noise
+        np.testing.assert_array_equal(dj.p_sample(SCHEDULE, model_fn, x0, scalar, key)[0],
+                                      dj.p_sample(SCHEDULE, model_fn, x0, jnp.full((4,), scalar), key)[0])
+
+
+def test_timesteps_outside_the_schedule_raise_or_give_nan():
+    """JAX's indexing clamps: the paper's 1-based t = T would silently read T - 1, and -1 would wrap to it."""
+    x0, noise, _, _ = _batch((4, 3))
+    for bad in (T, -1, 5000):
+        with pytest.raises(ValueError, match=rf"timesteps must lie in \[0, {T - 1}\], got"):
+            dj.q_sample(SCHEDULE, x0, jnp.array([0, bad, 3, 4]), noise)
+    traced = jax.jit(lambda t: dj.q_sample(SCHEDULE, x0, t, noise))(jnp.array([T - 1, T, -1, 0]))
+    assert np.isfinite(traced[::3]).all() and np.isnan(traced[1:3]).all()
+
+
+def test_decoder_likelihood_of_16_bit_inputs_is_computed_in_float32():
+    x = jnp.linspace(-1.0, 1.0, 256).astype(jnp.bfloat16)
+    means, log_scales = jnp.full(256, 0.1, jnp.bfloat16), jnp.full(256, -3.0, jnp.bfloat16)
+    low = dj.discretized_gaussian_log_likelihood(x, means=means, log_scales=log_scales)
+    full = dj.discretized_gaussian_log_likelihood(
+        x.astype(jnp.float32), means=means.astype(jnp.float32), log_scales=log_scales.astype(jnp.float32)
+    )
+    assert low.dtype == jnp.float32
+    np.testing.assert_array_equal(low, full)

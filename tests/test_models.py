@@ -251,6 +251,8 @@ def test_mlp_shapes_time_dependence_and_variance_head():
     same_x = jnp.broadcast_to(x[:1], (5, 2))
     by_time = np.asarray(both.apply(params, same_x, t))
     assert np.all(np.abs(np.diff(by_time, axis=0)).max(axis=1) > 1e-3)
+    # A scalar t is that t for every example.
+    np.testing.assert_array_equal(both.apply(params, x, 100), both.apply(params, x, jnp.full((5,), 100)))
 
 
 @pytest.mark.parametrize(

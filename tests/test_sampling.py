@@ -369,3 +369,32 @@ def test_progress_callback_sees_every_step_in_order():
         seen.clear()
         jax.block_until_ready(sampler(model_fn, SMALL, key, (2, 2), num_steps=5, progress_fn=seen.append))
         assert [int(t) for t in seen] == dj.ddim_timesteps(SMALL_T, 5).tolist()
+
+
+def test_chains_keep_their_dtype_whatever_the_model_returns():
+    """A bf16 x_0 model's trajectory and a float64 model's chain (jax_enable_x64) used to fail to scan."""
+    half = lambda x, t: (0.5 * x).astype(jnp.bfloat16)  # noqa: E731
+    x, traj = dj.ddpm_sample(half, SMALL, jax.random.PRNGKey(0), (3, 5), mean_type="x0", trajectory_every=2)
+    assert x.dtype == traj.x.dtype == traj.pred_x0.dtype == jnp.float32
+    np.testing.assert_array_equal(traj.x[-1], x)
+    x, traj = dj.ddim_sample(half, SMALL, jax.random.PRNGKey(0), (3, 5), 5, mean_type="x0", trajectory_every=1)
+    assert traj.pred_x0.dtype == jnp.float32
+    with jax.enable_x64(True):
+        schedule = dj.make_schedule("linear", SMALL_T, beta_start=1e-3, beta_end=0.3)
+        model_fn = lambda x, t: 0.1 * x.astype(jnp.float64)  # noqa: E731
+        for sample in (dj.ddpm_sample(model_fn, schedule, jax.random.PRNGKey(0), (3, 2)),
+                       dj.ddpm_sample(model_fn, schedule, jax.random.PRNGKey(0), (3, 2), num_steps=5),
+                       dj.ddim_sample(model_fn, schedule, jax.random.PRNGKey(0), (3, 2), 5)):
+            assert sample.dtype == jnp.float64 and np.isfinite(sample).all()
+        x_start = np.linspace(-1, 1, 6).reshape(3, 2)  # float64
+        assert dj.ddpm_sample(model_fn, schedule, jax.random.PRNGKey(0), (3, 2), x_start=x_start,
+                              start_t=4).dtype == jnp.float64
+
+
+def test_ddim_vmaps_over_eta():
+    model_fn = optimal_eps_fn(SMALL, MU, S)
+    sample = lambda eta: dj.ddim_sample(model_fn, SMALL, jax.random.PRNGKey(4), (3, 2), 5, eta)  # noqa: E731
+    etas = jnp.array([0.0, 0.5, 1.0])
+    mapped = jax.vmap(sample)(etas)
+    np.testing.assert_allclose(mapped, jnp.stack([sample(float(e)) for e in etas]), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(mapped[0], mapped[2])  # eta reaches the chain

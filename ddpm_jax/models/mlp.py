@@ -36,7 +36,7 @@ class MLP(nn.Module):
         if x.ndim != 2:
             raise ValueError(f"MLP expects vectors [batch, dim], got shape {x.shape}; use the UNet for images.")
         dense = lambda features, name: nn.Dense(features, dtype=self.dtype, kernel_init=default_init(), name=name)
-        temb = timestep_embedding(t, self.hidden)
+        temb = timestep_embedding(jnp.broadcast_to(t, x.shape[:1]), self.hidden)
         temb = dense(self.hidden, "temb_dense_1")(nn.swish(dense(self.hidden, "temb_dense_0")(temb)))
         h = x.astype(self.dtype)
         for i in range(self.num_layers):

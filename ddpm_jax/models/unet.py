@@ -94,7 +94,7 @@ class UNet(nn.Module):
         attn = lambda name: AttnBlock(self.num_groups, self.norm_eps, self.dtype, self.attn_implementation, name=name)
         dense = lambda features, name: nn.Dense(features, dtype=self.dtype, kernel_init=default_init(), name=name)
 
-        temb = timestep_embedding(t, self.ch)
+        temb = timestep_embedding(jnp.broadcast_to(t, x.shape[:1]), self.ch)
         temb = dense(4 * self.ch, "temb_dense_1")(nn.swish(dense(4 * self.ch, "temb_dense_0")(temb)))
 
         x = x.astype(self.dtype)
