@@ -304,7 +304,7 @@ def ddim_sample(
     if mean_type == "xprev":
         raise ValueError("ddim_sample needs an x_0, eps or v prediction; mean_type 'xprev' works only with ddpm_sample")
     eta_value = concrete_value(eta)  # a traced eta (e.g. vmapped over) is not checked
-    if eta_value is not None and eta_value < 0:
+    if eta_value is not None and np.any(eta_value < 0):
         raise ValueError(f"eta must be >= 0, got {eta}")
     timesteps = ddim_timesteps(schedule.num_timesteps, num_steps, spacing)
     # The step after t = 0 goes to "timestep -1", index T here, where alpha_bar is 1: it returns the predicted x_0.
