@@ -211,6 +211,10 @@ def interpolate(
     """
     if x0_a.shape != x0_b.shape:
         raise ValueError(f"x0_a and x0_b must have the same shape, got {x0_a.shape} and {x0_b.shape}")
+    lambdas = jnp.asarray(lambdas, jnp.float32)
+    if lambdas.ndim != 1:
+        raise ValueError(f"lambdas must be a 1-D array of L weights, got shape {lambdas.shape} "
+                         "(for one weight pass [lam])")
     key_a, key_b, chain_key = jax.random.split(key, 3)
     timestep = jnp.full((x0_a.shape[0],), t, jnp.int32)
     x_t_a = q_sample(schedule, x0_a, timestep, jax.random.normal(key_a, x0_a.shape, jnp.float32))
@@ -222,7 +226,7 @@ def interpolate(
             clip_denoised=clip_denoised, progress_fn=progress_fn, x_start=(1 - lam) * x_t_a + lam * x_t_b, start_t=t,
         )
 
-    return jax.vmap(decode)(jnp.asarray(lambdas, jnp.float32))
+    return jax.vmap(decode)(lambdas)
 
 
 def sample_from_latent(

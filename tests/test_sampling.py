@@ -196,6 +196,8 @@ def test_interpolation_shares_its_noise_across_lambda():
     alone = dj.ddpm_sample(linear_model, SMALL, chain_key, (4, 3), x_start=x_t, start_t=12, clip_denoised=False)
     np.testing.assert_allclose(images[0], alone, rtol=1e-5, atol=1e-6)
     assert not np.allclose(images[0], images[3], atol=0.1)
+    with pytest.raises(ValueError, match=r"1-D array of L weights, got shape \(\)"):
+        dj.interpolate(linear_model, SMALL, x0_a, x0_b, 0.5, 12, jax.random.PRNGKey(11))
 
 
 def test_samples_from_a_frozen_latent_follow_the_true_posterior():
