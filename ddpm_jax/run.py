@@ -373,7 +373,10 @@ def restore_params(config, workdir: str, *, ema: bool = True):
         model = build_model(config)
         schedule = schedule_from_config(config.diffusion)
         abstract = jax.eval_shape(partial(create_train_state, config, model), jax.random.PRNGKey(0))
-        state = checkpointer.restore(abstract)
+        # Replicated over the devices here: without a sharding Orbax asks for the topology the run was saved on.
+        sharding = replicated(make_mesh())
+        state = checkpointer.restore(jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract))
     finally:
         checkpointer.close()
     return model, schedule, (state.ema_params if ema else state.params), int(state.step)

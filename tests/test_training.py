@@ -34,7 +34,7 @@ from ddpm_jax.training import (
     make_optimizer,
     make_train_step,
 )
-from tests.multihost_worker import BPD_EXAMPLES, TINY_SWISSROLL, apply_overrides, free_port, subprocess_env
+from tests.multihost_worker import BPD_EXAMPLES, TINY_SWISSROLL, apply_overrides, flat, free_port, subprocess_env
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")
 
@@ -691,3 +691,8 @@ def test_two_processes_agree_and_match_one_device(sharded_result, tmp_path):
     losses = [line["loss"] for line in training_lines(read_metrics(workdir))]
     assert len(losses) == 3
     np.testing.assert_allclose(losses, sharded_result["single_losses"].reshape(3, 2).mean(1), rtol=1e-5)
+    # That run's parameters, read in this process of one device (sample.py, --mode=eval), are those it trained.
+    assert jax.device_count() == 1
+    _, _, ema_params, step = run.restore_params(run.load_config(workdir), workdir)
+    assert step == 6
+    np.testing.assert_array_equal(flat(ema_params), states[0]["ema_params"])
