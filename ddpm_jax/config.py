@@ -232,9 +232,11 @@ def validate_config(config, *, num_devices: int = 1, process_count: int = 1) -> 
                 problems.append(f"data.num_channels={d.num_channels} but {d.dataset!r} has {spec.num_channels}")
             positive("data.image_size", d.image_size)
 
-    if not problems and m.name == "unet":
+    if not problems:
         try:
-            build_model(config).check_resolution(d.image_size, d.image_size)
+            model = build_model(config)
+            if m.name == "unet":
+                model.check_resolution(d.image_size, d.image_size)
         except ValueError as err:
             problems.append(f"model: {err}")
     if not problems:

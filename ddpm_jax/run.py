@@ -500,6 +500,10 @@ def load_pretrained(path: str, config):
 
     kwargs, params = load_diffusers_unet(path)
     diffusers_config = read_diffusers_config(path)
-    config.data.image_size = int(diffusers_config.get("sample_size", config.data.image_size))
+    size = diffusers_config.get("sample_size", config.data.image_size)
+    height, width = size if isinstance(size, (list, tuple)) else (size, size)  # diffusers writes either
+    if height != width:
+        raise ValueError(f"{path}: sample_size {size} is not square; the data here are square images")
+    config.data.image_size = int(height)
     config.data.num_channels = int(diffusers_config.get("in_channels", config.data.num_channels))
     return UNet(**kwargs), schedule_from_config(config.diffusion), jax.tree.map(jnp.asarray, params)

@@ -209,9 +209,13 @@ def test_pretrained_weights_sample_through_generate(tmp_path):
     assert open(result["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
     # train.py --mode=eval --pretrained's path: the weights' test-set bound and rate-distortion curve, on 8 digits.
+    # diffusers may also write sample_size as [height, width].
+    config_path = tmp_path / "weights" / "config.json"
+    config_path.write_text(json.dumps(json.loads(config_path.read_text()) | {"sample_size": [8, 8]}))
     eval_config = get_config()
     eval_config.data.dataset, eval_config.diffusion.num_timesteps, eval_config.eval.batch_size = "digits", 10, 8
     unet, schedule, params = run.load_pretrained(str(tmp_path / "weights"), eval_config)
+    assert eval_config.data.image_size == 8
     out_dir = tmp_path / "eval"
     evaluation = run.evaluate_model(eval_config, unet, schedule, params, out_dir=str(out_dir), num_examples=8,
                                     progress=False)

@@ -208,6 +208,8 @@ def test_resampling_layers():
         (dict(ch=30, num_groups=8), r"num_groups=8 must divide every channel count"),
         (dict(ch=16, ch_mult=(2, 3), num_groups=32), r"\[16, 32, 48\] \(not \[16, 48\]\)"),
         (dict(ch_mult=()), r"ch_mult must be a non-empty"),
+        (dict(ch_mult=(1, 2.5)), r"ch_mult must be a non-empty sequence of positive ints, got \(1, 2.5\)"),
+        (dict(num_groups=0), r"num_groups must be >= 1, got 0"),
         (dict(num_res_blocks=0), r"num_res_blocks must be >= 1"),
         (dict(dropout=1.0), r"dropout must be in \[0, 1\)"),
         (dict(out_channels=0), r"out_channels must be >= 1"),

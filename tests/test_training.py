@@ -461,6 +461,8 @@ def test_unreadable_checkpoint_gives_a_clear_error_and_is_not_overwritten(swissr
                               "sampling.num_steps": 100}, 1,
          r"num_steps=100 respaces the ancestral chain, and diffusion.var_type='learned' predicts the variance"),
         (swissroll.get_config, {"eval.bpd_every": 100}, 1, "eval.bpd_every=100: bits/dim is defined for 8-bit images"),
+        (swissroll.get_config, {"model.mlp_hidden": 3}, 1, r"model: hidden must be >= 4"),
+        (digits.get_config, {"model.num_groups": 0}, 1, r"model: num_groups must be >= 1"),
         (digits.get_config, {"sampling.sampler": "ddim", "sampling.spacing": "log"}, 1,
          r"sampling.spacing='log' .*linear.*quadratic"),
     ],

@@ -50,7 +50,7 @@ class UNet(nn.Module):
 
     def _check_config(self) -> None:
         """Raise ValueError for a configuration that cannot build a network."""
-        if not self.ch_mult or any(m < 1 for m in self.ch_mult):
+        if not self.ch_mult or any(not isinstance(m, int) or m < 1 for m in self.ch_mult):
             raise ValueError(f"ch_mult must be a non-empty sequence of positive ints, got {self.ch_mult}.")
         if self.ch < 4:
             raise ValueError(f"ch must be >= 4 (it is also the time-embedding width), got {self.ch}.")
@@ -60,9 +60,11 @@ class UNet(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
         if self.out_channels < 1:
             raise ValueError(f"out_channels must be >= 1, got {self.out_channels}.")
+        if self.num_groups < 1:
+            raise ValueError(f"num_groups must be >= 1, got {self.num_groups}.")
         widths = sorted({self.ch} | {self.ch * m for m in self.ch_mult})
         bad = [w for w in widths if w % self.num_groups]
-        if self.num_groups < 1 or bad:
+        if bad:
             raise ValueError(
                 f"num_groups={self.num_groups} must divide every channel count {widths} (not {bad}); "
                 "change ch, ch_mult or num_groups."
