@@ -99,6 +99,8 @@ def test_frechet_of_rank_deficient_covariances_is_finite():
     mu2, sigma2 = distances.gaussian_stats(rng.normal(size=(6, 12)))
     value = distances.frechet_distance(mu1, sigma1, mu2, sigma2)
     assert np.isfinite(value) and value == pytest.approx(_frechet_oracle(mu1, sigma1, mu2, sigma2), rel=1e-3)
+    # Statistics of a set with a NaN sample give NaN (NumPy's eigensolvers would raise).
+    assert np.isnan(distances.frechet_distance(mu1, np.where(np.eye(12), np.nan, sigma1), mu2, sigma2))
 
 
 def test_gaussian_stats_and_errors():
@@ -169,7 +171,8 @@ def test_class_agreement_counts_draws_in_their_sources_class(held_out):
     classes = digits_classifier.digits_class_probs(sources).argmax(-1)
     neighbours = np.roll(sources, 1, axis=0)  # draw 2 of source i is source i - 1
     samples = np.stack([sources, neighbours])
-    expected = (20 + np.sum(np.roll(classes, 1) == classes)) / 40
+    samples[0, 3, 2, 2] = np.nan  # a diverged draw keeps nothing of its source
+    expected = (19 + np.sum(np.roll(classes, 1) == classes)) / 40
     assert digits_classifier.digits_class_agreement(samples, sources) == pytest.approx(expected)
     assert expected < 0.75  # most neighbours are other digits, so a wrong pairing would show
     with pytest.raises(ValueError, match=r"must be draws for sources"):
@@ -203,5 +206,11 @@ def test_digits_metrics_against_data_and_noise(held_out):
     noise = digits_classifier.digits_metrics(np.random.default_rng(10).uniform(-1, 1, size=(297, 8, 8, 1)))
     assert real["frechet"] < 2 * real["frechet_data"]
     assert noise["frechet"] > 5 * real["frechet_data"]
+    # Samples from a diverged chain score NaN, not the numbers of some made-up images; the data's figures stand.
+    diverged = images.copy()
+    diverged[::2, 4, 4] = np.nan
+    scores = digits_classifier.digits_metrics(diverged)
+    assert all(np.isnan(scores[k]) for k in ("frechet", "class_entropy", "confidence"))
+    assert scores["frechet_data"] == same["frechet_data"] and scores["confidence_data"] == same["confidence_data"]
     with pytest.raises(ValueError, match="8, 8, 1"):
         digits_classifier.digits_features(np.zeros((4, 28, 28, 1)))

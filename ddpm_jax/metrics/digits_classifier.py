@@ -97,8 +97,13 @@ def _apply(variables: dict, images: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _batched_apply(images, variables, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """(features, logits) as float64 NumPy, in batches of ``batch_size`` (the last padded when there are several)."""
+    """(features, logits) as float64 NumPy, in batches of ``batch_size`` (the last padded when there are several).
+
+    The rows of images with a NaN or infinite pixel are NaN.
+    """
     images = _to_8x8(images)
+    # On XLA:CPU a ReLU fused into a reduction drops NaN (jaxlib 0.10.2): a diverged chain would score as finite.
+    finite = np.isfinite(np.asarray(images)).reshape(images.shape[0], -1).all(axis=1)[:, None]
     variables = load_digits_classifier() if variables is None else variables
     features, logits = [], []
     for start in range(0, images.shape[0], batch_size):
@@ -107,7 +112,7 @@ def _batched_apply(images, variables, batch_size: int = 1024) -> tuple[np.ndarra
         out_features, out_logits = _apply(variables, jnp.pad(batch, ((0, pad), (0, 0), (0, 0), (0, 0))))
         features.append(np.asarray(out_features[: batch.shape[0]], np.float64))
         logits.append(np.asarray(out_logits[: batch.shape[0]], np.float64))
-    return np.concatenate(features), np.concatenate(logits)
+    return np.where(finite, np.concatenate(features), np.nan), np.where(finite, np.concatenate(logits), np.nan)
 
 
 def digits_features(images, variables: dict | None = None) -> np.ndarray:
@@ -129,7 +134,9 @@ def digits_class_agreement(samples, sources, variables: dict | None = None) -> f
                          f"{sources.shape}")
     variables = load_digits_classifier() if variables is None else variables
     source_class = _batched_apply(sources, variables)[1].argmax(axis=-1)
-    sample_class = _batched_apply(samples.reshape(-1, *sources.shape[1:]), variables)[1].argmax(axis=-1)
+    sample_logits = _batched_apply(samples.reshape(-1, *sources.shape[1:]), variables)[1]
+    # A non-finite sample keeps nothing of its source: its logits are NaN, which argmax would count as class 0.
+    sample_class = np.where(np.isfinite(sample_logits).all(axis=-1), sample_logits.argmax(axis=-1), -1)
     return float(np.mean(sample_class.reshape(samples.shape[:2]) == source_class))
 
 

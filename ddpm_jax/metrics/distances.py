@@ -194,6 +194,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     symmetric S1^(1/2) S2 S1^(1/2) (a similar matrix) and so real and non-negative: two symmetric eigenvalue
     problems in float64 instead of pytorch-fid's general `sqrtm(S1 @ S2)`, with the same value (for full-rank
     covariances up to rounding) and finite for the singular covariances of fewer samples than dimensions.
+    NaN where a statistic is not finite (from a NaN or infinite sample).
     """
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
@@ -201,6 +202,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
         raise ValueError(
             f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}"
         )
+    if not all(np.isfinite(a).all() for a in (mu1, sigma1, mu2, sigma2)):
+        return float("nan")  # NumPy's eigensolvers raise on NaN
     diff = mu1 - mu2
     eigenvalues, eigenvectors = np.linalg.eigh(sigma1)
     root1 = (eigenvectors * np.sqrt(np.clip(eigenvalues, 0.0, None))) @ eigenvectors.T
