@@ -1,5 +1,6 @@
-"""Long jitted work at the terminal: Ctrl-C and SIGTERM held during a block that must not be cut short, or ending
-a jitted chain (one `lax.scan`) after the step in progress through its per-step host callback; progress bars."""
+"""Long jitted work at the terminal: Ctrl-C and SIGTERM held during a block that must not be cut short, ending
+a jitted chain (one `lax.scan`) after the step in progress through its per-step host callback, or agreed on by
+every process of a multi-process run; progress bars."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import sys
 import threading
 
 import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 
@@ -117,6 +120,54 @@ class ChainWatch:
                 os.close(write_fd)
         if self.stopped:  # the signal's handler returned, but the chain has no result to give
             raise KeyboardInterrupt
+
+
+class StopVote:
+    """Ctrl-C, SIGTERM and a time limit in a multi-process run: every process stops before the same train call.
+
+    A signal reaches one process, or each at another moment, and clocks differ: a process that stopped alone would
+    wait forever in the checkpoint save every process must enter. While armed, a signal only records the wish.
+    Before each train call every process casts its vote, an any() over one flag per device that runs behind the
+    calls already queued, and reads the vote cast before the previous call, which is done by then: the host does
+    not wait for the device. In one process the vote is the process's own and signals are left alone.
+    """
+
+    def __init__(self, mesh: Mesh):
+        self._multi_process = jax.process_count() > 1
+        self._sharding = NamedSharding(mesh, PartitionSpec("data"))
+        self._any = jax.jit(lambda flags: flags.any(axis=0), out_shardings=NamedSharding(mesh, PartitionSpec()))
+        self._previous_handlers: dict = {}
+        self._pending = None
+        self.signal: int | None = None  # the first SIGINT or SIGTERM this process received while armed
+
+    def arm(self) -> None:
+        """From now on (multi-process, main thread) SIGINT and SIGTERM are recorded for the vote instead of raising."""
+        if not self._multi_process or threading.current_thread() is not threading.main_thread():
+            return
+
+        def record(signum, frame):
+            self.signal = self.signal or signum
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous_handlers[sig] = signal.signal(sig, record)
+
+    def disarm(self) -> None:
+        for sig, handler in self._previous_handlers.items():
+            signal.signal(sig, handler)
+        self._previous_handlers = {}
+
+    def cast(self, out_of_time: bool) -> tuple[bool, bool]:
+        """Vote (a signal came here, ``out_of_time``); returns (interrupted, out_of_time) of the previous vote, taken
+        over all processes (in one process: no signal, and ``out_of_time`` itself)."""
+        if not self._multi_process:
+            return False, out_of_time
+        local = np.tile([self.signal is not None, out_of_time], (len(self._sharding.addressable_devices), 1))
+        ballot = self._any(jax.make_array_from_process_local_data(self._sharding, local))
+        previous, self._pending = self._pending, ballot
+        if previous is None:
+            return False, False
+        interrupted, timed_out = (bool(v) for v in np.asarray(previous.addressable_data(0)))
+        return interrupted, timed_out
 
 
 def progress_bar(**kwargs) -> tqdm:

@@ -27,7 +27,7 @@ from ddpm_jax.checkpoint import Checkpointer
 from ddpm_jax.config import build_model, is_image_data, num_sampling_steps, schedule_from_config, validate_config
 from ddpm_jax.data import make_dataset
 from ddpm_jax.generation import make_sample_fn, sample_metrics, sample_metrics_problem, save_samples
-from ddpm_jax.interrupts import ChainWatch, interrupts_deferred, progress_bar
+from ddpm_jax.interrupts import ChainWatch, StopVote, interrupts_deferred, progress_bar
 from ddpm_jax.likelihood import RateDistortion, calc_bpd_loop, rate_distortion
 from ddpm_jax.models.conv import cpu_conv_compiler_options
 from ddpm_jax.models.layers import denoiser_fn
@@ -305,12 +305,19 @@ def _train(config, workdir: str, checkpointer: Checkpointer, progress: bool) -> 
         if checkpointer.latest_step() != step:
             save(force=True)
 
+    vote = StopVote(mesh)
+    vote.arm()
     try:
         while step < tr.num_steps:
             if train_start is None and step > start_step:
                 jax.block_until_ready(state.step)
                 train_start = time.perf_counter()
-            if tr.max_seconds and train_start and time.perf_counter() - train_start > tr.max_seconds:
+            interrupted, out_of_time = vote.cast(
+                bool(tr.max_seconds and train_start and time.perf_counter() - train_start > tr.max_seconds)
+            )
+            if interrupted:
+                raise KeyboardInterrupt(f"signal {vote.signal}" if vote.signal else "signal in another process")
+            if out_of_time:
                 save_now()
                 bar.write(f"stopped after training.max_seconds={tr.max_seconds:g} s at step {step}")
                 break
@@ -354,6 +361,7 @@ def _train(config, workdir: str, checkpointer: Checkpointer, progress: bool) -> 
             bar.write(f"interrupted: checkpoint saved at step {step} in {checkpointer.directory}")
         raise
     finally:
+        vote.disarm()
         bar.close()
     checkpointer.wait()
     write_samples(step, "samples.png")

@@ -9,6 +9,9 @@ python tests/multihost_worker.py multihost WORKDIR PORT PROCESS_ID NUM_PROCESSES
     process reads only its own rows of every global batch, Orbax saves jointly); writes the final state this
     process sees, the rows run.valid_rows_of_all_processes pools from both and the bits/dim of the tiny digits
     U-Net over both processes' devices, to WORKDIR/state_PROCESS_ID.npz.
+python tests/multihost_worker.py interrupted WORKDIR PORT PROCESS_ID NUM_PROCESSES
+    The same kind of run, long, with a SIGTERM to process 0 alone once the first metrics line is written; writes
+    what each process's run.train_and_evaluate raised to WORKDIR/interrupted_PROCESS_ID.txt.
 
 Also the helpers the test files share: the tiny swiss-roll overrides, the environment for subprocesses (the
 tests' persistent compilation cache), a free local port.
@@ -187,6 +190,35 @@ def tiny_unet_flops_per_device(mesh) -> np.ndarray:
     return np.array([(c[0] if isinstance(c, list) else c)["flops"] for c in costs])
 
 
+def interrupted_run(config, workdir: str, process_id: int) -> None:
+    """A long run in which process 0 alone gets a SIGTERM once training has logged; records what each raised."""
+    import signal
+    import threading
+    import time
+
+    from ddpm_jax import run
+
+    config.training.num_steps = config.training.checkpoint_every = 100_000
+    config.training.log_every = STEPS_PER_CALL
+    config.training.sample_every = 0
+    metrics = os.path.join(workdir, "metrics.jsonl")
+
+    def terminate_once_logged():
+        while not (os.path.exists(metrics) and os.path.getsize(metrics)):
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    if process_id == 0:
+        threading.Thread(target=terminate_once_logged, daemon=True).start()
+    try:
+        run.train_and_evaluate(config, workdir, progress=False)
+        outcome = "finished"
+    except KeyboardInterrupt as interrupt:
+        outcome = f"KeyboardInterrupt: {interrupt}"
+    with open(os.path.join(workdir, f"interrupted_{process_id}.txt"), "w") as f:
+        f.write(outcome)
+
+
 def main(argv: list[str]) -> None:
     mode, out = argv[1], argv[2]
     jax.config.update("jax_platforms", "cpu")
@@ -209,7 +241,7 @@ def main(argv: list[str]) -> None:
             arrays[f"{name}_samples"] = tiny_unet_samples(mesh, os.path.join(os.path.dirname(out), name))
             arrays[f"{name}_flops"] = tiny_unet_flops_per_device(mesh)
         np.savez(out, **arrays)
-    elif mode == "multihost":
+    elif mode in ("multihost", "interrupted"):
         port, process_id, num_processes = int(argv[3]), int(argv[4]), int(argv[5])
         jax.distributed.initialize(
             coordinator_address=f"127.0.0.1:{port}", num_processes=num_processes, process_id=process_id,
@@ -219,6 +251,10 @@ def main(argv: list[str]) -> None:
         from ddpm_jax import run
 
         config = tiny_config()
+        if mode == "interrupted":
+            interrupted_run(config, out, process_id)
+            jax.distributed.shutdown()
+            return
         config.training.num_steps = NUM_CALLS * STEPS_PER_CALL
         config.training.log_every = STEPS_PER_CALL
         config.training.checkpoint_every = 2 * STEPS_PER_CALL

@@ -646,13 +646,13 @@ def test_sharded_step_equals_single_device_step(sharded_result):
     assert np.all(r["single_flops"] / r["sharded_flops"] > 6), (r["single_flops"], r["sharded_flops"])
 
 
-def run_two_workers(workdir: str) -> list[tuple[int, str]]:
+def run_two_workers(workdir: str, mode: str = "multihost") -> list[tuple[int, str]]:
     """Train in two processes of 2 CPU devices each; (return code, output) of each."""
     port = free_port()
     env = subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=2")
     procs = [
         subprocess.Popen(
-            [sys.executable, WORKER, "multihost", workdir, str(port), str(i), "2"],
+            [sys.executable, WORKER, mode, workdir, str(port), str(i), "2"],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for i in range(2)
@@ -668,16 +668,22 @@ def run_two_workers(workdir: str) -> list[tuple[int, str]]:
     return [(proc.returncode, output) for proc, output in zip(procs, outputs, strict=True)]
 
 
-def test_two_processes_agree_and_match_one_device(sharded_result, tmp_path):
+def run_two_workers_to_success(tmp_path, mode: str = "multihost") -> str:
+    """run_two_workers in a new workdir under tmp_path, asserting both processes succeeded; the workdir."""
     workdir = str(tmp_path / "run")
-    results = run_two_workers(workdir)
+    results = run_two_workers(workdir, mode)
     # In one fresh-clone CI run (2 cores, cold compilation cache) Gloo's wait for the peer's key timed out after
     # 30 s (no setting for it found), probably one worker lagging the other: in that case run the pair once more.
     if any(code != 0 and "GetKeyValue() timed out" in output for code, output in results):
         workdir = str(tmp_path / "run_again")
-        results = run_two_workers(workdir)
+        results = run_two_workers(workdir, mode)
     for i, (code, _) in enumerate(results):
         assert code == 0, f"process {i} of 2:\n" + "\n---\n".join(out[-2500:] for _, out in results)
+    return workdir
+
+
+def test_two_processes_agree_and_match_one_device(sharded_result, tmp_path):
+    workdir = run_two_workers_to_success(tmp_path)
     states = [dict(np.load(os.path.join(workdir, f"state_{i}.npz"))) for i in range(2)]
     assert states[0]["num_devices"] == 4 and states[0]["step"] == 6
     for name in ("params", "ema_params", "opt_state"):
@@ -698,3 +704,15 @@ def test_two_processes_agree_and_match_one_device(sharded_result, tmp_path):
     _, _, ema_params, step = run.restore_params(run.load_config(workdir), workdir)
     assert step == 6
     np.testing.assert_array_equal(flat(ema_params), states[0]["ema_params"])
+
+
+
+def test_a_signal_to_one_process_stops_both_at_one_checkpoint(tmp_path):
+    """SIGTERM to process 0 alone (a pre-emption reaching one host first, Ctrl-C in one terminal): both processes
+    stop before the same train call and save that step together; a process stopping alone hung in the save."""
+    workdir = run_two_workers_to_success(tmp_path, "interrupted")
+    outcomes = [open(os.path.join(workdir, f"interrupted_{i}.txt")).read() for i in range(2)]
+    assert outcomes == ["KeyboardInterrupt: signal 15", "KeyboardInterrupt: signal in another process"]
+    steps = [int(name) for name in os.listdir(os.path.join(workdir, "checkpoints"))]
+    assert len(steps) == 1 and 0 < steps[0] < 100_000
+    assert training_lines(read_metrics(workdir))[-1]["step"] <= steps[0]
