@@ -194,8 +194,13 @@ def test_bad_batching_arguments_raise():
     images = asymmetric_images(20)
     with pytest.raises(ValueError, match="divisible"):
         ArrayDataset(images, np.zeros(20), batch_size=10, seed=0, process_count=3)
-    with pytest.raises(ValueError, match="batch size"):
-        ArrayDataset(images, np.zeros(20), batch_size=21, seed=0)
+    # A batch larger than the split: shuffled training batches cannot be drawn, padded evaluation batches can.
+    larger = ArrayDataset(images, np.zeros(20), batch_size=21, seed=0)
+    with pytest.raises(ValueError, match=r"batch size must be in 1..20 \(the split's size\), got 21"):
+        larger.batch(0)
+    (only,) = larger.ordered_batches()
+    assert only["mask"].sum() == 20 and only["image"].shape[0] == 21
+    np.testing.assert_array_equal(only["image"][:20], uint8_to_float(images))
     with pytest.raises(ValueError, match="process_index"):
         ArrayDataset(images, np.zeros(20), batch_size=10, seed=0, process_index=2, process_count=2)
 

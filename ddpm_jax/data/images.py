@@ -252,8 +252,8 @@ class ArrayDataset:
         """examples: uint8 images [N, H, W, C] or float32 points [N, D]; labels [N]; batch_size is global."""
         if len(examples) != len(labels):
             raise ValueError(f"{len(examples)} examples but {len(labels)} labels")
-        if not 0 < batch_size <= len(examples):
-            raise ValueError(f"batch size must be in 1..{len(examples)} (the split's size), got {batch_size}")
+        if batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {batch_size}")
         if process_count < 1 or not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} is not in 0..{process_count - 1}")
         if batch_size % process_count:
@@ -280,7 +280,9 @@ class ArrayDataset:
 
     @property
     def steps_per_epoch(self) -> int:
-        """Full global batches per pass over the split."""
+        """Full global batches per pass over the split (at least one: `ordered_batches` pads, shuffled ones cannot)."""
+        if self.batch_size > self.num_examples:
+            raise ValueError(f"batch size must be in 1..{self.num_examples} (the split's size), got {self.batch_size}")
         return self.num_examples // self.batch_size
 
     @property
