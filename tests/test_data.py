@@ -1,5 +1,6 @@
 """Data: digits builder vs scikit-learn, (seed, step) determinism, flips, scaling, shards, 2-D sets, tfds."""
 
+import threading
 import time
 
 import ml_collections
@@ -55,6 +56,34 @@ def test_digits_builder_matches_sklearn(digits_dir):
     expected = np.round(digits.images.astype(np.float64) * 255.0 / 16.0).astype(np.uint8)[..., None]
     np.testing.assert_array_equal(np.concatenate([train_images, test_images]), expected)
     np.testing.assert_array_equal(np.concatenate([train_labels, test_labels]), digits.target)
+
+
+def test_digits_prepared_by_two_at_once(tmp_path, monkeypatch):
+    """The processes of a multi-process run prepare the digits set at the same time on first use: both get it
+    (the second one's final rename failed with FileExistsError, and that process died while the other hung)."""
+    from ddpm_jax.data import digits
+
+    both_started = threading.Barrier(2, timeout=30)
+    prepare = digits.SklearnDigits.download_and_prepare
+    monkeypatch.setattr(digits.SklearnDigits, "download_and_prepare",
+                        lambda self, *a, **k: (both_started.wait(), prepare(self, *a, **k))[1])
+    results = [None, None]
+
+    def load(i):
+        try:
+            results[i] = load_split(data_config(dataset="digits", image_size=8, num_channels=1), "test",
+                                    data_dir=str(tmp_path))[0]
+        except Exception as error:
+            results[i] = error
+
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [type(r) for r in results] == [np.ndarray, np.ndarray], results
+    np.testing.assert_array_equal(results[0], results[1])
+    assert results[0].shape == (297, 8, 8, 1)
 
 
 def test_digits_upsampled_to_16_by_pixel_repetition(digits_dir):

@@ -80,5 +80,11 @@ def prepare_digits(data_dir: str | None = None) -> SklearnDigits:
     """The digits builder in `data_dir` (tfds's default when None), prepared there if needed."""
     builder = SklearnDigits(data_dir=data_dir, file_format="array_record")
     if not builder.is_prepared():
-        builder.download_and_prepare()
+        try:
+            builder.download_and_prepare()
+        except FileExistsError:
+            # Another process (of a multi-process run) prepared it at the same time, and its rename came first.
+            builder = SklearnDigits(data_dir=data_dir, file_format="array_record")
+            if not builder.is_prepared():
+                raise
     return builder
