@@ -86,8 +86,7 @@ class Checkpointer:
         """Write the run's config to ``config.json`` (process 0), once it is known to fit the checkpoints."""
         if jax.process_index() == 0:
             os.makedirs(os.path.dirname(self.config_path), exist_ok=True)
-            with open(self.config_path, "w") as f:
-                json.dump(config_dict, f, indent=2, sort_keys=True, default=str)
+            write_atomically(self.config_path, json.dumps(config_dict, indent=2, sort_keys=True, default=str))
 
     def save(self, step: int, state: Any, *, force: bool = False) -> None:
         self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
@@ -112,3 +111,10 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def write_atomically(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: a kill leaves the old file or the new one."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)

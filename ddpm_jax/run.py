@@ -23,7 +23,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from ddpm_jax import viz
-from ddpm_jax.checkpoint import Checkpointer
+from ddpm_jax.checkpoint import Checkpointer, write_atomically
 from ddpm_jax.config import build_model, is_image_data, num_sampling_steps, schedule_from_config, validate_config
 from ddpm_jax.data import make_dataset
 from ddpm_jax.generation import make_sample_fn, sample_metrics, sample_metrics_problem, save_samples
@@ -173,11 +173,11 @@ class MetricsWriter:
         if os.path.exists(self.path):
             with open(self.path) as f:
                 kept = [line.rstrip("\n") + "\n" for line in f if _metrics_step(line) <= resume_step]
-            with open(self.path, "w") as f:
-                f.writelines(kept)
+            write_atomically(self.path, "".join(kept))
         from tensorboardX import SummaryWriter
 
-        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        # TensorBoard hides the events a run that died wrote past the checkpoint, as metrics.jsonl drops them.
+        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:

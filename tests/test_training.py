@@ -7,6 +7,7 @@ import math
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 from functools import partial
@@ -48,6 +49,24 @@ def swissroll_config(**overrides):
 def read_metrics(workdir) -> list[dict]:
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+def tensorboard_events(workdir) -> list[list]:
+    """The events of each TensorBoard file in ``workdir/tensorboard``, files in the order they were written."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    directory = os.path.join(workdir, "tensorboard")
+    files = []
+    for name in sorted(os.listdir(directory), key=lambda n: os.path.getmtime(os.path.join(directory, n))):
+        with open(os.path.join(directory, name), "rb") as f:
+            data = f.read()
+        events, position = [], 0
+        while position < len(data):  # TFRecord: length (8 bytes), its CRC (4), the Event, its CRC (4)
+            (length,) = struct.unpack("<Q", data[position : position + 8])
+            events.append(Event.FromString(data[position + 12 : position + 12 + length]))
+            position += 16 + length
+        files.append(events)
+    return files
 
 
 def training_lines(lines: list[dict]) -> list[dict]:
@@ -128,6 +147,11 @@ def test_resume_continues_and_matches_an_uninterrupted_run(swissroll_run, tmp_pa
     after = read_metrics(resumed_dir)
     assert after[: len(before)] == before
     assert [line["step"] for line in training_lines(after)] == [10, 20, 30, 40]
+    # The resumed run's TensorBoard file starts by purging what an earlier run wrote past the checkpoint.
+    first, resumed_events = tensorboard_events(resumed_dir)
+    assert max(e.step for e in first if e.summary.value) == 20
+    purges = [e.step for e in resumed_events if e.session_log.status == e.session_log.START]
+    assert purges == [21] and min(e.step for e in resumed_events if e.summary.value) == 30
 
     fresh = run.train_and_evaluate(longer, fresh_dir, progress=False)
     assert_trees_equal(resumed.params, fresh.params)
