@@ -167,6 +167,7 @@ class MetricsWriter:
         self.enabled = jax.process_index() == 0
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.tb = None
+        self._kept: list[dict] = []
         if not self.enabled:
             return
         # Lines past the restored checkpoint belong to a run that died; the resumed run rewrites them.
@@ -174,10 +175,15 @@ class MetricsWriter:
             with open(self.path) as f:
                 kept = [line.rstrip("\n") + "\n" for line in f if _metrics_step(line) <= resume_step]
             write_atomically(self.path, "".join(kept))
+            self._kept = [json.loads(line) for line in kept]
         from tensorboardX import SummaryWriter
 
         # TensorBoard hides the events a run that died wrote past the checkpoint, as metrics.jsonl drops them.
         self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
+
+    def logged(self, step: int, name: str) -> bool:
+        """Whether a line kept from before the resume has ``name`` at ``step``."""
+        return any(line.get("step") == step and name in line for line in self._kept)
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -280,10 +286,13 @@ def _train(config, workdir: str, checkpointer: Checkpointer, progress: bool) -> 
         ) as sample_bar, watch.watching(on_step=lambda t: sample_bar.update(1)):
             samples = np.asarray(sample_fn(params, jax.random.fold_in(eval_key, step)))
         if jax.process_index() == 0:
-            save_samples(config, samples, os.path.join(workdir, name), reference)
             quality = sample_metrics(config, samples, seed=step)
+            # Together: a rerun redraws a picture it does not find, or one older than the checkpoint (the last).
+            with interrupts_deferred():
+                save_samples(config, samples, os.path.join(workdir, name), reference)
+                if quality:
+                    writer.write(step, {f"sample_{k}": v for k, v in quality.items()})
             if quality:
-                writer.write(step, {f"sample_{k}": v for k, v in quality.items()})
                 bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in quality.items()))
 
     k = tr.steps_per_call
@@ -297,6 +306,24 @@ def _train(config, workdir: str, checkpointer: Checkpointer, progress: bool) -> 
     step = start_step
     bpd_fn = None  # compiled at the first held-out evaluation, then reused
 
+    def periodic_outputs(num: int, *, only_missing: bool = False) -> None:
+        """The sample grid and held-out bits/dim due after the call of ``num`` steps that ended at ``step``;
+        ``only_missing``: those that a run stopped after its checkpoint at ``step`` left undone."""
+        nonlocal bpd_fn
+        grid = os.path.join("samples", f"step_{step:08d}.png")
+        if _crossed(step, num, tr.sample_every) and step < tr.num_steps \
+                and not (only_missing and os.path.exists(os.path.join(workdir, grid))):
+            write_samples(step, grid)
+        if _crossed(step, num, config.eval.bpd_every) and is_image_data(config) \
+                and not (only_missing and writer.logged(step, "bpd")):
+            bpd_fn = bpd_fn or make_bpd_fn(config, model, schedule, mesh, progress_fn=watch)
+            result = evaluate_bpd(
+                config, state.ema_params, model, schedule, num_examples=config.eval.num_bpd_examples,
+                key=jax.random.fold_in(eval_key, step), mesh=mesh, progress=progress, bpd_fn=bpd_fn, watch=watch,
+            )
+            writer.write(step, result)
+            bar.write(f"step {step}: held-out {result['bpd']:.3f} bits/dim ({result['bpd_examples']} images)")
+
     def save(*, force: bool = False) -> None:
         with interrupts_deferred():
             checkpointer.save(step, state, force=force)
@@ -308,6 +335,8 @@ def _train(config, workdir: str, checkpointer: Checkpointer, progress: bool) -> 
     vote = StopVote(mesh)
     vote.arm()
     try:
+        if start_step and jax.process_count() == 1:  # processes would have to agree on what is missing
+            periodic_outputs(k, only_missing=True)
         while step < tr.num_steps:
             if train_start is None and step > start_step:
                 jax.block_until_ready(state.step)
@@ -344,16 +373,7 @@ def _train(config, workdir: str, checkpointer: Checkpointer, progress: bool) -> 
                 window, window_start = [], time.perf_counter()
             if _crossed(step, num, tr.checkpoint_every) or step == tr.num_steps:
                 save()
-            if _crossed(step, num, tr.sample_every) and step < tr.num_steps:
-                write_samples(step, os.path.join("samples", f"step_{step:08d}.png"))
-            if _crossed(step, num, config.eval.bpd_every) and is_image_data(config):
-                bpd_fn = bpd_fn or make_bpd_fn(config, model, schedule, mesh, progress_fn=watch)
-                result = evaluate_bpd(
-                    config, state.ema_params, model, schedule, num_examples=config.eval.num_bpd_examples,
-                    key=jax.random.fold_in(eval_key, step), mesh=mesh, progress=progress, bpd_fn=bpd_fn, watch=watch,
-                )
-                writer.write(step, result)
-                bar.write(f"step {step}: held-out {result['bpd']:.3f} bits/dim ({result['bpd_examples']} images)")
+            periodic_outputs(num)
     except KeyboardInterrupt:
         with interrupts_deferred():  # a second Ctrl-C arrives once the checkpoint is saved and said so
             save_now()

@@ -161,7 +161,7 @@ def test_resume_continues_and_matches_an_uninterrupted_run(swissroll_run, tmp_pa
 
 
 def test_rerunning_a_finished_run_does_nothing_unless_its_last_samples_were_cut_short(swissroll_run, tmp_path,
-                                                                                      capsys):
+                                                                                      capsys, monkeypatch):
     config, workdir, _ = swissroll_run
     copy = str(tmp_path / "run")
     shutil.copytree(workdir, copy)
@@ -176,10 +176,35 @@ def test_rerunning_a_finished_run_does_nothing_unless_its_last_samples_were_cut_
         f.writelines(json.dumps(line) + "\n" for line in lines)
     samples = os.path.join(copy, "samples.png")
     os.utime(samples, (0, 0))
+    # Ctrl-C while those samples are scored: the picture is written with its metrics line, so neither is.
+    with monkeypatch.context() as patch:
+        patch.setattr(run, "sample_metrics", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            run.train_and_evaluate(config, copy, progress=False)
+    assert os.path.getmtime(samples) == 0
     run.train_and_evaluate(config, copy, progress=False)
     assert "nothing to do" not in capsys.readouterr().out
     assert os.path.getmtime(samples) > os.path.getmtime(os.path.join(copy, "checkpoints", "20"))
     assert [line["step"] for line in read_metrics(copy) if "sample_swd" in line] == [20]
+
+
+def test_a_sample_grid_cut_short_after_its_checkpoint_is_drawn_by_the_resumed_run(tmp_path, monkeypatch):
+    """The grid at a checkpoint step is drawn after the save: a run stopped while drawing or scoring it resumes from
+    that checkpoint and draws it first, with the uninterrupted run's samples and metrics (it used to be lost)."""
+    config = swissroll_config(training__num_steps=40, training__sample_every=20)
+    cut, whole = str(tmp_path / "cut"), str(tmp_path / "whole")
+    with monkeypatch.context() as patch:
+        patch.setattr(run, "sample_metrics", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            run.train_and_evaluate(config, cut, progress=False)
+    assert os.listdir(os.path.join(cut, "checkpoints")) == ["20"] and not os.path.exists(os.path.join(cut, "samples"))
+    run.train_and_evaluate(config, cut, progress=False)
+    run.train_and_evaluate(config, whole, progress=False)
+    assert os.listdir(os.path.join(cut, "samples")) == ["step_00000020.png"]
+    sample_lines = [[line for line in read_metrics(d) if "sample_swd" in line] for d in (cut, whole)]
+    assert [line["step"] for line in sample_lines[0]] == [20, 40]
+    assert sample_lines[0] == sample_lines[1]
+
 
 
 def test_generate_writes_png_npz_trajectory_and_metrics(swissroll_run, tmp_path):
