@@ -277,6 +277,9 @@ def generate(config, model, schedule, params, *, out_dir: str, tag: str, traject
     chain_size = min(s.batch_size or s.num_samples, s.num_samples)
     num_chains = math.ceil(s.num_samples / chain_size)
     mesh = mesh_dividing(chain_size) if mesh is None else mesh
+    if chain_size % mesh.size:
+        raise ValueError(f"chains of {chain_size} samples do not split over the mesh's {mesh.size} devices: pass a "
+                         "mesh whose size divides sampling.batch_size (mesh=None: as many devices as divide it)")
     # Every setting that changes the samples names their files.
     sampler = "ddpm" if num_steps == schedule.num_timesteps and s.sampler == "ddpm" else f"{s.sampler}{num_steps}"
     sampler += f"_{s.spacing}" if s.spacing != "linear" and num_steps < schedule.num_timesteps else ""  # T: all steps

@@ -104,6 +104,9 @@ def evaluate_bpd(
     ``parts``: keep each batch's rows there as it finishes and read those of batches already kept (one process).
     """
     mesh = make_mesh() if mesh is None else mesh
+    if config.eval.batch_size % mesh.size:
+        raise ValueError(f"eval.batch_size={config.eval.batch_size} does not split over the mesh's {mesh.size} "
+                         "devices: use a multiple of its size, or a mesh whose size divides it")
     dataset = make_dataset(
         config.data, config.eval.split, batch_size=config.eval.batch_size, seed=config.seed,
         process_index=jax.process_index(), process_count=jax.process_count(),

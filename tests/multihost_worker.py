@@ -174,6 +174,15 @@ def tiny_unet_samples(mesh, out_dir: str) -> np.ndarray:
     return np.load(result["npz"])["samples"]
 
 
+def error_message(fn) -> str:
+    """The message of the ValueError ``fn()`` raises ('' if none)."""
+    try:
+        fn()
+    except ValueError as error:
+        return str(error)
+    return ""
+
+
 def tiny_unet_flops_per_device(mesh) -> np.ndarray:
     """XLA's FLOP count per device of the tiny U-Net's sampling chain (8 samples) and bits/dim batch (8 images)."""
     from ddpm_jax import generation, run
@@ -240,6 +249,9 @@ def main(argv: list[str]) -> None:
             arrays[f"{name}_bpd"] = tiny_unet_bpd(mesh)
             arrays[f"{name}_samples"] = tiny_unet_samples(mesh, os.path.join(os.path.dirname(out), name))
             arrays[f"{name}_flops"] = tiny_unet_flops_per_device(mesh)
+        three = make_mesh(jax.devices()[:3])
+        arrays["mesh_errors"] = np.array([error_message(lambda: tiny_unet_bpd(three)),
+                                          error_message(lambda: tiny_unet_samples(three, out + ".3"))])
         np.savez(out, **arrays)
     elif mode in ("multihost", "interrupted"):
         port, process_id, num_processes = int(argv[3]), int(argv[4]), int(argv[5])

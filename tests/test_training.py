@@ -693,6 +693,10 @@ def test_sharded_step_equals_single_device_step(sharded_result):
     np.testing.assert_allclose(r["sharded_samples"], r["single_samples"], rtol=1e-5, atol=1e-6)
     # ... and each device does an eighth of the work (XLA's FLOP count), where a replicated chain would do all.
     assert np.all(r["single_flops"] / r["sharded_flops"] > 6), (r["single_flops"], r["sharded_flops"])
+    # A mesh of 3 devices for eval batches and chains of 8 is refused with a message, before any work.
+    bpd_error, samples_error = r["mesh_errors"]
+    assert bpd_error.startswith("eval.batch_size=8 does not split over the mesh's 3 devices")
+    assert samples_error.startswith("chains of 8 samples do not split over the mesh's 3 devices")
 
 
 def run_two_workers(workdir: str, mode: str = "multihost") -> list[tuple[int, str]]:
