@@ -23,7 +23,7 @@ from ddpm_jax.data import NUM_TOY_TEST, load_split, make_dataset, uint8_to_float
 from ddpm_jax.interrupts import ChainWatch, progress_bar
 from ddpm_jax.models.conv import cpu_conv_compiler_options
 from ddpm_jax.models.layers import denoiser_fn
-from ddpm_jax.parts import Parts
+from ddpm_jax.parts import Parts, fingerprint
 from ddpm_jax.sampling import Trajectory, ddim_sample, ddpm_sample, interpolate, sample_from_latent
 from ddpm_jax.training import batch_sharding, mesh_dividing, replicated
 
@@ -248,6 +248,13 @@ def load_fid_reference(config, fid_stats: str, *, inception_weights: str | None 
 MAX_GRID_SAMPLES = 256  # the PNG of an image run shows at most these (the .npz has them all)
 
 
+def _chain_fingerprint(config, params, seed: int) -> str:
+    """A digest of everything chain c depends on besides its size: the parameters, the settings and the seed."""
+    settings = {group: config[group].to_dict() for group in ("data", "model", "diffusion", "sampling")}
+    del settings["sampling"]["num_samples"]  # chain c is the same for any number of chains
+    return fingerprint(params, [settings, seed])
+
+
 def generate(config, model, schedule, params, *, out_dir: str, tag: str, trajectory: bool = False,
              with_metrics: bool = False, fid_reference=None, png_dir: str | None = None, seed: int = 0, mesh=None,
              progress: bool = True) -> dict:
@@ -280,12 +287,14 @@ def generate(config, model, schedule, params, *, out_dir: str, tag: str, traject
     if chain_size % mesh.size:
         raise ValueError(f"chains of {chain_size} samples do not split over the mesh's {mesh.size} devices: pass a "
                          "mesh whose size divides sampling.batch_size (mesh=None: as many devices as divide it)")
-    # Every setting that changes the samples names their files.
+    # The settings that change what the chains draw name the files; how many are drawn does not (a later --num or
+    # --batch_size overwrites them). The kept chains are keyed by the parameters and every setting as well.
     sampler = "ddpm" if num_steps == schedule.num_timesteps and s.sampler == "ddpm" else f"{s.sampler}{num_steps}"
     sampler += f"_{s.spacing}" if s.spacing != "linear" and num_steps < schedule.num_timesteps else ""  # T: all steps
     sampler += f"_eta{s.eta:g}" if s.sampler == "ddim" and s.eta else ""
     tag = f"{sampler}_seed{seed}_{tag}"
-    parts = Parts(os.path.join(out_dir, f"samples_{tag}.parts"), f"chain{chain_size}_")
+    parts = Parts(os.path.join(out_dir, f"samples_{tag}.parts"),
+                  f"{_chain_fingerprint(config, params, seed)}_chain{chain_size}_")
     todo = [c for c in range(num_chains) if not parts.done(c) or (trajectory and c == 0)]
 
     watch = ChainWatch()
@@ -308,7 +317,7 @@ def generate(config, model, schedule, params, *, out_dir: str, tag: str, traject
                     out, traj = out[0], (out[1] if c == 0 else traj)
                 parts.save(c, samples=np.asarray(out))
     except KeyboardInterrupt:
-        kept = parts.count()
+        kept = sum(parts.done(c) for c in range(num_chains))
         if kept:
             print(f"interrupted: {kept} of {num_chains} chains of {chain_size} samples kept in {parts.directory}; "
                   "the same command goes on from them", file=sys.stderr)
@@ -356,5 +365,5 @@ def generate(config, model, schedule, params, *, out_dir: str, tag: str, traject
         print(f"interrupted after sampling: the samples are in {result['npz']}, and the same command goes on from "
               f"the chains kept in {parts.directory}", file=sys.stderr)
         raise
-    parts.remove()
+    parts.remove(range(num_chains))
     return result

@@ -3,10 +3,25 @@ that the same call after a Ctrl-C or a crash computes only the pieces that are m
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import os
-import shutil
+from collections.abc import Iterable
 
+import jax
 import numpy as np
+
+
+def fingerprint(params, settings) -> str:
+    """A digest of the parameters and JSON-able ``settings``: what a job's pieces depend on, for their prefix."""
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(params):
+        if isinstance(leaf, jax.Array) and leaf.is_fully_replicated:  # also when other processes hold copies
+            leaf = leaf.addressable_data(0)
+        digest.update(np.asarray(leaf).tobytes())
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]
 
 
 class Parts:
@@ -31,16 +46,26 @@ class Parts:
             np.savez(f, **arrays)
         os.replace(path + ".tmp", path)
 
-    def count(self) -> int:
-        """The number of this job's pieces on disk."""
+    def _names(self) -> list[str]:
+        """The file names of the pieces with this prefix on disk."""
         if not os.path.isdir(self.directory):
-            return 0
-        return sum(name.startswith(self.prefix) and name.endswith(".npz") for name in os.listdir(self.directory))
+            return []
+        return [name for name in os.listdir(self.directory) if name.startswith(self.prefix) and name.endswith(".npz")]
+
+    def count(self) -> int:
+        """The number of pieces with this prefix on disk."""
+        return len(self._names())
 
     def load(self, index: int) -> dict[str, np.ndarray]:
         with np.load(self.path(index)) as arrays:
             return dict(arrays)
 
-    def remove(self) -> None:
-        """Delete the directory, with any other job's pieces in it: called once the job's result is written."""
-        shutil.rmtree(self.directory, ignore_errors=True)
+    def remove(self, indices: Iterable[int] | None = None) -> None:
+        """Delete this job's pieces (``indices``; default: all with this prefix), and the directory once empty:
+        called when the job's result is written. Other jobs' pieces stay for their reruns."""
+        names = self._names() if indices is None else [os.path.basename(self.path(i)) for i in indices]
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(self.directory, name))
+        with contextlib.suppress(OSError):  # not empty, or absent
+            os.rmdir(self.directory)

@@ -8,7 +8,6 @@ on top of the pure pieces in `training` and `likelihood`; drawing samples into f
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -31,7 +30,7 @@ from ddpm_jax.interrupts import ChainWatch, StopVote, interrupts_deferred, progr
 from ddpm_jax.likelihood import RateDistortion, calc_bpd_loop, rate_distortion
 from ddpm_jax.models.conv import cpu_conv_compiler_options
 from ddpm_jax.models.layers import denoiser_fn
-from ddpm_jax.parts import Parts
+from ddpm_jax.parts import Parts, fingerprint
 from ddpm_jax.training import (
     NUM_LOSS_QUARTILES,
     TrainState,
@@ -438,8 +437,8 @@ def evaluate_model(config, model, schedule, params, *, out_dir: str, num_example
     num_examples = num_examples or 10**9
     parts = None
     if jax.process_count() == 1:  # several processes would have to agree on which batches to skip
-        fingerprint = _eval_fingerprint(config, params, num_examples)
-        parts = Parts(os.path.join(out_dir, f"eval{suffix}.parts"), f"{fingerprint}_")
+        digest = _eval_fingerprint(config, params, num_examples)
+        parts = Parts(os.path.join(out_dir, f"eval{suffix}.parts"), f"{digest}_")
     try:
         result = evaluate_bpd(
             config, params, model, schedule, num_examples=num_examples, per_step=True, parts=parts,
@@ -477,12 +476,8 @@ def evaluate_model(config, model, schedule, params, *, out_dir: str, num_example
 
 def _eval_fingerprint(config, params, num_examples: int) -> str:
     """A digest of everything a batch's bits/dim depend on: the parameters, the settings and which examples."""
-    digest = hashlib.sha256()
-    for leaf in jax.tree.leaves(params):
-        digest.update(np.asarray(leaf).tobytes())
     settings = {group: config[group].to_dict() for group in ("data", "model", "diffusion", "eval")}
-    digest.update(json.dumps([settings, config.seed, num_examples], sort_keys=True, default=str).encode())
-    return digest.hexdigest()[:16]
+    return fingerprint(params, [settings, config.seed, num_examples])
 
 
 def out_of_memory_message(err: BaseException, remedy: str) -> str | None:

@@ -266,6 +266,13 @@ def test_sample_py_goes_on_from_the_chains_it_kept(killed_and_uninterrupted, mon
     assert 2 * num_steps + 5 <= len(calls) < 3 * num_steps
     assert "interrupted: 2 of 4 chains of 16 samples kept in" in capsys.readouterr().err
 
+    # Another model's samples in the same folder draw their own chains and leave this job's kept ones alone.
+    calls = interrupt_chains_at_step(monkeypatch, None)
+    other_params = jax.tree.map(lambda a: a * 1.01, params)
+    other = generation.generate(config, model, schedule, other_params, out_dir=out_dir, tag="t")
+    assert other["chains_drawn"] == 4 and len(calls) == 4 * num_steps
+    other_samples = np.load(other["npz"])["samples"]
+
     calls = interrupt_chains_at_step(monkeypatch, None)
     resumed = generation.generate(config, model, schedule, params, out_dir=out_dir, tag="t")
     assert len(calls) == 2 * num_steps
@@ -273,6 +280,7 @@ def test_sample_py_goes_on_from_the_chains_it_kept(killed_and_uninterrupted, mon
     uninterrupted = generation.generate(config, model, schedule, params, out_dir=str(tmp_path / "again"), tag="t")
     samples = np.load(resumed["npz"])["samples"]
     np.testing.assert_array_equal(samples, np.load(uninterrupted["npz"])["samples"])
+    assert not np.allclose(samples, other_samples, atol=1e-3)
     assert samples.shape == (50, 2) and not np.allclose(samples[:16], samples[16:32])  # each chain its own key
 
 
