@@ -23,8 +23,9 @@ from ddpm_jax.config import validate_config
 flags.DEFINE_string("workdir", "runs/digits", "Workdir of a training run (its config.json and checkpoints).")
 flags.DEFINE_string("pretrained", None, "A diffusers UNet2DModel folder (config.json + safetensors) to sample from.")
 flags.DEFINE_enum("sampler", None, ["ddpm", "ddim"], "Sampler (default: the run's config.sampling.sampler).")
-flags.DEFINE_integer("steps", None, "Steps of the chain (default: all T for ddpm, 50 for ddim); fewer than T for "
-                     "ddpm: a respaced ancestral chain (Nichol & Dhariwal 2021).")
+flags.DEFINE_integer("steps", None, "Steps of the chain (default: the run's sampling.num_steps, where 0 means all T "
+                     "for ddpm and 50 for ddim; with another --sampler than the run's, that sampler's own default); "
+                     "fewer than T for ddpm: a respaced ancestral chain (Nichol & Dhariwal 2021).")
 flags.DEFINE_float("eta", None, "DDIM eta (0: deterministic; 1: ancestral-like); in the file names when not 0.")
 flags.DEFINE_integer("num", None, "Number of samples (default: config.sampling.num_samples).")
 flags.DEFINE_integer("batch_size", None, "Samples per chain, split over the devices (default: sampling.batch_size).")
@@ -82,12 +83,20 @@ def main(argv):
             raise ValueError("--interpolate and --latent each draw their own picture: give one of them")
         if FLAGS.interpolate or FLAGS.latent:
             sampling_flags = ("sampler", "steps", "eta", "spacing", "num", "batch_size", "trajectory", "metrics",
-                              "fid_stats", "png_dir")
+                              "fid_stats", "inception_weights", "png_dir")
             given = [f"--{name}" for name in sampling_flags if FLAGS[name].present]
             if given:
                 mode = "--interpolate" if FLAGS.interpolate else "--latent"
                 raise ValueError(f"{mode} decodes test images with the ancestral chain; {', '.join(given)} "
                                  "belong to sampling")
+        # A flag of a mode not asked for would be ignored without a word.
+        for mode, mode_flags in (("interpolate", ("interpolate_t", "pairs")),
+                                 ("latent", ("latent_t", "latent_images", "latent_draws")),
+                                 ("fid_stats", ("inception_weights",))):
+            given = [f"--{name}" for name in mode_flags if FLAGS[name].present]
+            if given and not FLAGS[mode].value:
+                raise ValueError(f"{', '.join(given)} belong{'s' if len(given) == 1 else ''} to --{mode}, which is "
+                                 "not given")
         config, model, schedule, params, tag = _load()
         overrides = {"sampler": FLAGS.sampler, "num_steps": FLAGS.steps, "eta": FLAGS.eta, "spacing": FLAGS.spacing,
                      "num_samples": FLAGS.num, "batch_size": FLAGS.batch_size}
@@ -130,6 +139,12 @@ def main(argv):
                 config, FLAGS.fid_stats, inception_weights=FLAGS.inception_weights, out_dir=out_dir,
                 progress=FLAGS.progress,
             )
+        for folder in (out_dir, FLAGS.png_dir):  # now, not after hours of sampling
+            if folder:
+                try:
+                    os.makedirs(folder, exist_ok=True)
+                except OSError as err:
+                    raise ValueError(f"cannot create the output folder {folder}: {err}") from err
         result = generation.generate(
             config, model, schedule, params, out_dir=out_dir, tag=tag, trajectory=FLAGS.trajectory,
             with_metrics=FLAGS.metrics, fid_reference=fid_reference, png_dir=FLAGS.png_dir, seed=FLAGS.seed,
@@ -141,7 +156,8 @@ def main(argv):
         raise SystemExit(130) from None
     except Exception as err:
         message = run.out_of_memory_message(
-            err, "A smaller --batch_size (samples per chain) needs less; the chains kept so far are reused."
+            err, "A smaller --batch_size (samples per chain) needs less; the chains kept so far are reused by a "
+            "rerun with the same --batch_size only."
         )
         if message is None:
             raise

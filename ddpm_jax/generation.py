@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 import time
 
@@ -348,6 +349,10 @@ def generate(config, model, schedule, params, *, out_dir: str, tag: str, traject
             viz.save_png(result["trajectory_png"], viz.scatter_trajectory_strip(traj.x, traj.timesteps))
     try:  # the chains stay on disk until the PNGs and metrics are done: a rerun after a Ctrl-C here draws none
         if png_dir is not None:
+            os.makedirs(png_dir, exist_ok=True)
+            for name in os.listdir(png_dir):  # a larger earlier run's files would join these samples
+                if re.fullmatch(r"\d{6}\.png", name) and int(name[:6]) >= len(samples):
+                    os.remove(os.path.join(png_dir, name))
             for index, image in enumerate(tqdm(arrays["uint8"], desc="PNGs", unit="image", leave=False,
                                                disable=not progress)):
                 viz.save_png(os.path.join(png_dir, f"{index:06d}.png"), image)

@@ -86,6 +86,9 @@ def test_fid_and_inception_score_of_every_sample_against_the_cached_data_statist
     np.testing.assert_allclose(stats[1], np.cov(data_pool, rowvar=False), rtol=1e-6, atol=1e-9)
 
     png_dir = tmp_path / "pngs"
+    png_dir.mkdir()
+    for name in (f"{NUM_IMAGES + 5:06d}.png", "000000.png", "notes.txt"):  # an earlier, larger call's; not ours
+        (png_dir / name).write_bytes(b"old")
     result = generation.generate(
         config, model, schedule, params, out_dir=out_dir, tag="fid", fid_reference=(stats, variables),
         png_dir=str(png_dir), progress=False,
@@ -93,7 +96,7 @@ def test_fid_and_inception_score_of_every_sample_against_the_cached_data_statist
     samples = np.load(result["npz"])["samples"]
     assert samples.shape == (NUM_IMAGES, 8, 8, 1)
     # One PNG per sample for external FID tools, holding the 8-bit levels the FID here scored.
-    assert sorted(p.name for p in png_dir.iterdir()) == [f"{i:06d}.png" for i in range(NUM_IMAGES)]
+    assert sorted(p.name for p in png_dir.iterdir()) == [f"{i:06d}.png" for i in range(NUM_IMAGES)] + ["notes.txt"]
     levels = np.clip(np.rint((samples.astype(np.float64) + 1) * 127.5), 0, 255)
     for i in (0, NUM_IMAGES - 1):
         np.testing.assert_array_equal(np.asarray(Image.open(png_dir / f"{i:06d}.png")), levels[i, ..., 0])

@@ -435,6 +435,11 @@ def test_sample_py_draws_from_a_finished_run(killed_and_uninterrupted, tmp_path)
     assert two_pictures.returncode == 1 and "give one of them" in two_pictures.stderr
     bad_steps = sample_py(f"--workdir={workdir}", "--latent", "--latent_t=4,x")
     assert bad_steps.returncode == 1 and "--latent_t takes integer steps, got 4,x" in bad_steps.stderr
+    orphan_flags = sample_py(f"--workdir={workdir}", "--pairs=2", "--interpolate_t=5")
+    assert orphan_flags.returncode == 1
+    assert "error: --interpolate_t, --pairs belong to --interpolate, which is not given" in orphan_flags.stderr
+    out_dir_is_a_file = sample_py(f"--workdir={workdir}", f"--out_dir={os.path.join(out_dir, npz)}")
+    assert out_dir_is_a_file.returncode == 1 and "error: cannot create the output folder" in out_dir_is_a_file.stderr
     fid_of_points = sample_py(f"--workdir={workdir}", f"--out_dir={out_dir}_fid", "--fid_stats=train")
     assert fid_of_points.returncode == 1 and "error: FID is defined for images" in fid_of_points.stderr
     assert not os.path.exists(f"{out_dir}_fid")  # stopped before sampling
