@@ -79,6 +79,9 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
     try:
+        if os.environ.get("JAX_COORDINATOR_ADDRESS") or int(os.environ.get("JAX_NUM_PROCESSES") or 1) > 1:
+            raise ValueError("sample.py runs as one process (on all its devices); start it once, without "
+                             "JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES")
         if FLAGS.interpolate and FLAGS.latent:
             raise ValueError("--interpolate and --latent each draw their own picture: give one of them")
         if FLAGS.interpolate or FLAGS.latent:

@@ -11,7 +11,9 @@ runs/pretrained_<DIR's name>).
 import os
 import signal
 import sys
+import traceback
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -58,6 +60,30 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     workdir = FLAGS.workdir or default_workdir()
     try:
+        _run_with_messages(workdir)
+    except SystemExit as exit_:
+        if exit_.code not in (None, 0):
+            _exit_now_if_distributed(exit_.code)
+        raise
+    except BaseException:
+        _exit_now_if_distributed(traceback.format_exc())
+        raise
+
+
+def _exit_now_if_distributed(code) -> None:
+    """In a multi-process run, end this process now, with its message (``code``: a string, or 130): a normal exit
+    waits in JAX's shutdown barrier for processes that may be waiting for this one in a collective (5 minutes,
+    then SIGABRT). Its checkpoint, if any, has been written by then."""
+    if jax.distributed.is_initialized():
+        if isinstance(code, str):
+            print(code, file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code if isinstance(code, int) else 1)
+
+
+def _run_with_messages(workdir: str) -> None:
+    try:
         _run(workdir)
     except (ValueError, FloatingPointError) as err:  # config, data and checkpoint problems; a diverged run
         raise SystemExit(f"error: {err}") from err
@@ -95,6 +121,7 @@ def _run(workdir: str) -> None:
         config = pretrained_config() if FLAGS.pretrained else eval_config(workdir)
         if FLAGS.eval_split:
             config.eval.split = FLAGS.eval_split
+        run.maybe_initialize_distributed(config)  # each process then evaluates its own rows of every batch
         if FLAGS.pretrained:
             model, schedule, params = run.load_pretrained(FLAGS.pretrained, config)
             validate_config(config)
@@ -120,7 +147,10 @@ def eval_config(workdir: str):
     or under a --config=FILE given (checked against config.json when the checkpoint is restored)."""
     if config_file_given() or not os.path.exists(os.path.join(workdir, "config.json")):
         return FLAGS.config
-    config = run.load_config(workdir, base=get_base_config())
+    base = get_base_config()
+    config = run.load_config(workdir, base=base)
+    for field in ("distributed", "coordinator_address", "num_processes", "process_id"):  # how training was started
+        config.training[field] = base.training[field]
     config.update_from_flattened_dict(config_flags.get_override_values(FLAGS["config"]))
     return config
 

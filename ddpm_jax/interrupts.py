@@ -169,6 +169,15 @@ class StopVote:
         interrupted, timed_out = (bool(v) for v in np.asarray(previous.addressable_data(0)))
         return interrupted, timed_out
 
+    def last(self) -> bool:
+        """After the last train call and its evaluations: whether a signal reached any process since the last vote
+        read (every process waits for the others' vote here)."""
+        if not self._multi_process:
+            return False
+        earlier, _ = self.cast(False)
+        now, self._pending = self._pending, None
+        return earlier or bool(np.asarray(now.addressable_data(0))[0])
+
 
 def progress_bar(**kwargs) -> tqdm:
     """tqdm that redraws every second on a terminal and every 30 s into a log file."""

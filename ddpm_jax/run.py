@@ -14,6 +14,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable
 from functools import partial
 
 import jax
@@ -202,6 +203,14 @@ class MetricsWriter:
             self.tb.close()
 
 
+def _on_process_0(decide: Callable[[], bool]) -> bool:
+    """``decide()`` as process 0, which writes the run's files, sees it: the same answer in every process."""
+    decision = bool(decide()) if jax.process_index() == 0 else False
+    if jax.process_count() > 1:
+        decision = bool(multihost_utils.broadcast_one_to_all(np.array(decision)))
+    return decision
+
+
 def _crossed(step: int, num: int, every: int) -> bool:
     """Whether the call that took the run from ``step - num`` to ``step`` passed a multiple of ``every`` (0: never).
 
@@ -265,8 +274,8 @@ def _train(config, workdir: str, checkpointer: Checkpointer, progress: bool) -> 
         start_step = int(state.step)
     checkpointer.record_config(config.to_dict())  # only now: a failed restore leaves the run's config.json as it was
     final_samples = os.path.join(workdir, "samples.png")  # drawn after the last checkpoint, unless interrupted
-    if start_step >= tr.num_steps and jax.process_count() == 1 and os.path.exists(final_samples) \
-            and os.path.getmtime(final_samples) >= checkpointer.saved_time(start_step):
+    if start_step >= tr.num_steps and _on_process_0(lambda: os.path.exists(final_samples) and os.path.getmtime(
+            final_samples) >= checkpointer.saved_time(start_step)):
         print(f"{workdir} is trained to step {start_step} (training.num_steps={tr.num_steps}) and its samples.png "
               "drawn: nothing to do; a larger training.num_steps trains on")
         return state
@@ -314,10 +323,10 @@ def _train(config, workdir: str, checkpointer: Checkpointer, progress: bool) -> 
         nonlocal bpd_fn
         grid = os.path.join("samples", f"step_{step:08d}.png")
         if _crossed(step, num, tr.sample_every) and step < tr.num_steps \
-                and not (only_missing and os.path.exists(os.path.join(workdir, grid))):
+                and not (only_missing and _on_process_0(lambda: os.path.exists(os.path.join(workdir, grid)))):
             write_samples(step, grid)
         if _crossed(step, num, config.eval.bpd_every) and is_image_data(config) \
-                and not (only_missing and writer.logged(step, "bpd")):
+                and not (only_missing and _on_process_0(lambda: writer.logged(step, "bpd"))):
             bpd_fn = bpd_fn or make_bpd_fn(config, model, schedule, mesh, progress_fn=watch)
             result = evaluate_bpd(
                 config, state.ema_params, model, schedule, num_examples=config.eval.num_bpd_examples,
@@ -337,7 +346,7 @@ def _train(config, workdir: str, checkpointer: Checkpointer, progress: bool) -> 
     vote = StopVote(mesh)
     vote.arm()
     try:
-        if start_step and jax.process_count() == 1:  # processes would have to agree on what is missing
+        if start_step:
             periodic_outputs(k, only_missing=True)
         while step < tr.num_steps:
             if train_start is None and step > start_step:
@@ -376,6 +385,8 @@ def _train(config, workdir: str, checkpointer: Checkpointer, progress: bool) -> 
             if _crossed(step, num, tr.checkpoint_every) or step == tr.num_steps:
                 save()
             periodic_outputs(num)
+        if vote.last():  # a signal during the last calls or evaluations stops the run as at any other step
+            raise KeyboardInterrupt(f"signal {vote.signal}" if vote.signal else "signal in another process")
     except KeyboardInterrupt:
         with interrupts_deferred():  # a second Ctrl-C arrives once the checkpoint is saved and said so
             save_now()

@@ -241,8 +241,16 @@ def make_mesh(devices=None) -> Mesh:
 
 
 def mesh_dividing(batch_size: int) -> Mesh:
-    """A mesh over the first n devices, for the largest n that divides ``batch_size`` (all where their number does)."""
+    """A mesh over the first n devices, for the largest n that divides ``batch_size`` (all where their number does).
+
+    Across several processes, where each feeds its own devices: all of them, which ``batch_size`` must divide.
+    """
     devices = jax.devices()
+    if jax.process_count() > 1:
+        if batch_size % len(devices):
+            raise ValueError(f"a batch of {batch_size} does not split over the {len(devices)} devices of the "
+                             f"{jax.process_count()} processes: use a multiple of {len(devices)}")
+        return make_mesh(devices)
     return make_mesh(devices[: max(n for n in range(1, len(devices) + 1) if batch_size % n == 0)])
 
 

@@ -9,9 +9,10 @@ python tests/multihost_worker.py multihost WORKDIR PORT PROCESS_ID NUM_PROCESSES
     process reads only its own rows of every global batch, Orbax saves jointly); writes the final state this
     process sees, the rows run.valid_rows_of_all_processes pools from both and the bits/dim of the tiny digits
     U-Net over both processes' devices, to WORKDIR/state_PROCESS_ID.npz.
-python tests/multihost_worker.py interrupted WORKDIR PORT PROCESS_ID NUM_PROCESSES
-    The same kind of run, long, with a SIGTERM to process 0 alone once the first metrics line is written; writes
-    what each process's run.train_and_evaluate raised to WORKDIR/interrupted_PROCESS_ID.txt.
+python tests/multihost_worker.py interrupted|interrupted_at_the_end WORKDIR PORT PROCESS_ID NUM_PROCESSES
+    The same kind of run, long, with a SIGTERM to process 0 alone once the first metrics line is written (or
+    short, with the SIGTERM as the last train call is logged); writes what each process's
+    run.train_and_evaluate raised to WORKDIR/interrupted_PROCESS_ID.txt.
 
 Also the helpers the test files share: the tiny swiss-roll overrides, the environment for subprocesses (the
 tests' persistent compilation cache), a free local port.
@@ -199,15 +200,17 @@ def tiny_unet_flops_per_device(mesh) -> np.ndarray:
     return np.array([(c[0] if isinstance(c, list) else c)["flops"] for c in costs])
 
 
-def interrupted_run(config, workdir: str, process_id: int) -> None:
-    """A long run in which process 0 alone gets a SIGTERM once training has logged; records what each raised."""
+def interrupted_run(config, workdir: str, process_id: int, at_the_end: bool) -> None:
+    """A run in which process 0 alone gets a SIGTERM: in a long run once training has logged, or ``at_the_end``
+    of a short one, as its last train call is logged (no train call follows); records what each process raised."""
     import signal
     import threading
     import time
 
     from ddpm_jax import run
 
-    config.training.num_steps = config.training.checkpoint_every = 100_000
+    config.training.num_steps = config.training.checkpoint_every = NUM_CALLS * STEPS_PER_CALL if at_the_end \
+        else 100_000
     config.training.log_every = STEPS_PER_CALL
     config.training.sample_every = 0
     metrics = os.path.join(workdir, "metrics.jsonl")
@@ -217,7 +220,15 @@ def interrupted_run(config, workdir: str, process_id: int) -> None:
             time.sleep(0.02)
         os.kill(os.getpid(), signal.SIGTERM)
 
-    if process_id == 0:
+    def write_then_terminate_at_the_end(writer, step, metrics):
+        write(writer, step, metrics)
+        if step == config.training.num_steps:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    if process_id == 0 and at_the_end:
+        write = run.MetricsWriter.write
+        run.MetricsWriter.write = write_then_terminate_at_the_end
+    elif process_id == 0:
         threading.Thread(target=terminate_once_logged, daemon=True).start()
     try:
         run.train_and_evaluate(config, workdir, progress=False)
@@ -253,7 +264,7 @@ def main(argv: list[str]) -> None:
         arrays["mesh_errors"] = np.array([error_message(lambda: tiny_unet_bpd(three)),
                                           error_message(lambda: tiny_unet_samples(three, out + ".3"))])
         np.savez(out, **arrays)
-    elif mode in ("multihost", "interrupted"):
+    elif mode in ("multihost", "interrupted", "interrupted_at_the_end"):
         port, process_id, num_processes = int(argv[3]), int(argv[4]), int(argv[5])
         jax.distributed.initialize(
             coordinator_address=f"127.0.0.1:{port}", num_processes=num_processes, process_id=process_id,
@@ -263,8 +274,8 @@ def main(argv: list[str]) -> None:
         from ddpm_jax import run
 
         config = tiny_config()
-        if mode == "interrupted":
-            interrupted_run(config, out, process_id)
+        if mode.startswith("interrupted"):
+            interrupted_run(config, out, process_id, at_the_end=mode == "interrupted_at_the_end")
             jax.distributed.shutdown()
             return
         config.training.num_steps = NUM_CALLS * STEPS_PER_CALL

@@ -5,6 +5,7 @@ import functools
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -393,10 +394,17 @@ def test_interrupted_evaluation_goes_on_from_the_batches_it_kept(monkeypatch, tm
     assert digest == run._eval_fingerprint(config, jax.tree.map(np.array, params), 20) and digest not in others
 
 
-def test_eval_mode_uses_the_runs_own_config(killed_and_uninterrupted):
+def test_eval_mode_uses_the_runs_own_config(killed_and_uninterrupted, tmp_path):
     """Without --config=FILE, --mode=eval reads the run's config.json (swiss roll), not the default (digits),
-    also under --config.* overrides (the remedy its out-of-memory message gives)."""
-    _, workdir, _ = killed_and_uninterrupted
+    also under --config.* overrides (the remedy its out-of-memory message gives); not how the run was started on
+    several processes (it would wait for their coordinator)."""
+    workdir = str(tmp_path / "run")
+    shutil.copytree(killed_and_uninterrupted[1], workdir)
+    with open(os.path.join(workdir, "config.json")) as f:
+        saved = json.load(f)
+    saved["training"].update(coordinator_address="127.0.0.1:9", num_processes=2, process_id=1, distributed=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(saved, f)
     proc = subprocess.run(
         [sys.executable, os.path.join(REPO, "train.py"), f"--workdir={workdir}", "--mode=eval",
          "--config.eval.batch_size=8"],

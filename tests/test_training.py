@@ -760,12 +760,16 @@ def test_two_processes_agree_and_match_one_device(sharded_result, tmp_path):
 
 
 
-def test_a_signal_to_one_process_stops_both_at_one_checkpoint(tmp_path):
+@pytest.mark.parametrize("mode", ["interrupted", "interrupted_at_the_end"])
+def test_a_signal_to_one_process_stops_both_at_one_checkpoint(tmp_path, mode):
     """SIGTERM to process 0 alone (a pre-emption reaching one host first, Ctrl-C in one terminal): both processes
-    stop before the same train call and save that step together; a process stopping alone hung in the save."""
-    workdir = run_two_workers_to_success(tmp_path, "interrupted")
+    stop before the same train call and save that step together; a process stopping alone hung in the save. One
+    that arrives after the last train call stops both before the final samples (it was dropped)."""
+    workdir = run_two_workers_to_success(tmp_path, mode)
     outcomes = [open(os.path.join(workdir, f"interrupted_{i}.txt")).read() for i in range(2)]
     assert outcomes == ["KeyboardInterrupt: signal 15", "KeyboardInterrupt: signal in another process"]
     steps = [int(name) for name in os.listdir(os.path.join(workdir, "checkpoints"))]
     assert len(steps) == 1 and 0 < steps[0] < 100_000
     assert training_lines(read_metrics(workdir))[-1]["step"] <= steps[0]
+    if mode == "interrupted_at_the_end":
+        assert steps == [6] and not os.path.exists(os.path.join(workdir, "samples.png"))
