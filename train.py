@@ -20,6 +20,7 @@ from ml_collections import config_flags
 from configs.base import get_base_config
 from ddpm_jax import run
 from ddpm_jax.config import validate_config
+from ddpm_jax.interrupts import say
 
 
 def unknown_field(err: Exception) -> SystemExit:
@@ -116,7 +117,7 @@ def _run(workdir: str) -> None:
         if FLAGS.pretrained:
             raise ValueError("--pretrained weights are evaluated with --mode=eval; training starts from scratch")
         run.train_and_evaluate(FLAGS.config, workdir, progress=FLAGS.progress)
-        print(f"done: checkpoint and samples.png in {workdir}")
+        say(f"done: checkpoint and samples.png in {workdir}")
     else:  # on Ctrl-C, run.evaluate_model says which batches it kept for the next run
         config = pretrained_config() if FLAGS.pretrained else eval_config(workdir)
         if FLAGS.eval_split:
@@ -131,11 +132,11 @@ def _run(workdir: str) -> None:
             result = run.evaluate_checkpoint(config, workdir, num_examples=FLAGS.eval_examples or None,
                                              progress=FLAGS.progress)
         files = result["files"]
-        print(f"{result['split']} bits/dim: {result['bpd']:.4f} over {result['bpd_examples']} images "
-              f"(prior {result['bpd_prior']:.2e}, decoder L_0 {result['bpd_decoder']:.4f}) -> {files['json']}")
+        say(f"{result['split']} bits/dim: {result['bpd']:.4f} over {result['bpd_examples']} images "
+            f"(prior {result['bpd_prior']:.2e}, decoder L_0 {result['bpd_decoder']:.4f}) -> {files['json']}")
         last = result["rate_distortion"][0]
-        print(f"after all {last['reverse_step']} reverse steps: rate {last['rate_bpd']:.4f} bits/dim, distortion "
-              f"RMSE {last['distortion_rmse']:.3f} on [0, 255] -> {files['png']}")
+        say(f"after all {last['reverse_step']} reverse steps: rate {last['rate_bpd']:.4f} bits/dim, distortion "
+            f"RMSE {last['distortion_rmse']:.3f} on [0, 255] -> {files['png']}")
 
 
 def config_file_given() -> bool:

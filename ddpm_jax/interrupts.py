@@ -182,3 +182,10 @@ class StopVote:
 def progress_bar(**kwargs) -> tqdm:
     """tqdm that redraws every second on a terminal and every 30 s into a log file."""
     return tqdm(dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0, **kwargs)
+
+
+def say(message: str, file=None) -> None:
+    """Print a message about the whole run above any progress bar, from process 0 only: in a multi-process run
+    every process would print the same line."""
+    if jax.process_index() == 0:
+        tqdm.write(message, file=file)

@@ -27,7 +27,7 @@ from ddpm_jax.checkpoint import Checkpointer, write_atomically
 from ddpm_jax.config import build_model, is_image_data, num_sampling_steps, schedule_from_config, validate_config
 from ddpm_jax.data import make_dataset
 from ddpm_jax.generation import make_sample_fn, sample_metrics, sample_metrics_problem, save_samples
-from ddpm_jax.interrupts import ChainWatch, StopVote, interrupts_deferred, progress_bar
+from ddpm_jax.interrupts import ChainWatch, StopVote, interrupts_deferred, progress_bar, say
 from ddpm_jax.likelihood import RateDistortion, calc_bpd_loop, rate_distortion
 from ddpm_jax.models.conv import cpu_conv_compiler_options
 from ddpm_jax.models.layers import denoiser_fn
@@ -276,7 +276,7 @@ def _train(config, workdir: str, checkpointer: Checkpointer, progress: bool) -> 
     final_samples = os.path.join(workdir, "samples.png")  # drawn after the last checkpoint, unless interrupted
     if start_step >= tr.num_steps and _on_process_0(lambda: os.path.exists(final_samples) and os.path.getmtime(
             final_samples) >= checkpointer.saved_time(start_step)):
-        print(f"{workdir} is trained to step {start_step} (training.num_steps={tr.num_steps}) and its samples.png "
+        say(f"{workdir} is trained to step {start_step} (training.num_steps={tr.num_steps}) and its samples.png "
               "drawn: nothing to do; a larger training.num_steps trains on")
         return state
     step_fn = jit_train_step(make_train_step(config, model, schedule), mesh)
@@ -304,7 +304,7 @@ def _train(config, workdir: str, checkpointer: Checkpointer, progress: bool) -> 
                 if quality:
                     writer.write(step, {f"sample_{k}": v for k, v in quality.items()})
             if quality:
-                bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in quality.items()))
+                say(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in quality.items()))
 
     k = tr.steps_per_call
     bar = progress_bar(
@@ -333,7 +333,7 @@ def _train(config, workdir: str, checkpointer: Checkpointer, progress: bool) -> 
                 key=jax.random.fold_in(eval_key, step), mesh=mesh, progress=progress, bpd_fn=bpd_fn, watch=watch,
             )
             writer.write(step, result)
-            bar.write(f"step {step}: held-out {result['bpd']:.3f} bits/dim ({result['bpd_examples']} images)")
+            say(f"step {step}: held-out {result['bpd']:.3f} bits/dim ({result['bpd_examples']} images)")
 
     def save(*, force: bool = False) -> None:
         with interrupts_deferred():
@@ -359,7 +359,7 @@ def _train(config, workdir: str, checkpointer: Checkpointer, progress: bool) -> 
                 raise KeyboardInterrupt(f"signal {vote.signal}" if vote.signal else "signal in another process")
             if out_of_time:
                 save_now()
-                bar.write(f"stopped after training.max_seconds={tr.max_seconds:g} s at step {step}")
+                say(f"stopped after training.max_seconds={tr.max_seconds:g} s at step {step}")
                 break
             num = min(k, tr.num_steps - step)
             local = [dataset.batch(s) for s in range(step, step + num)]
@@ -391,7 +391,7 @@ def _train(config, workdir: str, checkpointer: Checkpointer, progress: bool) -> 
         with interrupts_deferred():  # a second Ctrl-C arrives once the checkpoint is saved and said so
             save_now()
             checkpointer.wait()
-            bar.write(f"interrupted: checkpoint saved at step {step} in {checkpointer.directory}")
+            say(f"interrupted: checkpoint saved at step {step} in {checkpointer.directory}")
         raise
     finally:
         vote.disarm()

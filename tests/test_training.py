@@ -721,8 +721,9 @@ def run_two_workers(workdir: str, mode: str = "multihost") -> list[tuple[int, st
     return [(proc.returncode, output) for proc, output in zip(procs, outputs, strict=True)]
 
 
-def run_two_workers_to_success(tmp_path, mode: str = "multihost") -> str:
-    """run_two_workers in a new workdir under tmp_path, asserting both processes succeeded; the workdir."""
+def run_two_workers_to_success(tmp_path, mode: str = "multihost") -> tuple[str, list[str]]:
+    """run_two_workers in a new workdir under tmp_path, asserting both processes succeeded; the workdir and the
+    output of each process."""
     workdir = str(tmp_path / "run")
     results = run_two_workers(workdir, mode)
     # In one fresh-clone CI run (2 cores, cold compilation cache) Gloo's wait for the peer's key timed out after
@@ -732,11 +733,11 @@ def run_two_workers_to_success(tmp_path, mode: str = "multihost") -> str:
         results = run_two_workers(workdir, mode)
     for i, (code, _) in enumerate(results):
         assert code == 0, f"process {i} of 2:\n" + "\n---\n".join(out[-2500:] for _, out in results)
-    return workdir
+    return workdir, [output for _, output in results]
 
 
 def test_two_processes_agree_and_match_one_device(sharded_result, tmp_path):
-    workdir = run_two_workers_to_success(tmp_path)
+    workdir, _ = run_two_workers_to_success(tmp_path)
     states = [dict(np.load(os.path.join(workdir, f"state_{i}.npz"))) for i in range(2)]
     assert states[0]["num_devices"] == 4 and states[0]["step"] == 6
     for name in ("params", "ema_params", "opt_state"):
@@ -765,9 +766,12 @@ def test_a_signal_to_one_process_stops_both_at_one_checkpoint(tmp_path, mode):
     """SIGTERM to process 0 alone (a pre-emption reaching one host first, Ctrl-C in one terminal): both processes
     stop before the same train call and save that step together; a process stopping alone hung in the save. One
     that arrives after the last train call stops both before the final samples (it was dropped)."""
-    workdir = run_two_workers_to_success(tmp_path, mode)
+    workdir, outputs = run_two_workers_to_success(tmp_path, mode)
     outcomes = [open(os.path.join(workdir, f"interrupted_{i}.txt")).read() for i in range(2)]
     assert outcomes == ["KeyboardInterrupt: signal 15", "KeyboardInterrupt: signal in another process"]
+    # Said once, by process 0, not once per process.
+    said = [output.count("interrupted: checkpoint saved at step") for output in outputs]
+    assert said == [1, 0], outputs
     steps = [int(name) for name in os.listdir(os.path.join(workdir, "checkpoints"))]
     assert len(steps) == 1 and 0 < steps[0] < 100_000
     assert training_lines(read_metrics(workdir))[-1]["step"] <= steps[0]
