@@ -154,8 +154,8 @@ def validate_config(config, *, num_devices: int = 1, process_count: int = 1) -> 
         problems.append(f"training.weight_decay={tr.weight_decay} needs training.optimizer='adamw' (Adam has none)")
     if not df.vlb_weight >= 0:
         problems.append(f"diffusion.vlb_weight={df.vlb_weight} must be >= 0")
-    if not s.eta >= 0:
-        problems.append(f"sampling.eta={s.eta} must be >= 0")
+    if not 0 <= s.eta <= 1:
+        problems.append(f"sampling.eta={s.eta} must be in [0, 1]")
 
     if isinstance(tr.batch_size, int) and tr.batch_size > 0:
         if tr.batch_size % num_devices:

@@ -166,15 +166,20 @@ class PMeanVariance(NamedTuple):
     pred_x0: jnp.ndarray
 
 
-def split_model_output(model_output: jnp.ndarray, var_type: str) -> tuple[jnp.ndarray, jnp.ndarray | None]:
-    """(mean part, variance part or None): learned variances occupy the second half of the last axis."""
+def split_model_output(
+    model_output: jnp.ndarray, var_type: str, data_shape: tuple[int, ...]
+) -> tuple[jnp.ndarray, jnp.ndarray | None]:
+    """(mean part, variance part or None) of a model output for data of ``data_shape``: learned variances occupy
+    the second half of the last axis."""
     check_choice("var_type", var_type, VAR_TYPES)
-    if var_type in ("learned", "learned_range"):
-        if model_output.shape[-1] % 2:
-            raise ValueError(
-                f"var_type={var_type!r} needs a model output with twice the data channels, "
-                f"got {model_output.shape[-1]} channels"
-            )
+    learned = var_type in ("learned", "learned_range")
+    expected = (*data_shape[:-1], 2 * data_shape[-1]) if learned else tuple(data_shape)
+    if tuple(model_output.shape) != expected:
+        why = f"the data's {tuple(data_shape)} with twice its channels (mean and variance)" if learned else \
+            "the data's"
+        raise ValueError(f"model output {tuple(model_output.shape)} for {var_type=} should have shape {expected}: "
+                         f"{why}")
+    if learned:
         mean_out, var_out = jnp.split(model_output, 2, axis=-1)
         return mean_out, var_out
     return model_output, None
@@ -206,9 +211,7 @@ def p_mean_variance(
 ) -> PMeanVariance:
     """Mean and variance of p_theta(x_{t-1} | x_t), Eq. 1 with the mean of Eq. 11 (or its x0/v/xprev forms)."""
     check_choice("mean_type", mean_type, MEAN_TYPES)
-    mean_out, var_out = split_model_output(model_output, var_type)
-    if mean_out.shape != x_t.shape:
-        raise ValueError(f"model output {model_output.shape} does not match x_t {x_t.shape} for {var_type=}")
+    mean_out, var_out = split_model_output(model_output, var_type, x_t.shape)
 
     if var_type == "learned":
         log_variance = var_out
@@ -358,9 +361,7 @@ def training_losses(
         raise ValueError(f"noise {noise.shape} must have the data's shape {x0.shape}")
     x_t = q_sample(schedule, x0, t, noise)
     model_output = model_fn(x_t, t)
-    mean_out, var_out = split_model_output(model_output, var_type)
-    if mean_out.shape != x0.shape:
-        raise ValueError(f"model output {model_output.shape} does not match the data {x0.shape} for {var_type=}")
+    mean_out, var_out = split_model_output(model_output, var_type, x0.shape)
 
     terms: dict[str, jnp.ndarray] = {}
     if loss_type == "kl":

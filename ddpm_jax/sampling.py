@@ -30,7 +30,7 @@ from ddpm_jax.diffusion import (
     q_sample,
     split_model_output,
 )
-from ddpm_jax.schedules import Schedule, respace_schedule
+from ddpm_jax.schedules import Schedule, check_integer, respace_schedule
 
 
 class Trajectory(NamedTuple):
@@ -104,7 +104,7 @@ def _x0_from_xprev_at_kept_timesteps(
     """An xprev model's output at ``kept[i]`` as the x_0 it implies under the ``original`` schedule (Eq. 7 solved
     for x_0): its mean is one step of the T-step chain, which the respaced chain's longer steps cannot use."""
     t = kept[i]
-    mean_out, var_out = split_model_output(model_fn(x, t), var_type)
+    mean_out, var_out = split_model_output(model_fn(x, t), var_type, x.shape)
     pred_x0 = predict_x0_from_xprev(original, x, t, mean_out)
     return pred_x0 if var_out is None else jnp.concatenate([pred_x0, var_out], axis=-1)
 
@@ -138,6 +138,7 @@ def ddpm_sample(
     """
     init_key, step_key = chain_keys(key)
     num_timesteps = schedule.num_timesteps
+    num_steps = None if num_steps is None else check_integer("num_steps", num_steps)
     if num_steps is not None and num_steps != num_timesteps:
         if x_start is not None or start_t is not None:
             raise ValueError("a respaced chain (num_steps < T) starts from x_T; x_start and start_t need all T steps")
@@ -157,7 +158,7 @@ def ddpm_sample(
         if num_steps is None and spacing != "linear":
             raise ValueError(f"spacing={spacing!r} chooses the steps of a shorter chain: give num_steps < T too")
         kept = np.arange(num_timesteps)
-    start_t = num_timesteps - 1 if start_t is None else int(start_t)
+    start_t = num_timesteps - 1 if start_t is None else check_integer("start_t", start_t)
     if not 0 <= start_t < num_timesteps:
         raise ValueError(f"start_t must be in [0, {num_timesteps - 1}] (T - 1), got {start_t}")
     if x_start is None:
@@ -202,7 +203,7 @@ def interpolate(
     clip_denoised: bool = True,
     progress_fn: Callable[[jnp.ndarray], None] | None = None,
 ) -> jnp.ndarray:
-    """Interpolation in the diffusion's latent space (Ho et al. 2020, Sec. 4.3, Fig. 8): [L, B, ...] images.
+    """Interpolation in the diffusion's latent space (Ho et al. 2020, Sec. 4.4, Fig. 8): [L, B, ...] images.
 
     x0_a, x0_b [B, ...] are encoded once by q(x_t | x_0) (Eq. 4), and (1 - lambda) x_t + lambda x'_t is decoded
     by the reverse chain from t for each of the L ``lambdas``. The encoding noise and the reverse chain's noise
@@ -215,6 +216,7 @@ def interpolate(
     if lambdas.ndim != 1:
         raise ValueError(f"lambdas must be a 1-D array of L weights, got shape {lambdas.shape} "
                          "(for one weight pass [lam])")
+    t = check_integer("t", t)
     key_a, key_b, chain_key = jax.random.split(key, 3)
     timestep = jnp.full((x0_a.shape[0],), t, jnp.int32)
     x_t_a = q_sample(schedule, x0_a, timestep, jax.random.normal(key_a, x0_a.shape, jnp.float32))
@@ -248,6 +250,7 @@ def sample_from_latent(
     ``num_samples`` times with independent noise: returns (x_t [B, ...], samples [num_samples, B, ...]). The
     samples share what x_t still holds of x0: all but fine details for small t, large-scale features for large t.
     """
+    t = check_integer("t", t)
     encode_key, chain_key = jax.random.split(key)
     x_t = q_sample(schedule, x0, jnp.full((x0.shape[0],), t, jnp.int32), jax.random.normal(encode_key, x0.shape))
 
@@ -272,6 +275,7 @@ def ddim_timesteps(num_timesteps: int, num_steps: int, spacing: str = "linear") 
     up to one past the previous, so every step is distinct.
     """
     check_choice("spacing", spacing, TIMESTEP_SPACINGS)
+    num_steps = check_integer("num_steps", num_steps)
     if not 1 <= num_steps <= num_timesteps:
         raise ValueError(f"num_steps must be in [1, {num_timesteps}] (the schedule's T), got {num_steps}")
     if spacing == "linear" or num_steps == 1:
@@ -308,19 +312,22 @@ def ddim_sample(
     if mean_type == "xprev":
         raise ValueError("ddim_sample needs an x_0, eps or v prediction; mean_type 'xprev' works only with ddpm_sample")
     eta_value = concrete_value(eta)  # a traced eta (e.g. vmapped over) is not checked
-    if eta_value is not None and np.any(eta_value < 0):
-        raise ValueError(f"eta must be >= 0, got {eta}")
+    if eta_value is not None and not np.all((eta_value >= 0) & (eta_value <= 1)):
+        # Above 1, sigma^2 can exceed 1 - abar_s, which leaves no real coefficient for eps_hat.
+        raise ValueError(f"eta must be in [0, 1], got {eta}")
     timesteps = ddim_timesteps(schedule.num_timesteps, num_steps, spacing)
     # The step after t = 0 goes to "timestep -1", index T here, where alpha_bar is 1: it returns the predicted x_0.
     prev_timesteps = np.append(timesteps[1:], schedule.num_timesteps).astype(np.int32)
     init_key, step_key = chain_keys(key)
     x_init = jax.random.normal(init_key, shape)
     batch = shape[0]
-    alphas_cumprod_prev_step = jnp.append(schedule.alphas_cumprod, 1.0)
+    # From square roots: alphas_cumprod itself underflows float32 at the end of long chains (T > 10^4 for the
+    # linear schedule), where abar_t / abar_s would be 0 / 0.
+    sqrt_alphas_cumprod_prev_step = jnp.append(schedule.sqrt_alphas_cumprod, 1.0)
 
     def step(x, inp):
         t = jnp.full((batch,), inp["t"], dtype=jnp.int32)
-        mean_out, _ = split_model_output(model_fn(x, t), var_type)
+        mean_out, _ = split_model_output(model_fn(x, t), var_type, x.shape)
         if mean_type == "eps":
             pred_x0, eps = predict_x0_from_eps(schedule, x, t, mean_out), mean_out
         elif mean_type == "x0":
@@ -331,12 +338,15 @@ def ddim_sample(
         if clip_denoised:
             pred_x0 = jnp.clip(pred_x0, -1.0, 1.0)
             eps = predict_eps_from_x0(schedule, x, t, pred_x0)
-        abar_t = extract(schedule.alphas_cumprod, t, x.ndim)
-        abar_s = extract(alphas_cumprod_prev_step, jnp.full((batch,), inp["s"], jnp.int32), x.ndim)
-        sigma = eta * jnp.sqrt((1.0 - abar_s) / (1.0 - abar_t) * (1.0 - abar_t / abar_s))
+        sqrt_abar_t = extract(schedule.sqrt_alphas_cumprod, t, x.ndim)
+        sqrt_abar_s = extract(sqrt_alphas_cumprod_prev_step, jnp.full((batch,), inp["s"], jnp.int32), x.ndim)
+        abar_s = jnp.square(sqrt_abar_s)
+        sigma = eta * jnp.sqrt(
+            (1.0 - abar_s) / (1.0 - jnp.square(sqrt_abar_t)) * (1.0 - jnp.square(sqrt_abar_t / sqrt_abar_s))
+        )
         noise = jax.random.normal(jax.random.fold_in(step_key, inp["t"]), x.shape, x.dtype)
         x_prev = (
-            jnp.sqrt(abar_s) * pred_x0
+            sqrt_abar_s * pred_x0
             + jnp.sqrt(jnp.maximum(1.0 - abar_s - jnp.square(sigma), 0.0)) * eps
             + sigma * noise
         )

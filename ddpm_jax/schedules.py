@@ -36,9 +36,16 @@ class Schedule:
     num_timesteps: int = flax.struct.field(pytree_node=False)
 
 
+def check_integer(name: str, value) -> int:
+    """``value`` (a Python, NumPy or 0-d JAX integer) as an int; a float or bool is refused, not truncated."""
+    integer_array = getattr(value, "shape", None) == () and jnp.issubdtype(value.dtype, jnp.integer)
+    if isinstance(value, bool) or not (isinstance(value, (int, np.integer)) or integer_array):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    return int(value)
+
+
 def _check_num_timesteps(num_timesteps) -> int:
-    if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, (int, np.integer)):
-        raise ValueError(f"num_timesteps must be an integer, got {num_timesteps!r}")
+    num_timesteps = check_integer("num_timesteps", num_timesteps)
     if num_timesteps < 1:
         raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
     return int(num_timesteps)
@@ -101,36 +108,48 @@ def make_schedule_from_betas(betas) -> Schedule:
     if np.any(betas <= 0.0) or np.any(betas >= 1.0):
         bad = betas[(betas <= 0.0) | (betas >= 1.0)]
         raise ValueError(f"betas must lie in the open interval (0, 1); found {bad[:5].tolist()}")
+    return _schedule_from_log_alphas(np.log1p(-betas))
 
-    alphas = 1.0 - betas
-    alphas_cumprod = np.cumprod(alphas)
+
+def _schedule_from_log_alphas(log_alphas: np.ndarray) -> Schedule:
+    """`make_schedule_from_betas` from log(1 - beta_t) [T] (negative, float64).
+
+    From logs, alphas_cumprod keeps its relative precision where it is tiny: at the end of a long chain, and in a
+    respaced chain's last step, whose alpha (e.g. 2.6e-18) is lost to rounding in 1 - beta.
+    """
+    betas = -np.expm1(log_alphas)
+    log_alphas_cumprod = np.cumsum(log_alphas)
+    alphas_cumprod = np.exp(log_alphas_cumprod)
+    one_minus_alphas_cumprod = -np.expm1(log_alphas_cumprod)
     alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
-    posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+    one_minus_alphas_cumprod_prev = np.append(0.0, one_minus_alphas_cumprod[:-1])
+    posterior_variance = betas * one_minus_alphas_cumprod_prev / one_minus_alphas_cumprod
     # posterior_variance[0] is 0 (x_0 is known given x_1); its log is clipped to the next value as in the
     # DDPM code, which only matters for the learned_range interpolation at t = 0.
     clipped = np.append(posterior_variance[1], posterior_variance[1:]) if betas.shape[0] > 1 else betas
     arrays = dict(
         betas=betas,
-        alphas=alphas,
+        alphas=np.exp(log_alphas),
         alphas_cumprod=alphas_cumprod,
         alphas_cumprod_prev=alphas_cumprod_prev,
-        sqrt_alphas_cumprod=np.sqrt(alphas_cumprod),
-        sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - alphas_cumprod),
-        log_one_minus_alphas_cumprod=np.log(1.0 - alphas_cumprod),
-        sqrt_recip_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod),
-        sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod - 1.0),
+        sqrt_alphas_cumprod=np.exp(0.5 * log_alphas_cumprod),
+        sqrt_one_minus_alphas_cumprod=np.sqrt(one_minus_alphas_cumprod),
+        log_one_minus_alphas_cumprod=np.log(one_minus_alphas_cumprod),
+        sqrt_recip_alphas_cumprod=np.exp(-0.5 * log_alphas_cumprod),
+        sqrt_recipm1_alphas_cumprod=np.sqrt(np.expm1(-log_alphas_cumprod)),
         posterior_variance=posterior_variance,
         posterior_log_variance_clipped=np.log(clipped),
-        posterior_mean_coef1=betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
-        posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod),
+        posterior_mean_coef1=betas * np.sqrt(alphas_cumprod_prev) / one_minus_alphas_cumprod,
+        posterior_mean_coef2=one_minus_alphas_cumprod_prev * np.exp(0.5 * log_alphas) / one_minus_alphas_cumprod,
     )
-    for key, value in arrays.items():
+    with np.errstate(over="ignore"):  # reported below
+        stored = {k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()}
+    for key, value in stored.items():
         if not np.all(np.isfinite(value)):
-            raise ValueError(f"schedule quantity {key} is not finite; check the betas")
-    return Schedule(
-        **{k: jnp.asarray(v, dtype=jnp.float32) for k, v in arrays.items()},
-        num_timesteps=int(betas.shape[0]),
-    )
+            # Stored as float32: e.g. 1 / sqrt(alphas_cumprod) overflows once alphas_cumprod < 1e-76.
+            raise ValueError(f"schedule quantity {key} is not finite in float32 (alphas_cumprod falls to "
+                             f"{alphas_cumprod[-1]:.2g}); use fewer timesteps or smaller betas")
+    return Schedule(**{k: jnp.asarray(v) for k, v in stored.items()}, num_timesteps=int(betas.shape[0]))
 
 
 def make_schedule(name: str, num_timesteps: int, **kwargs) -> Schedule:
@@ -143,19 +162,21 @@ def respace_schedule(schedule: Schedule, timesteps) -> Schedule:
     Dhariwal 2021, Sec. 4: its alphas_cumprod are the original's at those steps, so its betas are
     beta_i = 1 - alphas_cumprod[t_i] / alphas_cumprod[t_{i-1}] (alphas_cumprod[t_{-1}] = 1).
 
-    Computed in float64 from the schedule's float32 betas and alphas, which must be concrete (not traced).
+    Computed in float64 from the schedule's float32 betas and alphas; they and ``timesteps`` must be concrete
+    (not traced).
     """
-    timesteps = np.asarray(timesteps)
-    num_timesteps = schedule.num_timesteps
-    if timesteps.ndim != 1 or not len(timesteps) or timesteps[0] < 0 or timesteps[-1] >= num_timesteps \
-            or np.any(np.diff(timesteps) <= 0):
-        raise ValueError(f"timesteps must increase strictly within [0, {num_timesteps - 1}], got {timesteps}")
     try:
+        timesteps = np.asarray(timesteps)
         betas, alphas = np.asarray(schedule.betas, np.float64), np.asarray(schedule.alphas, np.float64)
     except jax.errors.TracerArrayConversionError as err:
-        raise ValueError("a respaced chain needs the schedule's values: close over the schedule instead of passing "
-                         "it through jit") from err
+        raise ValueError("a respaced chain needs the values of the schedule and its timesteps: close over them "
+                         "instead of passing them through jit") from err
+    num_timesteps = schedule.num_timesteps
+    if timesteps.ndim != 1 or not len(timesteps) or not np.issubdtype(timesteps.dtype, np.integer) \
+            or timesteps[0] < 0 or timesteps[-1] >= num_timesteps or np.any(np.diff(timesteps) <= 0):
+        raise ValueError(f"timesteps must be integers increasing strictly within [0, {num_timesteps - 1}], "
+                         f"got {timesteps}")
     # log alpha from whichever float32 value holds it to ~1e-7 relative: 1 - beta for small betas, alpha for large.
     log_alphas = np.where(betas < 0.5, np.log1p(-betas), np.log(alphas))
     log_alphas_cumprod = np.append(0.0, np.cumsum(log_alphas)[timesteps])
-    return make_schedule_from_betas(-np.expm1(np.diff(log_alphas_cumprod)))
+    return _schedule_from_log_alphas(np.diff(log_alphas_cumprod))

@@ -68,16 +68,18 @@ def ddim_quadratic_timesteps(T, num_steps):
 
 
 def linear_chain_moments(betas, mu, s, *, sampler, var_type="fixedlarge", num_steps=None, eta=0.0,
-                         spacing="linear"):
+                         spacing="linear", alphas_cumprod=None):
     """Exact mean and std of a sampler's output for Gaussian data with the optimal eps model, in float64.
 
     With x_0 ~ N(mu, s^2) every step is x_s = c x_t + d + sigma z, so the moments of N(0, 1) started chains
     follow a scalar recursion: an independent NumPy oracle for `ddpm_sample` and `ddim_sample`.
+    ``alphas_cumprod`` replaces ``betas`` where 1 - beta rounds away (a step from alphas_cumprod 1e-18 to 1).
     """
-    betas = np.asarray(betas, np.float64)
-    T = len(betas)
-    abar = np.cumprod(1 - betas)
+    abar = np.cumprod(1 - np.asarray(betas, np.float64)) if alphas_cumprod is None else np.asarray(alphas_cumprod)
+    T = len(abar)
     abar_prev = np.append(1.0, abar[:-1])
+    alphas = abar / abar_prev
+    betas = 1 - alphas
     if sampler == "ddpm":
         ts = np.arange(T - 1, -1, -1)
         prev = ts - 1
@@ -95,7 +97,7 @@ def linear_chain_moments(betas, mu, s, *, sampler, var_type="fixedlarge", num_st
         cx0, dx0 = (1 - b * ce) / a, -b * de / a  # x0_hat = cx0 x + dx0
         if sampler == "ddpm":
             coef1 = betas[t] * np.sqrt(abar_prev[t]) / (1 - abar[t])
-            coef2 = (1 - abar_prev[t]) * np.sqrt(1 - betas[t]) / (1 - abar[t])
+            coef2 = (1 - abar_prev[t]) * np.sqrt(alphas[t]) / (1 - abar[t])
             c, d = coef1 * cx0 + coef2, coef1 * dx0
             post = betas[t] * (1 - abar_prev[t]) / (1 - abar[t])
             if t == 0:

@@ -1,6 +1,7 @@
 """Forward process, posterior, parameterizations and losses against independent oracles."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -296,10 +297,21 @@ def test_bad_loss_configs_raise(kwargs, match):
 
 def test_model_output_shape_mismatch_raises():
     x_t = jnp.zeros((2, 4))
-    with pytest.raises(ValueError, match="twice the data channels"):
-        dj.p_mean_variance(SCHEDULE, jnp.zeros((2, 3)), x_t, jnp.array([0, 1]), var_type="learned")
-    with pytest.raises(ValueError, match="does not match"):
+    for output in (jnp.zeros((2, 3)), jnp.zeros((2, 4))):  # an even count of channels, but not twice the data's
+        with pytest.raises(ValueError, match=re.escape("should have shape (2, 8): the data's (2, 4) with twice")):
+            dj.p_mean_variance(SCHEDULE, output, x_t, jnp.array([0, 1]), var_type="learned")
+    with pytest.raises(ValueError, match=re.escape("model output (2, 8) for var_type='fixedlarge' should have shape "
+                                                   "(2, 4)")):
         dj.p_mean_variance(SCHEDULE, jnp.zeros((2, 8)), x_t, jnp.array([0, 1]), var_type="fixedlarge")
+    # The samplers that do not go through p_mean_variance check too: a one-channel output for RGB data would be
+    # broadcast over the channels, and sample nonsense.
+    one_channel = lambda x, t: 0.5 * x[..., :1]  # noqa: E731
+    with pytest.raises(ValueError, match=re.escape("(1, 4, 4, 1) for var_type='fixedlarge' should have shape")):
+        dj.ddim_sample(one_channel, SCHEDULE, jax.random.PRNGKey(0), (1, 4, 4, 3), 5)
+    with pytest.raises(ValueError, match=re.escape("(1, 2) for var_type='learned' should have shape (1, 4)")):
+        dj.ddim_sample(lambda x, t: 0.5 * x, SCHEDULE, jax.random.PRNGKey(0), (1, 2), 5, var_type="learned")
+    with pytest.raises(ValueError, match=re.escape("(1, 1) for var_type='fixedlarge' should have shape (1, 4)")):
+        dj.ddpm_sample(lambda x, t: x[:, :1], SCHEDULE, jax.random.PRNGKey(0), (1, 4), num_steps=5, mean_type="xprev")
 
 
 def test_a_scalar_t_is_the_same_t_for_every_example():

@@ -73,6 +73,34 @@ def test_ddim_matches_exact_chain_moments(num_steps, eta, spacing):
     _check_moments(x, mean, std**2, x.size)
 
 
+def test_ddim_on_a_schedule_whose_alphas_cumprod_underflow_float32():
+    """T = 12000 linear steps: alphas_cumprod is 0 in float32 over the last 897 steps, where abar_t / abar_s was
+    0 / 0 and DDIM returned NaN; from the square roots the chain follows the float64 recursion."""
+    long = dj.make_schedule("linear", 12000)
+    x = jax.jit(
+        lambda key: dj.ddim_sample(optimal_eps_fn(long, MU, S), long, key, (N, 4), 1000, 0.5, clip_denoised=False)
+    )(jax.random.PRNGKey(9))
+    mean, std = linear_chain_moments(np.linspace(1e-4, 0.02, 12000), MU, S, sampler="ddim", num_steps=1000, eta=0.5)
+    _check_moments(x, mean, std**2, x.size)
+    with pytest.raises(ValueError, match=r"eta must be in \[0, 1\], got 1.5"):
+        dj.ddim_sample(optimal_eps_fn(long, MU, S), long, jax.random.PRNGKey(9), (2, 4), 10, 1.5)
+
+
+def test_a_chain_respaced_to_one_or_two_steps_of_a_long_schedule():
+    """T = 4000: one step goes from x_T straight to x_0 (beta = 1 - 2.6e-18, refused before); one and two steps
+    of the exact model land where the float64 recursion says. (The model predicts x_0: its x_0 from eps would be
+    (x_t - b eps) / 1.6e-9 at t = T, float32 rounding times 6e8.)"""
+    long = dj.make_schedule("linear", 4000)
+    x0_model = lambda x_t, t: gaussian_posterior_x0(long, x_t, t, MU, S)[0]  # noqa: E731
+    for num_steps in (1, 2):
+        x = dj.ddpm_sample(x0_model, long, jax.random.PRNGKey(num_steps), (N, 4), num_steps=num_steps,
+                           mean_type="x0", var_type="fixedsmall", clip_denoised=False)
+        kept = np.linspace(3999, 0, num_steps).round().astype(int)[::-1]  # from T - 1 down
+        abar = np.cumprod(1 - np.linspace(1e-4, 0.02, 4000))[kept]
+        mean, std = linear_chain_moments(None, MU, S, sampler="ddpm", var_type="fixedsmall", alphas_cumprod=abar)
+        _check_moments(x, mean, std**2, x.size, extra=1e-6)  # one step: x_0 = E[x_0 | x_T], var 1e-10
+
+
 def _optimal_xprev_fn(schedule, mu, s):
     """The posterior mean of one original step, from the optimal eps: what a mean_type 'xprev' model predicts."""
     eps_fn = optimal_eps_fn(schedule, mu, s)
@@ -178,6 +206,10 @@ def test_chain_from_a_given_state_equals_the_loop_from_that_step():
         dj.ddpm_sample(model_fn, SMALL, key, (5, 3), start_t=start_t)
     with pytest.raises(ValueError, match=r"start_t must be in \[0, 19\]"):
         dj.ddpm_sample(model_fn, SMALL, key, (5, 3), x_start=x_start, start_t=SMALL_T)
+    with pytest.raises(ValueError, match="start_t must be an integer, got 2.7"):  # was truncated to 2
+        dj.ddpm_sample(model_fn, SMALL, key, (5, 3), x_start=x_start, start_t=2.7)
+    np.testing.assert_array_equal(dj.ddpm_sample(model_fn, SMALL, key, (5, 3), x_start=x_start, start_t=jnp.int32(8)),
+                                  scanned)
 
 
 def test_interpolation_shares_its_noise_across_lambda():
@@ -257,6 +289,14 @@ def test_sampler_reproducible_and_vmappable_over_keys():
 
 def test_sampler_errors():
     model_fn = optimal_eps_fn(SMALL, MU, S)
+    for num_steps in (5.0, True):
+        with pytest.raises(ValueError, match=f"num_steps must be an integer, got {num_steps}"):
+            dj.ddim_sample(model_fn, SMALL, jax.random.PRNGKey(0), (2, 2), num_steps=num_steps)
+        with pytest.raises(ValueError, match=f"num_steps must be an integer, got {num_steps}"):
+            dj.ddpm_sample(model_fn, SMALL, jax.random.PRNGKey(0), (2, 2), num_steps=num_steps)
+    with pytest.raises(ValueError, match="t must be an integer, got 2.7"):
+        dj.interpolate(model_fn, SMALL, jnp.zeros((1, 2)), jnp.ones((1, 2)), jnp.array([0.5]), 2.7,
+                       jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="num_steps must be in"):
         dj.ddim_sample(model_fn, SMALL, jax.random.PRNGKey(0), (2, 2), num_steps=SMALL_T + 1)
     with pytest.raises(ValueError, match="xprev"):

@@ -2,6 +2,8 @@
 
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -129,6 +131,36 @@ def test_respaced_schedule_keeps_alphas_cumprod_at_the_kept_steps():
     same = dj.respace_schedule(schedule, np.arange(1000))
     for name in ("betas", "alphas_cumprod", "posterior_variance", "posterior_mean_coef1", "posterior_mean_coef2"):
         np.testing.assert_allclose(getattr(same, name), getattr(schedule, name), rtol=1e-5, err_msg=name)
-    for bad in (np.array([5, 5]), np.array([3, 1]), np.array([0, 1000]), np.array([], int)):
-        with pytest.raises(ValueError, match="timesteps must increase strictly"):
+    for bad in (np.array([5, 5]), np.array([3, 1]), np.array([0, 1000]), np.array([], int), np.array([0.0, 5.0])):
+        with pytest.raises(ValueError, match="timesteps must be integers increasing strictly"):
             dj.respace_schedule(schedule, bad)
+    with pytest.raises(ValueError, match="close over them instead of passing them through jit"):
+        jax.jit(lambda kept: dj.respace_schedule(schedule, kept))(jnp.arange(3))
+
+
+def test_respacing_keeps_the_tiny_alphas_cumprod_of_a_long_schedule():
+    """At T = 4000 alphas_cumprod ends at 2.6e-18: the last step of a chain respaced to few steps has
+    1 - beta = 2.6e-18 / alphas_cumprod[t_prev], which rounds away in float64. Respacing from logs keeps it to
+    float32 precision (it was 5e-4 off with 3 steps, and 1 or 2 steps were refused as beta = 1)."""
+    schedule = dj.make_schedule("linear", 4000)
+    exact = np.cumprod(1 - np.linspace(1e-4, 0.02, 4000))
+    for kept in ([3999], [0, 3999], [0, 2000, 3999], [5, 17, 1000, 3998, 3999]):
+        respaced = dj.respace_schedule(schedule, np.array(kept))
+        np.testing.assert_allclose(respaced.alphas_cumprod, exact[kept], rtol=2e-6, err_msg=str(kept))
+        np.testing.assert_allclose(respaced.sqrt_recip_alphas_cumprod, exact[kept] ** -0.5, rtol=2e-6)
+        np.testing.assert_allclose(respaced.posterior_mean_coef2[-1],  # (1 - abar_prev) sqrt(alpha) / (1 - abar)
+                                   (1 - np.append(1, exact[kept])[-2]) * np.sqrt(exact[kept][-1] / np.append(
+                                       1, exact[kept])[-2]) / (1 - exact[kept][-1]), rtol=2e-6)
+
+
+def test_a_schedule_that_float32_cannot_hold_is_refused():
+    """T = 12000 linear steps: alphas_cumprod falls to 1.9e-53 (0 in float32) while its square root and every
+    coefficient stay finite. At T = 20000 1 / sqrt(alphas_cumprod) (1e53) overflows float32: a message, not a
+    schedule holding inf (samplers returned NaN)."""
+    exact = np.cumprod(1 - np.linspace(1e-4, 0.02, 12000))
+    schedule = dj.make_schedule("linear", 12000)
+    assert float(schedule.alphas_cumprod[-1]) == 0.0
+    np.testing.assert_allclose(schedule.sqrt_alphas_cumprod, np.sqrt(exact), rtol=1e-6)
+    np.testing.assert_allclose(schedule.sqrt_recip_alphas_cumprod, exact**-0.5, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"sqrt_recip_alphas_cumprod is not finite in float32 .*use fewer timesteps"):
+        dj.make_schedule("linear", 20000)
