@@ -103,8 +103,11 @@ def main(argv):
         config, model, schedule, params, tag = _load()
         overrides = {"sampler": FLAGS.sampler, "num_steps": FLAGS.steps, "eta": FLAGS.eta, "spacing": FLAGS.spacing,
                      "num_samples": FLAGS.num, "batch_size": FLAGS.batch_size}
-        if FLAGS.sampler not in (None, config.sampling.sampler) and FLAGS.steps is None:
-            config.sampling.num_steps = 0  # another sampler than the run's: its own default length
+        if FLAGS.sampler not in (None, config.sampling.sampler):  # another sampler than the run's: its defaults
+            if FLAGS.steps is None:
+                config.sampling.num_steps = 0
+            if FLAGS.eta is None:
+                config.sampling.eta = 0.0
         for name, value in overrides.items():
             if value is not None:
                 config.sampling[name] = value

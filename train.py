@@ -25,6 +25,8 @@ from ddpm_jax.interrupts import say
 
 def unknown_field(err: Exception) -> SystemExit:
     """ml_collections' error for a --config.* field the config does not have, as one line."""
+    if isinstance(err, AttributeError) and err.name == "get_config":  # raised by ml_collections' loader
+        return SystemExit("error: the --config file defines no get_config() returning its ConfigDict")
     reason = " ".join(str(err).encode().decode("unicode_escape").replace("'", "").split())
     return SystemExit(f"error: unknown config field {reason}")
 
@@ -116,6 +118,10 @@ def _run(workdir: str) -> None:
     if FLAGS.mode == "train":
         if FLAGS.pretrained:
             raise ValueError("--pretrained weights are evaluated with --mode=eval; training starts from scratch")
+        given = [f"--{name}" for name in ("eval_examples", "eval_split") if FLAGS[name].present]
+        if given:
+            raise ValueError(f"{', '.join(given)} belong{'s' if len(given) == 1 else ''} to --mode=eval (training "
+                             "evaluates eval.num_bpd_examples of eval.split)")
         run.train_and_evaluate(FLAGS.config, workdir, progress=FLAGS.progress)
         say(f"done: checkpoint and samples.png in {workdir}")
     else:  # on Ctrl-C, run.evaluate_model says which batches it kept for the next run

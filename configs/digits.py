@@ -1,6 +1,6 @@
 """The default: scikit-learn's 8x8 handwritten digits (1,797 images, no download) and a small U-Net.
 
-Sized to train on 2 CPU cores in about 10 minutes.
+Sized to train on 2 CPU cores in three to five minutes (timings in the README).
 """
 
 from configs.base import get_base_config

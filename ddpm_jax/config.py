@@ -12,7 +12,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ddpm_jax.data import DATASETS
+from ddpm_jax.data import DATASETS, NUM_TOY_TRAIN
 from ddpm_jax.diffusion import LOSS_TYPES, MEAN_TYPES, VAR_TYPES
 from ddpm_jax.models import MLP, UNet
 from ddpm_jax.sampling import TIMESTEP_SPACINGS
@@ -195,6 +195,9 @@ def validate_config(config, *, num_devices: int = 1, process_count: int = 1) -> 
         problems.append("diffusion.loss_type='hybrid' needs diffusion.var_type 'learned' or 'learned_range'")
     if s.sampler == "ddim" and df.mean_type == "xprev":
         problems.append("sampling.sampler='ddim' needs diffusion.mean_type eps, x0 or v (not xprev)")
+    if s.sampler == "ddpm" and s.eta:
+        problems.append(f"sampling.eta={s.eta} sets DDIM's noise, and the ddpm sampler has its own: set "
+                        "sampling.sampler='ddim' (or sampling.eta=0)")
     if s.sampler == "ddpm" and s.spacing != "linear" and not s.num_steps:
         problems.append(f"sampling.spacing={s.spacing!r} chooses the steps of a shorter chain, and the ddpm sampler "
                         "runs all T steps (set sampling.num_steps, or sampling.spacing='linear')")
@@ -213,9 +216,15 @@ def validate_config(config, *, num_devices: int = 1, process_count: int = 1) -> 
                 f"{df.num_timesteps}; set sampling.num_steps <= {df.num_timesteps} (sample.py: --steps)"
             )
 
+    if isinstance(config.seed, bool) or not isinstance(config.seed, int) or not 0 <= config.seed < 2**32:
+        problems.append(f"seed={config.seed!r} must be an integer in [0, 2^32): JAX keys hold 32 bits, so 2^32 "
+                        "would repeat seed 0")
     if d.dataset in DATASETS:
         spec = DATASETS[d.dataset]
+        num_train = spec.num_train
         if spec.kind == "toy":
+            positive("data.num_train", d.num_train, allow_zero=True)
+            num_train = (d.num_train or NUM_TOY_TRAIN) if isinstance(d.num_train, int) else None
             if m.name != "mlp":
                 problems.append(f"data.dataset={d.dataset!r} is 2-D: use model.name='mlp'")
             if d.dim != spec.shape[0]:
@@ -231,6 +240,9 @@ def validate_config(config, *, num_devices: int = 1, process_count: int = 1) -> 
             if d.num_channels != spec.num_channels:
                 problems.append(f"data.num_channels={d.num_channels} but {d.dataset!r} has {spec.num_channels}")
             positive("data.image_size", d.image_size)
+        if num_train and isinstance(tr.batch_size, int) and tr.batch_size > num_train:
+            problems.append(f"training.batch_size={tr.batch_size} exceeds the {num_train} examples of "
+                            f"{d.dataset!r}'s train split")
 
     if not problems:
         try:

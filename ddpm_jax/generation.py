@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ddpm_jax import viz
 from ddpm_jax.config import data_shape, is_image_data, num_sampling_steps
 from ddpm_jax.data import NUM_TOY_TEST, load_split, make_dataset, uint8_to_float
-from ddpm_jax.interrupts import ChainWatch, progress_bar
+from ddpm_jax.interrupts import ChainWatch, progress_bar, say
 from ddpm_jax.models.conv import cpu_conv_compiler_options
 from ddpm_jax.models.layers import denoiser_fn
 from ddpm_jax.parts import Parts, fingerprint
@@ -70,6 +70,10 @@ def _grid_style(config) -> dict:
 
 def save_samples(config, samples: np.ndarray, path: str, reference: np.ndarray | None = None) -> None:
     """A PNG of samples: an image grid, or for 2-D data a scatter plot beside the data."""
+    diverged = int(np.sum(~np.isfinite(samples).reshape(len(samples), -1).all(axis=1)))
+    if diverged:
+        shown = "drawn with NaN as mid-grey" if is_image_data(config) else "left out of the plot"
+        say(f"warning: {diverged} of {len(samples)} samples hold NaN or inf ({shown}) in {path}", file=sys.stderr)
     if is_image_data(config):
         viz.save_image_grid(path, samples, **_grid_style(config))
     else:

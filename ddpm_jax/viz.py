@@ -25,11 +25,15 @@ _BLOCK_GAP = 4  # pixels between the x_t and predicted-x_0 blocks, so they read 
 
 
 def to_uint8(images) -> np.ndarray:
-    """Floats in [-1, 1] -> uint8 via round((x + 1) * 127.5), clipped to [0, 255]; uint8 passes through."""
+    """Floats in [-1, 1] -> uint8 via round((x + 1) * 127.5), clipped to [0, 255]; uint8 passes through.
+
+    NaN becomes mid-grey (128), not the 0 of a cast: a diverged sample should not look like a dark image.
+    """
     images = np.asarray(images)
     if images.dtype == np.uint8:
         return images
-    return np.clip(np.rint((images.astype(np.float64) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    images = np.nan_to_num(images.astype(np.float64), nan=0.0, posinf=1.0, neginf=-1.0)
+    return np.clip(np.rint((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
 def _auto_scale(height: int) -> int:
@@ -44,8 +48,9 @@ def image_grid(images, ncols: int | None = None, padding: int = 1, pad_value: in
     and framed by ``padding`` pixels of ``pad_value``. Empty cells of the last row are ``pad_value``.
     """
     images = to_uint8(images)
-    if images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise ValueError(f"image_grid needs images [N, H, W, C] with C = 1 or 3, got shape {images.shape}")
+    if images.ndim != 4 or images.shape[-1] not in (1, 3) or not len(images):
+        raise ValueError(f"image_grid needs at least one image [N, H, W, C] with C = 1 or 3, got shape "
+                         f"{images.shape}")
     if scale < 1 or padding < 0:
         raise ValueError(f"scale must be >= 1 and padding >= 0, got scale={scale}, padding={padding}")
     num, height, width, channels = images.shape

@@ -471,6 +471,10 @@ BAD_RUNS = {
     ),
     "released weights in train mode": (["--pretrained=weights"], {}, "--pretrained weights are evaluated with "
                                                                        "--mode=eval"),
+    "eval flags in train mode": (["--eval_split=train", "--eval_examples=5"], {},
+                                 r"--eval_examples, --eval_split belong to --mode=eval"),
+    "config file without get_config": (["--config=configs/__init__.py"], {},
+                                       r"the --config file defines no get_config\(\)"),
     "missing released weights": (["--mode=eval", "--pretrained=no/such/ddpm-cifar10-32"], {},
                                  "no/such/ddpm-cifar10-32: no such diffusers model directory"),
     # 2**46 weights in one layer, 256 TiB: more than a 47-bit address space, whatever the overcommit policy.

@@ -515,6 +515,13 @@ def test_unreadable_checkpoint_gives_a_clear_error_and_is_not_overwritten(swissr
         (digits.get_config, {"model.num_groups": 0}, 1, r"model: num_groups must be >= 1"),
         (digits.get_config, {"sampling.sampler": "ddim", "sampling.spacing": "log"}, 1,
          r"sampling.spacing='log' .*linear.*quadratic"),
+        # Ignored or aliased before, or failing only after the workdir was made:
+        (digits.get_config, {"seed": 2**32}, 1, r"seed=4294967296 must be an integer in \[0, 2\^32\)"),
+        (digits.get_config, {"seed": -1}, 1, r"seed=-1 must be an integer in \[0, 2\^32\)"),
+        (swissroll.get_config, {"data.num_train": -3}, 1, r"data.num_train=-3 must be an integer >= 0"),
+        (swissroll.get_config, {"data.num_train": 10}, 1, r"batch_size=1024 exceeds the 10 examples of 'swissroll'"),
+        (digits.get_config, {"training.batch_size": 2000}, 1, r"batch_size=2000 exceeds the 1500 examples of 'digits'"),
+        (digits.get_config, {"sampling.eta": 0.5}, 1, r"sampling.eta=0.5 sets DDIM's noise, and the ddpm sampler"),
     ],
 )
 def test_validate_config_names_the_problem(config_fn, overrides, num_devices, message):

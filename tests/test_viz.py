@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 import ddpm_jax as dj
-from ddpm_jax import viz
+from ddpm_jax import generation, viz
 
 
 def upscaled(tile: np.ndarray, scale: int) -> np.ndarray:
@@ -20,6 +20,21 @@ def test_to_uint8_maps_clips_and_rounds():
     assert viz.to_uint8(x).dtype == np.uint8
     already = np.arange(256, dtype=np.uint8)
     np.testing.assert_array_equal(viz.to_uint8(already), already)
+    # A diverged sample is mid-grey, not black like a dark image (the cast made NaN 0).
+    np.testing.assert_array_equal(viz.to_uint8(np.array([np.nan, np.inf, -np.inf])), [128, 255, 0])
+
+
+def test_saving_diverged_samples_says_how_many(tmp_path, capsys):
+    from configs.digits import get_config
+
+    samples = np.zeros((4, 8, 8, 1), np.float32)
+    samples[1, 3, 3] = np.nan
+    samples[2] = np.inf
+    path = str(tmp_path / "samples.png")
+    generation.save_samples(get_config(), samples, path)
+    assert f"warning: 2 of 4 samples hold NaN or inf (drawn with NaN as mid-grey) in {path}" in capsys.readouterr().err
+    generation.save_samples(get_config(), samples[[0, 3]], path)
+    assert "warning" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -55,6 +70,8 @@ def test_image_grid_rejects_bad_shapes():
         viz.image_grid(np.zeros((2, 4, 4, 2)))
     with pytest.raises(ValueError, match="scale"):
         viz.image_grid(np.zeros((2, 4, 4, 1)), scale=0)
+    with pytest.raises(ValueError, match="at least one image"):
+        viz.image_grid(np.zeros((0, 4, 4, 1)))
 
 
 def test_chain_strip_tile_at_row_i_col_j_is_record_j_of_example_i():

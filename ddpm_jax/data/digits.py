@@ -13,9 +13,11 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
+from ddpm_jax.data.images import DATASETS
+
 __all__ = ["NUM_TRAIN", "SKLEARN_DIGITS_CSV", "SklearnDigits", "prepare_digits", "read_digits_csv"]
 
-NUM_TRAIN = 1500
+NUM_TRAIN = DATASETS["digits"].num_train  # the first 1500 of the 1797 images; the rest are the test split
 
 
 def _sklearn_digits_csv() -> str:

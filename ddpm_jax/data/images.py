@@ -37,6 +37,7 @@ class DatasetSpec:
     tfds_name: str | None = None
     label_key: str | None = "label"  # None: the set has no class labels; batches carry zeros
     center_crop: int | None = None  # square side cut from the centre of each source image before resizing
+    num_train: int | None = None  # examples in the train split (2-D sets: config.data.num_train)
 
     @property
     def num_channels(self) -> int:
@@ -45,12 +46,12 @@ class DatasetSpec:
 
 
 DATASETS: dict[str, DatasetSpec] = {
-    "digits": DatasetSpec("image", (8, 8, 1), "sklearn_digits"),
-    "mnist": DatasetSpec("image", (28, 28, 1), "mnist"),
-    "fashion_mnist": DatasetSpec("image", (28, 28, 1), "fashion_mnist"),
-    "cifar10": DatasetSpec("image", (32, 32, 3), "cifar10"),
+    "digits": DatasetSpec("image", (8, 8, 1), "sklearn_digits", num_train=1500),
+    "mnist": DatasetSpec("image", (28, 28, 1), "mnist", num_train=60_000),
+    "fashion_mnist": DatasetSpec("image", (28, 28, 1), "fashion_mnist", num_train=60_000),
+    "cifar10": DatasetSpec("image", (32, 32, 3), "cifar10", num_train=50_000),
     # CelebA 218x178: the centre 140x140 crop resized to 64x64, the usual 64x64 CelebA of diffusion papers.
-    "celeba64": DatasetSpec("image", (64, 64, 3), "celeb_a", label_key=None, center_crop=140),
+    "celeba64": DatasetSpec("image", (64, 64, 3), "celeb_a", label_key=None, center_crop=140, num_train=162_770),
     **{name: DatasetSpec("toy", (2,)) for name in TOY_SETS},
 }
 
