@@ -129,7 +129,7 @@ def environment() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "loadavg_at_start": os.getloadavg(),
         "command": " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
     try:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -178,18 +177,16 @@ def main() -> None:
     parser.add_argument("--ablation-dir", default="runs/ablation")
     parser.add_argument("--ablation-samples", type=int, default=500)
     parser.add_argument("--ablation-steps", type=int, default=0, help="training steps (0: the digits config's 800)")
+    parser.add_argument("--out-dir", default=common.RESULTS_DIR, help="where the JSON goes (default: "
+                        "benchmarks/results)")
     args = parser.parse_args()
     logging.set_verbosity(logging.WARNING)
 
     device = jax.devices()[0]
-    result = {
+    result = {  # "command" and "date" also label the rows of an ablation run (with_earlier_rows)
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-        "device": common.device_name(),
-        "cpu_count": os.cpu_count(),
-        "loadavg_start": os.getloadavg(),
-        "jax": jax.__version__,
-        "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "environment": common.environment(),
     }
     if args.ablation:
         names = list(ABLATION) if args.ablation == "all" else args.ablation.split(",")
@@ -199,7 +196,7 @@ def main() -> None:
         result["ablation"] = [ablation_row(args.ablation_dir, name, args.ablation_samples, args.ablation_steps)
                               for name in names]
         steps = f"_steps{args.ablation_steps}" if args.ablation_steps else ""
-        path = f"benchmarks/results/quality_ablation{steps}_{device.platform}.json"
+        path = os.path.join(args.out_dir, f"quality_ablation{steps}_{device.platform}.json")
         write_result(with_earlier_rows(result, path), path)
         return
     if args.spacing_sweep:
@@ -208,7 +205,7 @@ def main() -> None:
         result["digits_spacing"] = spacing_sweep(args.digits_workdir, args.digits_samples, args.sweep_sampler,
                                                  step_counts, seeds)
         name = "quality_spacing" + ("" if args.sweep_sampler == "ddim" else f"_{args.sweep_sampler}")
-        write_result(result, f"benchmarks/results/{name}_{device.platform}.json")
+        write_result(result, os.path.join(args.out_dir, f"{name}_{device.platform}.json"))
         return
     result["swissroll"] = swissroll_quality(args.swissroll_seconds, args.swissroll_samples)
     s = result["swissroll"]
@@ -231,7 +228,7 @@ def main() -> None:
             f"{d['class_entropy_data']:.3f} (max ln 10 = 2.303); confidence {d['confidence']:.3f} vs "
             f"{d['confidence_data']:.3f}"
         )
-    write_result(result, f"benchmarks/results/quality_{device.platform}.json")
+    write_result(result, os.path.join(args.out_dir, f"quality_{device.platform}.json"))
 
 
 def with_earlier_rows(result: dict, path: str) -> dict:

@@ -1,6 +1,6 @@
 """Base values shared by every experiment; each config file overrides what differs.
 
-Groups follow DESIGN.md: data, model, diffusion, training, sampling, eval. Names as in the papers.
+Groups: data, model, diffusion, training, sampling, eval. Names as in the papers.
 """
 
 import ml_collections
