@@ -234,6 +234,11 @@ def validate_config(config, *, num_devices: int = 1, process_count: int = 1) -> 
             if ev.bpd_every:
                 problems.append(f"eval.bpd_every={ev.bpd_every}: bits/dim is defined for 8-bit images, and "
                                 f"{d.dataset!r} is 2-D (set eval.bpd_every=0)")
+            if df.loss_type in ("kl", "hybrid"):
+                # Its L_0 is the discretized decoder of 8-bit data in [-1, 1]: for points outside that range a
+                # wrong mean scores better than the right one.
+                problems.append(f"diffusion.loss_type={df.loss_type!r} has the 8-bit image decoder as L_0, and "
+                                f"{d.dataset!r} is 2-D: use 'mse' (or 'l1', 'huber')")
         else:
             if m.name != "unet":
                 problems.append(f"data.dataset={d.dataset!r} holds images: use model.name='unet'")

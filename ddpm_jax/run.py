@@ -372,13 +372,13 @@ def _train(config, workdir: str, checkpointer: Checkpointer, progress: bool) -> 
 
             if _crossed(step, num, tr.log_every) or step == tr.num_steps:
                 summary = _summarize(jax.device_get(window))
-                elapsed = time.perf_counter() - window_start
-                summary["steps_per_sec"] = sum(len(m["loss"]) for m in window) / elapsed
+                updates = sum(len(m["loss"]) for m in window)  # the last call may run fewer than k steps
+                summary["steps_per_sec"] = updates / (time.perf_counter() - window_start)
                 writer.write(step, summary)
                 bar.set_postfix(loss=f"{summary['loss']:.4f}", skipped=summary["skipped"])
-                if summary["skipped"] >= min(tr.max_skipped_steps, len(window) * k):
+                if summary["skipped"] >= min(tr.max_skipped_steps, updates):
                     raise FloatingPointError(
-                        f"{summary['skipped']} of the last {len(window) * k} updates had a non-finite loss or "
+                        f"{summary['skipped']} of the last {updates} updates had a non-finite loss or "
                         f"gradient (step {step}); lower training.lr, use model.dtype='float32' or check the data"
                     )
                 window, window_start = [], time.perf_counter()

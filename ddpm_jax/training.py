@@ -214,8 +214,9 @@ def make_train_step(config, model: nn.Module, schedule: Schedule) -> Callable:
             "loss": loss,
             "grad_norm": grad_norm,
             "finite": finite,
-            "loss_by_t_sum": jnp.where(jnp.isfinite(per_example), per_example, 0.0) @ onehot,
-            "loss_by_t_count": jnp.sum(onehot, axis=0),
+            # A skipped update's examples count nowhere, as its loss is left out of the logged mean.
+            "loss_by_t_sum": jnp.where(finite, per_example, 0.0) @ onehot,
+            "loss_by_t_count": jnp.where(finite, jnp.sum(onehot, axis=0), 0.0),
         }
         return new_state, metrics
 

@@ -355,8 +355,13 @@ def test_nonfinite_batch_skips_the_update_and_is_counted():
     assert_trees_equal(after.ema_params, before.ema_params)
     assert_trees_equal(after.opt_state, before.opt_state)
 
+    # The skipped step's examples are left out of the loss by timestep quartile, like its loss from the logged
+    # mean (its finite examples counted as zero loss and pulled the quartiles down).
+    assert np.all(np.asarray(metrics["loss_by_t_count"]) == 0) and np.all(np.asarray(metrics["loss_by_t_sum"]) == 0)
     state, metrics = step_fn(state, {"image": jnp.asarray(good)})
     assert bool(metrics["finite"][0]) and int(state.step) == 2 and int(state.num_skipped) == 1
+    assert float(np.sum(metrics["loss_by_t_count"])) == 64
+    np.testing.assert_allclose(np.sum(metrics["loss_by_t_sum"]) / 64, metrics["loss"][0], rtol=1e-5)
     for new, old in zip(jax.tree.leaves(state.params), jax.tree.leaves(before.params), strict=True):
         assert not np.array_equal(np.asarray(new), old)
 
@@ -393,6 +398,13 @@ def test_training_stops_when_every_update_is_skipped(monkeypatch, tmp_path):
         run.train_and_evaluate(config, str(tmp_path / "all_bad"), progress=False)
     # Closed on the way out too, so that an asynchronous save in flight completes.
     assert closed == [str(tmp_path / "all_bad" / "checkpoints")]
+
+    # A last call shorter than steps_per_call, every update of it skipped: 5 of 5 stops the run too (it was
+    # compared with the 10 of a full call, and the run finished as if healthy).
+    monkeypatch.setattr(run, "make_dataset", lambda *a, **k: _PoisonedDataset(real(*a, **k), bad_steps=range(10, 15)))
+    short_end = swissroll_config(training__num_steps=15, training__steps_per_call=10, training__checkpoint_every=10)
+    with pytest.raises(FloatingPointError, match=r"5 of the last 5 updates had a non-finite loss .*step 15"):
+        run.train_and_evaluate(short_end, str(tmp_path / "short_end"), progress=False)
 
 
 def test_crossed_fires_once_per_multiple_passed():
@@ -522,6 +534,7 @@ def test_unreadable_checkpoint_gives_a_clear_error_and_is_not_overwritten(swissr
         (swissroll.get_config, {"data.num_train": 10}, 1, r"batch_size=1024 exceeds the 10 examples of 'swissroll'"),
         (digits.get_config, {"training.batch_size": 2000}, 1, r"batch_size=2000 exceeds the 1500 examples of 'digits'"),
         (digits.get_config, {"sampling.eta": 0.5}, 1, r"sampling.eta=0.5 sets DDIM's noise, and the ddpm sampler"),
+        (swissroll.get_config, {"diffusion.loss_type": "kl"}, 1, r"loss_type='kl' has the 8-bit image decoder"),
     ],
 )
 def test_validate_config_names_the_problem(config_fn, overrides, num_devices, message):
