@@ -68,14 +68,18 @@ def _grid_style(config) -> dict:
     return {"scale": scale, "padding": max(2, scale), "pad_value": 128}
 
 
+MAX_GRID_SAMPLES = 256  # the PNG of an image run shows at most these (the .npz has them all)
+
+
 def save_samples(config, samples: np.ndarray, path: str, reference: np.ndarray | None = None) -> None:
-    """A PNG of samples: an image grid, or for 2-D data a scatter plot beside the data."""
+    """A PNG of samples: a grid of the first `MAX_GRID_SAMPLES` images, or for 2-D data a scatter plot beside the
+    data. Samples holding NaN or inf, among all of them, are counted in a warning."""
     diverged = int(np.sum(~np.isfinite(samples).reshape(len(samples), -1).all(axis=1)))
     if diverged:
-        shown = "drawn with NaN as mid-grey" if is_image_data(config) else "left out of the plot"
-        say(f"warning: {diverged} of {len(samples)} samples hold NaN or inf ({shown}) in {path}", file=sys.stderr)
+        shown = "NaN drawn white" if is_image_data(config) else "left out of the plot"
+        say(f"warning: {diverged} of {len(samples)} samples hold NaN or inf ({shown} in {path})", file=sys.stderr)
     if is_image_data(config):
-        viz.save_image_grid(path, samples, **_grid_style(config))
+        viz.save_image_grid(path, samples[:MAX_GRID_SAMPLES], **_grid_style(config))
     else:
         viz.save_scatter(path, samples, reference, title=f"{config.data.dataset}: data | samples")
 
@@ -250,7 +254,6 @@ def load_fid_reference(config, fid_stats: str, *, inception_weights: str | None 
     return (mu, sigma), variables
 
 
-MAX_GRID_SAMPLES = 256  # the PNG of an image run shows at most these (the .npz has them all)
 
 
 def _chain_fingerprint(config, params, seed: int) -> str:
@@ -336,7 +339,7 @@ def generate(config, model, schedule, params, *, out_dir: str, tag: str, traject
     reference = None
     if not is_image_data(config):
         reference = make_dataset(config.data, "test", batch_size=1, seed=0).examples[: len(samples)]
-    save_samples(config, samples[:MAX_GRID_SAMPLES] if is_image_data(config) else samples, result["png"], reference)
+    save_samples(config, samples, result["png"], reference)
     arrays = {"samples": samples}
     if is_image_data(config):
         arrays["uint8"] = viz.to_uint8(samples)

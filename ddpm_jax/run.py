@@ -516,7 +516,7 @@ def load_config(workdir: str, base=None):
     with open(path) as f:
         saved = json.load(f)
     if base is None:
-        return ml_collections.ConfigDict(saved)
+        return _without_ignored_settings(ml_collections.ConfigDict(saved))
     config = base.copy_and_resolve_references()
     for group, values in saved.items():
         if isinstance(values, dict):
@@ -524,6 +524,14 @@ def load_config(workdir: str, base=None):
                 config[group][key] = tuple(value) if isinstance(value, list) else value
         else:
             config[group] = tuple(values) if isinstance(values, list) else values
+    return _without_ignored_settings(config)
+
+
+def _without_ignored_settings(config):
+    """A saved config with the settings its run ignored reset, now that they are refused: an eta of the ddpm
+    sampler (DDIM's noise, which that sampler never used)."""
+    if config.sampling.get("sampler") == "ddpm" and config.sampling.get("eta"):
+        config.sampling.eta = 0.0
     return config
 
 

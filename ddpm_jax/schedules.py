@@ -134,7 +134,7 @@ def _schedule_from_log_alphas(log_alphas: np.ndarray) -> Schedule:
         alphas_cumprod_prev=alphas_cumprod_prev,
         sqrt_alphas_cumprod=np.exp(0.5 * log_alphas_cumprod),
         sqrt_one_minus_alphas_cumprod=np.sqrt(one_minus_alphas_cumprod),
-        log_one_minus_alphas_cumprod=np.log(one_minus_alphas_cumprod),
+        log_one_minus_alphas_cumprod=np.log1p(-alphas_cumprod),  # -abar where abar is tiny, not 0
         sqrt_recip_alphas_cumprod=np.exp(-0.5 * log_alphas_cumprod),
         sqrt_recipm1_alphas_cumprod=np.sqrt(np.expm1(-log_alphas_cumprod)),
         posterior_variance=posterior_variance,
@@ -177,6 +177,7 @@ def respace_schedule(schedule: Schedule, timesteps) -> Schedule:
         raise ValueError(f"timesteps must be integers increasing strictly within [0, {num_timesteps - 1}], "
                          f"got {timesteps}")
     # log alpha from whichever float32 value holds it to ~1e-7 relative: 1 - beta for small betas, alpha for large.
-    log_alphas = np.where(betas < 0.5, np.log1p(-betas), np.log(alphas))
+    with np.errstate(divide="ignore"):  # log1p(-1) of a beta stored as 1.0 is not the branch taken
+        log_alphas = np.where(betas < 0.5, np.log1p(-betas), np.log(alphas))
     log_alphas_cumprod = np.append(0.0, np.cumsum(log_alphas)[timesteps])
     return _schedule_from_log_alphas(np.diff(log_alphas_cumprod))

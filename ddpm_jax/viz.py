@@ -27,13 +27,19 @@ _BLOCK_GAP = 4  # pixels between the x_t and predicted-x_0 blocks, so they read 
 def to_uint8(images) -> np.ndarray:
     """Floats in [-1, 1] -> uint8 via round((x + 1) * 127.5), clipped to [0, 255]; uint8 passes through.
 
-    NaN becomes mid-grey (128), not the 0 of a cast: a diverged sample should not look like a dark image.
+    NaN becomes white (255), not the 0 of a cast: a diverged sample should stand out, not look like a dark image
+    (or, in mid-grey, like the grid's border).
     """
     images = np.asarray(images)
     if images.dtype == np.uint8:
         return images
-    images = np.nan_to_num(images.astype(np.float64), nan=0.0, posinf=1.0, neginf=-1.0)
-    return np.clip(np.rint((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    scaled = images.astype(np.float64)  # one float64 buffer, worked in place (50,000 CIFAR samples: 1.2 GB)
+    np.nan_to_num(scaled, copy=False, nan=1.0, posinf=1.0, neginf=-1.0)
+    scaled += 1.0
+    scaled *= 127.5
+    np.rint(scaled, out=scaled)
+    np.clip(scaled, 0, 255, out=scaled)
+    return scaled.astype(np.uint8)
 
 
 def _auto_scale(height: int) -> int:

@@ -144,6 +144,8 @@ def test_respacing_keeps_the_tiny_alphas_cumprod_of_a_long_schedule():
     float32 precision (it was 5e-4 off with 3 steps, and 1 or 2 steps were refused as beta = 1)."""
     schedule = dj.make_schedule("linear", 4000)
     exact = np.cumprod(1 - np.linspace(1e-4, 0.02, 4000))
+    # log(1 - abar) is -abar where abar is tiny (it was log(1.0) = 0 below abar ~ 1e-16).
+    np.testing.assert_allclose(schedule.log_one_minus_alphas_cumprod, np.log1p(-exact), rtol=1e-6)
     for kept in ([3999], [0, 3999], [0, 2000, 3999], [5, 17, 1000, 3998, 3999]):
         respaced = dj.respace_schedule(schedule, np.array(kept))
         np.testing.assert_allclose(respaced.alphas_cumprod, exact[kept], rtol=2e-6, err_msg=str(kept))

@@ -397,12 +397,15 @@ def test_interrupted_evaluation_goes_on_from_the_batches_it_kept(monkeypatch, tm
 def test_eval_mode_uses_the_runs_own_config(killed_and_uninterrupted, tmp_path):
     """Without --config=FILE, --mode=eval reads the run's config.json (swiss roll), not the default (digits),
     also under --config.* overrides (the remedy its out-of-memory message gives); not how the run was started on
-    several processes (it would wait for their coordinator)."""
+    several processes (it would wait for their coordinator), nor the eta its ddpm sampler ignored."""
     workdir = str(tmp_path / "run")
     shutil.copytree(killed_and_uninterrupted[1], workdir)
     with open(os.path.join(workdir, "config.json")) as f:
         saved = json.load(f)
     saved["training"].update(coordinator_address="127.0.0.1:9", num_processes=2, process_id=1, distributed=True)
+    # Saved before sampling.eta with the ddpm sampler was refused (it was ignored): still read.
+    assert saved["sampling"]["sampler"] == "ddpm"
+    saved["sampling"]["eta"] = 0.5
     with open(os.path.join(workdir, "config.json"), "w") as f:
         json.dump(saved, f)
     proc = subprocess.run(

@@ -20,19 +20,23 @@ def test_to_uint8_maps_clips_and_rounds():
     assert viz.to_uint8(x).dtype == np.uint8
     already = np.arange(256, dtype=np.uint8)
     np.testing.assert_array_equal(viz.to_uint8(already), already)
-    # A diverged sample is mid-grey, not black like a dark image (the cast made NaN 0).
-    np.testing.assert_array_equal(viz.to_uint8(np.array([np.nan, np.inf, -np.inf])), [128, 255, 0])
+    # A diverged sample is white, not black like a dark image (the cast made NaN 0).
+    np.testing.assert_array_equal(viz.to_uint8(np.array([np.nan, np.inf, -np.inf])), [255, 255, 0])
 
 
 def test_saving_diverged_samples_says_how_many(tmp_path, capsys):
     from configs.digits import get_config
 
-    samples = np.zeros((4, 8, 8, 1), np.float32)
+    samples = np.zeros((300, 8, 8, 1), np.float32)
     samples[1, 3, 3] = np.nan
     samples[2] = np.inf
+    samples[280] = np.nan  # past the 256 the grid shows: counted all the same
     path = str(tmp_path / "samples.png")
     generation.save_samples(get_config(), samples, path)
-    assert f"warning: 2 of 4 samples hold NaN or inf (drawn with NaN as mid-grey) in {path}" in capsys.readouterr().err
+    assert (f"warning: 3 of 300 samples hold NaN or inf (NaN drawn white in {path})"
+            in capsys.readouterr().err)
+    grid = viz.image_grid(samples[:256], **generation._grid_style(get_config()))  # the first 256 only
+    assert Image.open(path).size == (grid.shape[1], grid.shape[0])
     generation.save_samples(get_config(), samples[[0, 3]], path)
     assert "warning" not in capsys.readouterr().err
 
