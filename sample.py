@@ -34,7 +34,8 @@ flags.DEFINE_enum("spacing", None, ["linear", "quadratic"],
 flags.DEFINE_bool("progress", True, "Show progress bars (--noprogress for logs).")
 flags.DEFINE_integer("seed", 0, "Random seed of the chains.")
 flags.DEFINE_bool("ema", True, "Use the EMA parameters (false: the raw ones, files named _raw).")
-flags.DEFINE_bool("trajectory", False, "Also write pictures of the reverse chain.")
+flags.DEFINE_bool("trajectory", False, "Also write pictures of the reverse chain: the first chain of "
+                  "--batch_size samples, about ten records (sampling.trajectory_every), each after its step.")
 flags.DEFINE_bool("metrics", False, "Print sample-quality metrics beside the data's own.")
 flags.DEFINE_bool("interpolate", False, "Instead of sampling, interpolate between pairs of test images through the "
                   "latent x_t (Ho et al. 2020, Fig. 8): a PNG with a row per pair.")

@@ -243,13 +243,15 @@ def _fit_extent(*point_sets) -> tuple[float, float, float, float]:
 
 
 def _to_pixels(points, extent, size: int) -> np.ndarray:
-    """[N, 2] data coordinates -> [K, 2] (column, row) pixels of a size x size panel, y up; drops non-finite."""
+    """[N, 2] data coordinates -> [K, 2] (column, row) pixels of a size x size panel, y up; drops the points
+    that are not finite or fall outside the panel (far ones would overflow int64)."""
     points = np.asarray(points, np.float64).reshape(-1, 2)
     points = points[np.isfinite(points).all(axis=1)]
     xmin, xmax, ymin, ymax = extent
     cols = (points[:, 0] - xmin) / (xmax - xmin) * (size - 1)
     rows = (ymax - points[:, 1]) / (ymax - ymin) * (size - 1)
-    return np.rint(np.stack([cols, rows], axis=1)).astype(np.int64)
+    pixels = np.rint(np.stack([cols, rows], axis=1))
+    return pixels[((pixels >= 0) & (pixels <= size - 1)).all(axis=1)].astype(np.int64)
 
 
 def _scatter_panel(points, extent, size: int, color, name: str, radius: int) -> np.ndarray:

@@ -166,7 +166,8 @@ def colour_mask(image, colour):
 
 def test_scatter_points_land_on_their_pixels_and_data_differs_in_colour():
     size = 101
-    samples = np.array([[0.0, 0.0], [1.0, -1.0], [-0.5, 0.5], [np.nan, 0.0]])
+    # Points outside the extent are dropped, also far ones (1e30 overflowed the pixel arithmetic).
+    samples = np.array([[0.0, 0.0], [1.0, -1.0], [-0.5, 0.5], [np.nan, 0.0], [1.02, 0.0], [1e30, 3e18]])
     data = np.array([[0.5, 0.0]])
     image = viz.scatter_plot(samples, data, size=size, extent=(-1, 1, -1, 1), radius=0)
     assert image.dtype == np.uint8 and image.shape[-1] == 3
@@ -182,6 +183,8 @@ def test_scatter_points_land_on_their_pixels_and_data_differs_in_colour():
     ]
     assert list(zip(*np.nonzero(colour_mask(data_panel, viz.DATA_COLOR)), strict=True)) == [(50, 75)]
     assert not colour_mask(image, viz.SAMPLE_COLOR)[:, : image.shape[1] - size].any()
+    far = viz.scatter_plot(np.array([[1e30, 3e18], [-4.0, 0.0]]), size=size, extent=(-1, 1, -1, 1), radius=1)
+    assert not colour_mask(far, viz.SAMPLE_COLOR).any()  # PIL raised on the overflowed pixel of 1e30
 
 
 def test_scatter_default_extent_holds_all_points_with_equal_axis_scales():
