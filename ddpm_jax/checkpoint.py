@@ -15,6 +15,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from ddpm_jax.parts import write_atomically
+
 # Config groups and fields whose change makes a checkpoint incompatible: parameter shapes, optimizer state
 # structure or the learned process.
 _COMPATIBILITY_KEYS = (
@@ -69,7 +71,11 @@ class Checkpointer:
         if self.latest_step() is None or not os.path.exists(self.config_path):
             return
         with open(self.config_path) as f:
-            saved = json.load(f)
+            try:
+                saved = json.load(f)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{self.config_path} is damaged ({err}); the checkpoints beside it were written "
+                                 "with the config it held: restore it, or use another --workdir") from err
         # Through JSON so tuples in the live config compare equal to the lists read back.
         current = json.loads(json.dumps(config_dict, default=str))
         old, new = _compatibility_view(saved), _compatibility_view(current)
@@ -111,10 +117,3 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
-
-
-def write_atomically(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: a kill leaves the old file or the new one."""
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)

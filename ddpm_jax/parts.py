@@ -7,10 +7,37 @@ import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+import zipfile
+from collections.abc import Callable, Iterable
+from typing import BinaryIO
 
 import jax
 import numpy as np
+
+
+def write_atomically(path: str, content: str | Callable[[BinaryIO], None]) -> None:
+    """Write ``content`` (text, or a function writing to a binary file) to ``path`` through a temporary file beside
+    it, synced to disk before the rename: a crash of the process or of the machine leaves the old file or the new
+    one. On an error the temporary file is deleted."""
+    temporary = path + ".tmp"
+    try:
+        with open(temporary, "wb") as f:
+            if isinstance(content, str):
+                f.write(content.encode())
+            else:
+                content(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temporary)
+        raise
+    directory = os.open(os.path.dirname(path) or ".", os.O_RDONLY)  # the rename itself, on disk
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def fingerprint(params, settings) -> str:
@@ -28,6 +55,7 @@ class Parts:
     """Piece i of a job as ``directory/{prefix}{i:05d}.npz``, written atomically: a crash leaves it whole or absent.
 
     The prefix names what the pieces depend on, so pieces of another job in the same directory are never read.
+    A piece damaged all the same (a disk error, a copy cut short) counts as missing: it is deleted and redone.
     """
 
     def __init__(self, directory: str, prefix: str):
@@ -37,24 +65,30 @@ class Parts:
         return os.path.join(self.directory, f"{self.prefix}{index:05d}.npz")
 
     def done(self, index: int) -> bool:
-        return os.path.exists(self.path(index))
+        """Whether piece ``index`` is on disk and readable (a damaged one is deleted)."""
+        if not os.path.exists(self.path(index)):
+            return False
+        try:
+            self.load(index)
+        except (OSError, EOFError, ValueError, zipfile.BadZipFile):
+            os.remove(self.path(index))
+            return False
+        return True
 
     def save(self, index: int, **arrays: np.ndarray) -> None:
         os.makedirs(self.directory, exist_ok=True)
-        path = self.path(index)
-        with open(path + ".tmp", "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(path + ".tmp", path)
+        write_atomically(self.path(index), lambda f: np.savez(f, **arrays))
 
     def _names(self) -> list[str]:
-        """The file names of the pieces with this prefix on disk."""
+        """The file names of the pieces with this prefix on disk, and of any left half-written."""
         if not os.path.isdir(self.directory):
             return []
-        return [name for name in os.listdir(self.directory) if name.startswith(self.prefix) and name.endswith(".npz")]
+        return [name for name in os.listdir(self.directory)
+                if name.startswith(self.prefix) and name.endswith((".npz", ".npz.tmp"))]
 
     def count(self) -> int:
         """The number of pieces with this prefix on disk."""
-        return len(self._names())
+        return sum(name.endswith(".npz") for name in self._names())
 
     def load(self, index: int) -> dict[str, np.ndarray]:
         with np.load(self.path(index)) as arrays:
@@ -63,7 +97,8 @@ class Parts:
     def remove(self, indices: Iterable[int] | None = None) -> None:
         """Delete this job's pieces (``indices``; default: all with this prefix), and the directory once empty:
         called when the job's result is written. Other jobs' pieces stay for their reruns."""
-        names = self._names() if indices is None else [os.path.basename(self.path(i)) for i in indices]
+        names = self._names() if indices is None else [
+            os.path.basename(self.path(i)) + suffix for i in indices for suffix in ("", ".tmp")]
         for name in names:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(self.directory, name))

@@ -23,7 +23,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from ddpm_jax import viz
-from ddpm_jax.checkpoint import Checkpointer, write_atomically
+from ddpm_jax.checkpoint import Checkpointer
 from ddpm_jax.config import build_model, is_image_data, num_sampling_steps, schedule_from_config, validate_config
 from ddpm_jax.data import make_dataset
 from ddpm_jax.generation import make_sample_fn, sample_metrics, sample_metrics_problem, save_samples
@@ -31,7 +31,7 @@ from ddpm_jax.interrupts import ChainWatch, StopVote, interrupts_deferred, progr
 from ddpm_jax.likelihood import RateDistortion, calc_bpd_loop, rate_distortion
 from ddpm_jax.models.conv import cpu_conv_compiler_options
 from ddpm_jax.models.layers import denoiser_fn
-from ddpm_jax.parts import Parts, fingerprint
+from ddpm_jax.parts import Parts, fingerprint, write_atomically
 from ddpm_jax.training import (
     NUM_LOSS_QUARTILES,
     TrainState,

@@ -26,6 +26,7 @@ from ddpm_jax import generation, run
 from ddpm_jax.checkpoint import Checkpointer
 from ddpm_jax.config import build_model, schedule_from_config, validate_config
 from ddpm_jax.data import make_dataset, uint8_to_float
+from ddpm_jax.parts import Parts, write_atomically
 from ddpm_jax.training import (
     create_train_state,
     global_batch,
@@ -488,6 +489,37 @@ def test_unreadable_checkpoint_gives_a_clear_error_and_is_not_overwritten(swissr
     with pytest.raises(ValueError, match="cannot restore checkpoint step 20 .*unreadable"):
         run.train_and_evaluate(swissroll_config(training__num_steps=40), copy, progress=False)
     assert tree_digest(checkpoints) == digest
+    open(os.path.join(copy, "config.json"), "w").close()  # emptied (it was a raw JSONDecodeError)
+    with pytest.raises(ValueError, match=r"config.json is damaged .*restore it, or use another --workdir"):
+        run.train_and_evaluate(swissroll_config(training__num_steps=40), copy, progress=False)
+
+
+def test_kept_pieces_that_are_damaged_are_redone_and_none_are_left_behind(tmp_path):
+    """Parts (sampling chains, eval batches): a damaged piece counted as done failed every rerun; a save cut short
+    left a .npz.tmp that kept the folder forever."""
+    parts = Parts(str(tmp_path / "job.parts"), "abc_")
+    parts.save(0, samples=np.arange(3.0))
+    parts.save(1, samples=np.arange(4.0))
+    assert parts.done(0) and parts.done(1) and parts.count() == 2
+    np.testing.assert_array_equal(parts.load(1)["samples"], np.arange(4.0))
+    open(parts.path(1), "wb").close()
+    with open(parts.path(0), "r+b") as f:
+        f.truncate(40)
+    assert not parts.done(0) and not parts.done(1)  # deleted, to be drawn again
+    assert parts.count() == 0
+
+    def cut_short(f):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomically(parts.path(2), cut_short)
+    assert not os.path.exists(parts.path(2)) and not os.path.exists(parts.path(2) + ".tmp")
+    with open(parts.path(3) + ".tmp", "wb") as f:  # as a SIGKILL during a save leaves it
+        f.write(b"partial")
+    parts.save(4, samples=np.zeros(2))
+    parts.remove(range(5))
+    assert not os.path.exists(parts.directory)
 
 
 # ----------------------------------------------------------------------------------------------------------
