@@ -3,7 +3,8 @@
 Equation numbers refer to Ho et al. 2020 (DDPM) unless stated. Every function takes ``t`` as an int array of
 shape [batch] (or a scalar for the whole batch) with values in [0, T-1] (index t is the paper's timestep t + 1)
 and works for images (NHWC) and vectors ([batch, dim]) alike: per-timestep coefficients broadcast over all
-non-batch axes.
+non-batch axes. The exception is L_0 of the variational bound (`vb_terms_bpd`, so the ``kl`` and ``hybrid`` losses):
+its decoder (Eq. 13) is for 8-bit data scaled to [-1, 1], and elsewhere it can favour a wrong mean.
 """
 
 from __future__ import annotations
@@ -287,7 +288,8 @@ def vb_terms_bpd(
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """L_{t-1} = KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) for t > 0, L_0 = -log p(x_0|x_1) (Eqs. 5, 13), in bits/dim.
 
-    Returns (terms [batch], pred_x0).
+    x0 must be 8-bit data scaled to [-1, 1] (x / 127.5 - 1): the decoder's bins are 2/255 wide and its edge bins
+    reach to -inf and inf. Returns (terms [batch], pred_x0).
     """
     true_mean, _, true_log_variance = q_posterior_mean_variance(schedule, x0, x_t, t)
     out = p_mean_variance(
@@ -342,8 +344,9 @@ def training_losses(
 
     ``hybrid`` is Improved DDPM's L_simple + lambda L_vlb with lambda = ``vlb_weight``; L_vlb = T E_t[L_t] is
     estimated by T times the sampled term, whose gradient reaches only the variance (the mean is stopped).
-    The eps of q(x_t | x_0) is ``noise`` if given (shape of x0), else drawn from ``key``.
-    Returns a dict with ``loss`` [batch] and its terms (``mse``/``l1``/``huber``, ``vb``).
+    The eps of q(x_t | x_0) is ``noise`` if given (shape of x0), else drawn from ``key``. ``kl`` and ``hybrid`` need
+    8-bit data in [-1, 1] (see `vb_terms_bpd`). Returns a dict with ``loss`` [batch] and its terms
+    (``mse``/``l1``/``huber``, ``vb``).
     """
     check_choice("loss_type", loss_type, LOSS_TYPES)
     check_choice("mean_type", mean_type, MEAN_TYPES)

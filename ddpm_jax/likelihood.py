@@ -50,7 +50,8 @@ def calc_bpd_loop(
     clip_denoised: bool = True,
     progress_fn: Callable[[jnp.ndarray], None] | None = None,
 ) -> BpdResult:
-    """Every term of the variational bound, Eq. 5, per example in bits/dim, by one `lax.scan` over all T.
+    """Every term of the variational bound, Eq. 5, per example in bits/dim, by one `lax.scan` over all T; ``x0``:
+    8-bit data scaled to [-1, 1], as the decoder L_0 assumes.
 
     Each term draws x_t ~ q(x_t | x_0) with its own noise (key folded with t), so the total is an unbiased
     single-sample estimate of the bound. ``progress_fn(t)``, if given, is called on the host after each term

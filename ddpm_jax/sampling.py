@@ -345,11 +345,10 @@ def ddim_sample(
             (1.0 - abar_s) / (1.0 - jnp.square(sqrt_abar_t)) * (1.0 - jnp.square(sqrt_abar_t / sqrt_abar_s))
         )
         noise = jax.random.normal(jax.random.fold_in(step_key, inp["t"]), x.shape, x.dtype)
-        x_prev = (
-            sqrt_abar_s * pred_x0
-            + jnp.sqrt(jnp.maximum(1.0 - abar_s - jnp.square(sigma), 0.0)) * eps
-            + sigma * noise
-        )
+        # sqrt'(0) is infinite: at the last step (abar_s = 1) its 0 times inf made the gradient in eta NaN.
+        eps_var = 1.0 - abar_s - jnp.square(sigma)
+        eps_coef = jnp.where(eps_var > 0, jnp.sqrt(jnp.where(eps_var > 0, eps_var, 1.0)), 0.0)
+        x_prev = sqrt_abar_s * pred_x0 + eps_coef * eps + sigma * noise
         return x_prev, pred_x0
 
     return _run_chain(step, x_init, {"t": timesteps, "s": prev_timesteps}, trajectory_every, progress_fn)

@@ -181,6 +181,10 @@ def make_train_step(config, model: nn.Module, schedule: Schedule) -> Callable:
         return (jnp.mean(per_example), per_example), jax.tree.map(lambda g: g / microbatches, grad_sum)
 
     def one_step(state: TrainState, batch):
+        missing = [name for name in ("ema_params", "rng", "num_skipped") if getattr(state, name) is None]
+        if missing:
+            raise ValueError(f"the TrainState has no {', '.join(missing)}: build it with create_train_state (or "
+                             "init_train_state), or give them (ema_params: a copy of params; num_skipped: 0)")
         key = jax.random.fold_in(state.rng, state.step)
         t_key, noise_key, dropout_key = jax.random.split(key, 3)
         x0 = batch["image"]
@@ -195,10 +199,12 @@ def make_train_step(config, model: nn.Module, schedule: Schedule) -> Callable:
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         if isinstance(state.tx, Optimizer):
             params, opt_state = state.tx.apply(grads, state.opt_state, state.params, finite)
-        else:  # any other optax transformation
-            updated = state.apply_gradients(grads=grads)
+        else:  # any other optax transformation; those that take the loss (reduce_on_plateau) get it as value
+            updates, opt_state = optax.with_extra_args_support(state.tx).update(
+                grads, state.opt_state, state.params, value=loss
+            )
             params, opt_state = _keep_if_finite(
-                finite, (updated.params, updated.opt_state), (state.params, state.opt_state)
+                finite, (optax.apply_updates(state.params, updates), opt_state), (state.params, state.opt_state)
             )
         decay = ema_decay_at(state.step, tr.ema_decay, tr.ema_warmup)
         # From the new parameters as written, so that the old ones are read by their update alone.

@@ -108,6 +108,9 @@ def test_gaussian_stats_and_errors():
     mu, sigma = distances.gaussian_stats(features)
     np.testing.assert_allclose(mu, features.mean(0))
     np.testing.assert_allclose(sigma, np.cov(features.T))
+    # One feature: a [1, 1] covariance as RunningGaussianStats gives (np.cov's was 0-d).
+    _, sigma_1d = distances.gaussian_stats(features[:, :1])
+    assert sigma_1d.shape == (1, 1) and sigma_1d[0, 0] == pytest.approx(features[:, 0].var(ddof=1))
     with pytest.raises(ValueError, match="mismatched"):
         distances.frechet_distance(mu, sigma, mu[:3], sigma[:3, :3])
     with pytest.raises(ValueError, match="same dim"):

@@ -28,6 +28,7 @@ from ddpm_jax.config import build_model, schedule_from_config, validate_config
 from ddpm_jax.data import make_dataset, uint8_to_float
 from ddpm_jax.parts import Parts, write_atomically
 from ddpm_jax.training import (
+    TrainState,
     create_train_state,
     global_batch,
     init_train_state,
@@ -305,6 +306,24 @@ def test_train_step_updates_in_place_and_equals_optax_apply_gradients():
     for name in ("params", "opt_state", "ema_params"):
         for got, want in zip(*(jax.tree.leaves(getattr(states[k], name)) for k in states), strict=True):
             np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-6, atol=1e-7)
+
+
+def test_train_step_passes_the_loss_to_optax_transformations_that_take_it():
+    """reduce_on_plateau needs the loss (``value``); apply_gradients gave none and the step raised a TypeError.
+    A TrainState without the library's fields is refused with their names."""
+    config = swissroll_config()
+    model = build_model(config)
+    mesh = make_mesh(jax.devices()[:1])
+    state = init_train_state(config, model, jax.random.PRNGKey(0), mesh)
+    tx = optax.chain(optax.adam(1e-3), optax.contrib.reduce_on_plateau())
+    state = state.replace(tx=tx, opt_state=tx.init(state.params))
+    step = make_train_step(config, model, schedule_from_config(config.diffusion))
+    batch = {"image": jnp.asarray(np.random.default_rng(0).normal(size=(1, 64, 2)).astype(np.float32))}
+    new_state, metrics = jax.jit(step)(state, batch)
+    assert float(new_state.opt_state[1].best_value) == pytest.approx(float(metrics["loss"][0]), rel=1e-6)
+    bare = TrainState.create(apply_fn=model.apply, params=state.params, tx=optax.adam(1e-3))
+    with pytest.raises(ValueError, match="the TrainState has no ema_params, rng, num_skipped: build it with"):
+        jax.eval_shape(step, bare, batch)
 
 
 def test_microbatches_give_the_update_of_the_whole_batch():

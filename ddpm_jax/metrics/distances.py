@@ -124,7 +124,7 @@ def gaussian_stats(features) -> tuple[np.ndarray, np.ndarray]:
     features = np.asarray(features, dtype=np.float64)
     if features.ndim != 2 or features.shape[0] < 2:
         raise ValueError(f"expected [n >= 2, dim] features, got shape {features.shape}")
-    return features.mean(axis=0), np.cov(features, rowvar=False)
+    return features.mean(axis=0), np.atleast_2d(np.cov(features, rowvar=False))  # [1, 1], not 0-d, for d = 1
 
 
 class RunningGaussianStats:
