@@ -254,8 +254,6 @@ def load_fid_reference(config, fid_stats: str, *, inception_weights: str | None 
     return (mu, sigma), variables
 
 
-
-
 def _chain_fingerprint(config, params, seed: int) -> str:
     """A digest of everything chain c depends on besides its size: the parameters, the settings and the seed."""
     settings = {group: config[group].to_dict() for group in ("data", "model", "diffusion", "sampling")}

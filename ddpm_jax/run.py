@@ -277,7 +277,7 @@ def _train(config, workdir: str, checkpointer: Checkpointer, progress: bool) -> 
     if start_step >= tr.num_steps and _on_process_0(lambda: os.path.exists(final_samples) and os.path.getmtime(
             final_samples) >= checkpointer.saved_time(start_step)):
         say(f"{workdir} is trained to step {start_step} (training.num_steps={tr.num_steps}) and its samples.png "
-              "drawn: nothing to do; a larger training.num_steps trains on")
+            "drawn: nothing to do; a larger training.num_steps trains on")
         return state
     step_fn = jit_train_step(make_train_step(config, model, schedule), mesh)
     writer = MetricsWriter(workdir, start_step)

@@ -48,7 +48,7 @@ def _check_num_timesteps(num_timesteps) -> int:
     num_timesteps = check_integer("num_timesteps", num_timesteps)
     if num_timesteps < 1:
         raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
-    return int(num_timesteps)
+    return num_timesteps
 
 
 def _cosine_betas(num_timesteps: int, s: float, max_beta: float) -> np.ndarray:
