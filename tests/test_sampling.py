@@ -442,7 +442,7 @@ def test_ddim_vmaps_over_eta():
     assert not np.allclose(mapped[0], mapped[2])  # eta reaches the chain
     # ... and is differentiable: the gradient was NaN (0 * inf from sqrt at the last step), not the
     # finite difference.
-    total = lambda eta: jnp.sum(sample(eta))  # noqa: E731
+    total = jax.jit(lambda eta: jnp.sum(sample(eta)))
     for eta in (0.0, 0.5):
         central = (total(eta + 1e-2) - total(eta - 1e-2)) / 2e-2 if eta else (total(1e-2) - total(0.0)) / 1e-2
         np.testing.assert_allclose(jax.grad(total)(eta), central, rtol=0.05, atol=1e-3)
