@@ -200,7 +200,7 @@ def test_pretrained_weights_sample_through_generate(tmp_path):
     x = np.random.default_rng(2).standard_normal((2, 8, 8, 1)).astype(np.float32)
     with torch.no_grad():
         expected = model(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.tensor([5, 900])).sample.numpy()
-    got = unet.apply({"params": params}, x, jnp.array([5, 900]))
+    got = jax.jit(unet.apply)({"params": params}, x, jnp.array([5, 900]))
     np.testing.assert_allclose(np.asarray(got).transpose(0, 3, 1, 2), expected, atol=1e-4)
 
     result = generation.generate(run_config, unet, schedule, params, out_dir=str(tmp_path / "out"), tag="pretrained")

@@ -75,7 +75,7 @@ def test_unet_output_shapes(kwargs, shape, out_channels):
 def tiny_outputs():
     """Tiny U-Net outputs in eval mode (f32, bf16) and in train mode under two dropout keys."""
     model = UNet(**TINY)
-    x = jnp.broadcast_to(jax.random.normal(jax.random.key(1), (1, 8, 8, 1)), (2, 8, 8, 1))
+    x = jnp.broadcast_to(np.random.default_rng(1).standard_normal((1, 8, 8, 1), np.float32), (2, 8, 8, 1))
     t = jnp.array([3, 900], jnp.int32)
     params = _random_params(model, x, t)
     eval_f32 = jax.jit(model.apply)(params, x, t)
@@ -145,10 +145,10 @@ def test_group_norm_matches_numpy_and_flax_gradients():
 
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), params["params"])
     expected = _group_norm(x.astype(np.float64), 3, 1e-6, p["scale"], p["bias"])
-    np.testing.assert_allclose(norm.apply(params, x), expected, atol=2e-4)
+    np.testing.assert_allclose(jax.jit(norm.apply)(params, x), expected, atol=2e-4)
 
-    def grads(module):
-        return jax.grad(lambda prm, x_: jnp.sum(module.apply(prm, x_) * cotangent), argnums=(0, 1))(params, x)
+    def grads(module):  # jitted: op by op, this test compiled ~170 small programs
+        return jax.jit(jax.grad(lambda prm, x_: jnp.sum(module.apply(prm, x_) * cotangent), argnums=(0, 1)))(params, x)
 
     flax_grads = grads(flax_norm)
     for ours, flax_grad in zip(jax.tree.leaves(grads(norm)), jax.tree.leaves(flax_grads), strict=True):
@@ -156,10 +156,10 @@ def test_group_norm_matches_numpy_and_flax_gradients():
 
     # Statistics in float32, output and input gradient in the module's dtype.
     norm_bf16 = GroupNorm(num_groups=3, dtype=jnp.bfloat16)
-    out_bf16 = norm_bf16.apply(params, x.astype(jnp.bfloat16))
+    out_bf16 = jax.jit(norm_bf16.apply)(params, x.astype(jnp.bfloat16))
     assert out_bf16.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(out_bf16, np.float32), expected, atol=0.1)
-    dx_bf16 = jax.grad(lambda x_: jnp.sum(norm_bf16.apply(params, x_).astype(jnp.float32) * cotangent))(
+    dx_bf16 = jax.jit(jax.grad(lambda x_: jnp.sum(norm_bf16.apply(params, x_).astype(jnp.float32) * cotangent)))(
         x.astype(jnp.bfloat16)
     )
     assert dx_bf16.dtype == jnp.bfloat16
@@ -173,7 +173,7 @@ def test_attention_block_matches_numpy():
     block = AttnBlock(num_groups=4, norm_eps=1e-6)
     x = np.random.default_rng(0).normal(size=(2, 4, 4, 8)).astype(np.float32)
     params = _random_params(block, x)
-    got = np.asarray(block.apply(params, x))
+    got = np.asarray(jax.jit(block.apply)(params, x))
 
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), params["params"])
     h = _group_norm(x.astype(np.float64), 4, 1e-6, p["norm"]["scale"], p["norm"]["bias"]).reshape(2, 16, 8)

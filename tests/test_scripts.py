@@ -39,10 +39,22 @@ def train_command(workdir, *flags: str) -> list[str]:
     ]
 
 
-def sample_py(*flags: str) -> subprocess.CompletedProcess:
-    """sample.py with ``flags``, run to completion; its output captured."""
-    return subprocess.run([sys.executable, os.path.join(REPO, "sample.py"), *flags], cwd=REPO, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=120)
+def sample_py(*runs: list[str]) -> list[subprocess.CompletedProcess]:
+    """sample.py with each list of flags, all started at once (most of each is one core's imports), run to
+    completion; their outputs captured."""
+    procs = [
+        subprocess.Popen([sys.executable, os.path.join(REPO, "sample.py"), *flags], cwd=REPO, env=subprocess_env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for flags in runs
+    ]
+    try:
+        outputs = [proc.communicate(timeout=180) for proc in procs]
+        return [subprocess.CompletedProcess(proc.args, proc.returncode, *output)
+                for proc, output in zip(procs, outputs, strict=True)]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
 
 
 def finished_checkpoints(workdir) -> list[int]:
@@ -419,9 +431,23 @@ def test_eval_mode_uses_the_runs_own_config(killed_and_uninterrupted, tmp_path):
 
 def test_sample_py_draws_from_a_finished_run(killed_and_uninterrupted, tmp_path):
     _, workdir, _ = killed_and_uninterrupted
-    out_dir = str(tmp_path / "samples")
-    proc = sample_py(f"--workdir={workdir}", f"--out_dir={out_dir}", "--num=32", "--sampler=ddim", "--steps=10",
-                     "--spacing=quadratic", "--trajectory", "--metrics", "--noprogress")
+    out_dir, respaced_dir, a_file = (str(tmp_path / name) for name in ("samples", "respaced", "a_file"))
+    open(a_file, "w").close()
+    w = f"--workdir={workdir}"
+    (proc, respaced, ancestral_with_eta, two_models, interpolate_with_ddim, two_pictures, bad_steps, orphan_flags,
+     out_dir_is_a_file, fid_of_points) = sample_py(
+        [w, f"--out_dir={out_dir}", "--num=32", "--sampler=ddim", "--steps=10", "--spacing=quadratic",
+         "--trajectory", "--metrics", "--noprogress"],
+        [w, f"--out_dir={respaced_dir}", "--num=8", "--steps=10", "--spacing=quadratic", "--noprogress"],
+        [w, f"--out_dir={out_dir}_eta", "--eta=0.5"],
+        [w, f"--pretrained={workdir}"],
+        [w, "--interpolate", "--sampler=ddim", "--num=4"],
+        [w, "--interpolate", "--latent"],
+        [w, "--latent", "--latent_t=4,x"],
+        [w, "--pairs=2", "--interpolate_t=5"],
+        [w, f"--out_dir={a_file}"],
+        [w, f"--out_dir={out_dir}_fid", "--fid_stats=train"],
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "sampling:" not in proc.stderr and "Inception" not in proc.stderr  # no progress bars
     names = sorted(os.listdir(out_dir))
@@ -430,30 +456,20 @@ def test_sample_py_draws_from_a_finished_run(killed_and_uninterrupted, tmp_path)
     npz = next(n for n in names if n.endswith(".npz"))
     assert np.load(os.path.join(out_dir, npz))["samples"].shape == (32, 2)
     assert '"swd_data"' in proc.stdout and "32 samples" in proc.stdout
-    respaced = sample_py(f"--workdir={workdir}", f"--out_dir={out_dir}", "--num=8", "--steps=10",
-                         "--spacing=quadratic", "--noprogress")  # an ancestral chain of 10 steps
-    assert respaced.returncode == 0, respaced.stderr[-3000:]
-    assert any(n.startswith("samples_ddpm10_quadratic_seed0") for n in os.listdir(out_dir))
-    ancestral_with_eta = sample_py(f"--workdir={workdir}", f"--out_dir={out_dir}", "--eta=0.5")
+    assert respaced.returncode == 0, respaced.stderr[-3000:]  # an ancestral chain of 10 steps
+    assert any(n.startswith("samples_ddpm10_quadratic_seed0") for n in os.listdir(respaced_dir))
     assert ancestral_with_eta.returncode == 1
     assert "--eta sets DDIM's noise, and this run samples with ddpm: add --sampler=ddim" in ancestral_with_eta.stderr
-    two_models = sample_py(f"--workdir={workdir}", f"--pretrained={workdir}")
     assert two_models.returncode == 1 and "give one of them" in two_models.stderr
-    interpolate_with_ddim = sample_py(f"--workdir={workdir}", "--interpolate", "--sampler=ddim", "--num=4")
     assert interpolate_with_ddim.returncode == 1, interpolate_with_ddim.stderr[-2000:]
     assert "--sampler, --num belong to sampling" in interpolate_with_ddim.stderr
-    two_pictures = sample_py(f"--workdir={workdir}", "--interpolate", "--latent")
     assert two_pictures.returncode == 1 and "give one of them" in two_pictures.stderr
-    bad_steps = sample_py(f"--workdir={workdir}", "--latent", "--latent_t=4,x")
     assert bad_steps.returncode == 1 and "--latent_t takes integer steps, got 4,x" in bad_steps.stderr
-    orphan_flags = sample_py(f"--workdir={workdir}", "--pairs=2", "--interpolate_t=5")
     assert orphan_flags.returncode == 1
     assert "error: --interpolate_t, --pairs belong to --interpolate, which is not given" in orphan_flags.stderr
-    out_dir_is_a_file = sample_py(f"--workdir={workdir}", f"--out_dir={os.path.join(out_dir, npz)}")
     assert out_dir_is_a_file.returncode == 1 and "error: cannot create the output folder" in out_dir_is_a_file.stderr
-    fid_of_points = sample_py(f"--workdir={workdir}", f"--out_dir={out_dir}_fid", "--fid_stats=train")
     assert fid_of_points.returncode == 1 and "error: FID is defined for images" in fid_of_points.stderr
-    assert not os.path.exists(f"{out_dir}_fid")  # stopped before sampling
+    assert not os.path.exists(f"{out_dir}_fid") and not os.path.exists(f"{out_dir}_eta")  # stopped before sampling
 
 
 # Each case: flags after the config file, extra environment, the message expected on stderr.
