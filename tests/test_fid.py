@@ -23,20 +23,24 @@ NUM_IMAGES = 10  # data and samples: one compiled Inception batch; the Inception
 def random_fid_state_dict(seed: int = 0) -> dict[str, np.ndarray]:
     """pytorch-fid's state-dict layout with random weights: He-normal convolutions, BatchNorm as the identity."""
     rng = np.random.default_rng(seed)
+
+    def normal(shape, std):  # drawn in float32: twice as fast as float64 for the 24M weights
+        return rng.standard_normal(shape, np.float32) * np.float32(std)
+
     state = {}
     for (_, *module, name), shape in inception._expected_shapes().items():
         prefix = ".".join(module)
         if module == ["fc"]:
             torch_shape = shape[::-1] if name == "kernel" else shape
-            state[f"fc.{'weight' if name == 'kernel' else 'bias'}"] = rng.normal(size=torch_shape) / 2048**0.5
+            state[f"fc.{'weight' if name == 'kernel' else 'bias'}"] = normal(torch_shape, 2048**-0.5)
         elif name == "kernel":  # HWIO -> OIHW
             height, width, fan_in, out = shape
-            he_std = (2 / (height * width * fan_in)) ** 0.5
-            state[f"{prefix}.weight"] = rng.normal(size=(out, fan_in, height, width)) * he_std
+            state[f"{prefix}.weight"] = normal((out, fan_in, height, width), (2 / (height * width * fan_in)) ** 0.5)
         else:
             torch_name = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}[name]
-            state[f"{prefix}.{torch_name}"] = np.ones(shape) if name in ("scale", "var") else np.zeros(shape)
-    return {key: value.astype(np.float32) for key, value in state.items()}
+            fill = np.ones if name in ("scale", "var") else np.zeros
+            state[f"{prefix}.{torch_name}"] = fill(shape, np.float32)
+    return state
 
 
 @pytest.fixture(scope="module")

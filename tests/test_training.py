@@ -736,18 +736,6 @@ def test_mocked_mnist_batches_feed_the_train_step():
 # ----------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def sharded_result(tmp_path_factory):
-    """The worker's training calls on a mesh of 8 CPU devices and on 1 device (one subprocess)."""
-    out = str(tmp_path_factory.mktemp("sharded") / "result.npz")
-    env = subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    proc = subprocess.run(
-        [sys.executable, WORKER, "sharded", out], env=env, capture_output=True, text=True, timeout=240
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return dict(np.load(out))
-
-
 def test_sharded_step_equals_single_device_step(sharded_result):
     r = sharded_result
     assert r["sharded_step"] == r["single_step"] == 6
