@@ -38,6 +38,20 @@ def _compatibility_view(config_dict: dict) -> dict:
     return {key: value for key, value in view.items() if key not in _COMPUTE_ONLY_KEYS}
 
 
+def _tree_differences(saved: Any, wanted: Any) -> list[str]:
+    """"path: checkpoint <shape> vs now <shape>" for each array whose path or shape differs (dtypes are cast)."""
+    def flat(tree):
+        return {"/".join(map(str, path)): leaf.shape for path, leaf in ocp.tree.to_flat_dict(tree).items()}
+
+    old, new = flat(saved), flat(wanted)
+    return [f"{path}: checkpoint {old.get(path, 'absent')} vs now {new.get(path, 'absent')}"
+            for path in sorted(old.keys() | new.keys()) if old.get(path) != new.get(path)]
+
+
+def _first(items: list[str], n: int) -> str:
+    return "; ".join(items[:n]) + (f"; and {len(items) - n} more" if len(items) > n else "")
+
+
 def _not_read_only_notice(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith("Given directory is read only")
 
@@ -55,7 +69,8 @@ class Checkpointer:
         absl_log = logging.getLogger("absl")
         absl_log.addFilter(_not_read_only_notice)  # Orbax warns about a read-only manager, which is what was asked
         try:
-            self.manager = ocp.CheckpointManager(self.directory, options=options)
+            self.manager = ocp.CheckpointManager(
+                self.directory, options=options, item_handlers=ocp.StandardCheckpointHandler())
         finally:
             absl_log.removeFilter(_not_read_only_notice)
 
@@ -104,13 +119,18 @@ class Checkpointer:
             raise ValueError(f"no checkpoint found in {self.directory}")
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_like)
         try:
-            return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+            # Compared before any array is read: a restore that fails part-way leaves Orbax's reads pending.
+            differences = _tree_differences(self.manager.item_metadata(step).tree, abstract)
+            if not differences:
+                return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
         except Exception as err:  # Orbax raises many types for unreadable or mismatched trees
-            raise ValueError(
-                f"cannot restore checkpoint step {step} from {self.directory}: {type(err).__name__}: {err}. "
-                "It is unreadable or was written by an incompatible model/config; it has not been modified. "
-                "Use another --workdir to start afresh."
-            ) from err
+            raise ValueError(self._cannot_restore(step, f"it is unreadable ({type(err).__name__}: {err})")) from err
+        raise ValueError(self._cannot_restore(
+            step, "it was written by another model or config (its arrays differ: " + _first(differences, 4) + ")"))
+
+    def _cannot_restore(self, step: int, reason: str) -> str:
+        return (f"cannot restore checkpoint step {step} from {self.directory}: {reason}. It has not been modified; "
+                "use another --workdir to start afresh")
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
