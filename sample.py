@@ -19,6 +19,8 @@ from absl import app, flags, logging
 
 from ddpm_jax import generation, run
 from ddpm_jax.config import validate_config
+from ddpm_jax.interrupts import sigterm_interrupts
+from ddpm_jax.parts import writable_folder
 
 flags.DEFINE_string("workdir", "runs/digits", "Workdir of a training run (its config.json and checkpoints).")
 flags.DEFINE_string("pretrained", None, "A diffusers UNet2DModel folder (config.json + safetensors) to sample from.")
@@ -79,10 +81,14 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
+    sigterm_interrupts()  # chains finished so far are kept, as on Ctrl-C
     try:
         if os.environ.get("JAX_COORDINATOR_ADDRESS") or int(os.environ.get("JAX_NUM_PROCESSES") or 1) > 1:
             raise ValueError("sample.py runs as one process (on all its devices); start it once, without "
                              "JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES")
+        if not 0 <= FLAGS.seed < 2**32:
+            raise ValueError(f"--seed={FLAGS.seed} must be in [0, 2^32): JAX keys hold 32 bits, so 2^32 would repeat "
+                             "seed 0")
         if FLAGS.interpolate and FLAGS.latent:
             raise ValueError("--interpolate and --latent each draw their own picture: give one of them")
         if FLAGS.interpolate or FLAGS.latent:
@@ -116,6 +122,8 @@ def main(argv):
             raise ValueError("--eta sets DDIM's noise, and this run samples with ddpm: add --sampler=ddim")
         validate_config(config)
         out_dir = FLAGS.out_dir or ("samples" if FLAGS.pretrained else os.path.join(FLAGS.workdir, "samples"))
+        if FLAGS.interpolate or FLAGS.latent:
+            writable_folder(out_dir)  # now, not after the chains
         if FLAGS.interpolate:
             result = generation.draw_interpolations(
                 config, model, schedule, params, out_dir=out_dir, tag=tag, t=FLAGS.interpolate_t,
@@ -148,10 +156,7 @@ def main(argv):
             )
         for folder in (out_dir, FLAGS.png_dir):  # now, not after hours of sampling
             if folder:
-                try:
-                    os.makedirs(folder, exist_ok=True)
-                except OSError as err:
-                    raise ValueError(f"cannot create the output folder {folder}: {err}") from err
+                writable_folder(folder)
         result = generation.generate(
             config, model, schedule, params, out_dir=out_dir, tag=tag, trajectory=FLAGS.trajectory,
             with_metrics=FLAGS.metrics, fid_reference=fid_reference, png_dir=FLAGS.png_dir, seed=FLAGS.seed,

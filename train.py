@@ -9,7 +9,6 @@ runs/pretrained_<DIR's name>).
 """
 
 import os
-import signal
 import sys
 import traceback
 
@@ -20,7 +19,7 @@ from ml_collections import config_flags
 from configs.base import get_base_config
 from ddpm_jax import run
 from ddpm_jax.config import validate_config
-from ddpm_jax.interrupts import say
+from ddpm_jax.interrupts import say, sigterm_interrupts
 
 
 def unknown_field(err: Exception) -> SystemExit:
@@ -90,6 +89,8 @@ def _run_with_messages(workdir: str) -> None:
         _run(workdir)
     except (ValueError, FloatingPointError) as err:  # config, data and checkpoint problems; a diverged run
         raise SystemExit(f"error: {err}") from err
+    except OSError as err:  # a file or folder that cannot be read or written (its path is in the message)
+        raise SystemExit(f"error: {err}") from err
     except KeyboardInterrupt:
         raise SystemExit(130) from None  # the checkpoint was saved; rerun the same command to resume
     except Exception as err:
@@ -108,13 +109,8 @@ OUT_OF_MEMORY_TRAIN = (
 )
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def _run(workdir: str) -> None:
-    # SIGTERM (a scheduler's pre-emption) saves a checkpoint like Ctrl-C does.
-    signal.signal(signal.SIGTERM, _interrupt)
+    sigterm_interrupts()  # a scheduler's pre-emption saves a checkpoint like Ctrl-C does
     if FLAGS.mode == "train":
         if FLAGS.pretrained:
             raise ValueError("--pretrained weights are evaluated with --mode=eval; training starts from scratch")

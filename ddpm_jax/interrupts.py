@@ -17,6 +17,16 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def sigterm_interrupts() -> None:
+    """From now on SIGTERM (a scheduler's pre-emption, ``kill``) raises KeyboardInterrupt, as Ctrl-C does: the
+    scripts then keep what they finished instead of dying at once (main thread only)."""
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+
+
 @contextlib.contextmanager
 def interrupts_deferred():
     """Hold SIGINT and SIGTERM (where Python handles them) until the block ends, then deliver the first.

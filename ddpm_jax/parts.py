@@ -15,6 +15,18 @@ import jax
 import numpy as np
 
 
+def writable_folder(path: str) -> str:
+    """``path``, created if missing; ValueError if it cannot be created or written to (a file, a read-only disk),
+    found before the work whose results it would keep."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot create the folder {path}: {err}") from err
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write in the folder {path} (a read-only file system, or no permission)")
+    return path
+
+
 def write_atomically(path: str, content: str | Callable[[BinaryIO], None]) -> None:
     """Write ``content`` (text, or a function writing to a binary file) to ``path`` through a temporary file beside
     it, synced to disk before the rename: a crash of the process or of the machine leaves the old file or the new

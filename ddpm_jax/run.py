@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -31,7 +32,7 @@ from ddpm_jax.interrupts import ChainWatch, StopVote, interrupts_deferred, progr
 from ddpm_jax.likelihood import RateDistortion, calc_bpd_loop, rate_distortion
 from ddpm_jax.models.conv import cpu_conv_compiler_options
 from ddpm_jax.models.layers import denoiser_fn
-from ddpm_jax.parts import Parts, fingerprint, write_atomically
+from ddpm_jax.parts import Parts, fingerprint, writable_folder, write_atomically
 from ddpm_jax.training import (
     NUM_LOSS_QUARTILES,
     TrainState,
@@ -246,7 +247,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> TrainS
     validate_config(config, num_devices=jax.device_count(), process_count=jax.process_count())
     if problem := sample_metrics_problem(config):  # the samples drawn during training are scored
         raise ValueError(problem)
-    os.makedirs(workdir, exist_ok=True)
+    writable_folder(workdir)
     checkpointer = Checkpointer(workdir, keep=config.training.keep_checkpoints)
     try:
         return _train(config, workdir, checkpointer, progress)
@@ -272,13 +273,14 @@ def _train(config, workdir: str, checkpointer: Checkpointer, progress: bool) -> 
     if checkpointer.latest_step() is not None:
         state = checkpointer.restore(state)
         start_step = int(state.step)
-    checkpointer.record_config(config.to_dict())  # only now: a failed restore leaves the run's config.json as it was
     final_samples = os.path.join(workdir, "samples.png")  # drawn after the last checkpoint, unless interrupted
-    if start_step >= tr.num_steps and _on_process_0(lambda: os.path.exists(final_samples) and os.path.getmtime(
-            final_samples) >= checkpointer.saved_time(start_step)):
+    final_drawn = start_step > 0 and _on_process_0(lambda: os.path.exists(final_samples) and os.path.getmtime(
+        final_samples) >= checkpointer.saved_time(start_step))
+    if start_step >= tr.num_steps and final_drawn:
         say(f"{workdir} is trained to step {start_step} (training.num_steps={tr.num_steps}) and its samples.png "
             "drawn: nothing to do; a larger training.num_steps trains on")
-        return state
+        return state  # config.json still holds the config the checkpoint was trained with
+    checkpointer.record_config(config.to_dict())  # only now: a failed restore leaves the run's config.json as it was
     step_fn = jit_train_step(make_train_step(config, model, schedule), mesh)
     writer = MetricsWriter(workdir, start_step)
     watch = ChainWatch()
@@ -297,14 +299,15 @@ def _train(config, workdir: str, checkpointer: Checkpointer, progress: bool) -> 
         ) as sample_bar, watch.watching(on_step=lambda t: sample_bar.update(1)):
             samples = np.asarray(sample_fn(params, jax.random.fold_in(eval_key, step)))
         if jax.process_index() == 0:
-            quality = sample_metrics(config, samples, seed=step)
-            # Together: a rerun redraws a picture it does not find, or one older than the checkpoint (the last).
+            quality = {f"sample_{k}": v for k, v in sample_metrics(config, samples, seed=step).items()}
+            # Together: a rerun redraws a picture it does not find, or one older than the checkpoint (the last);
+            # the line of a picture redrawn after its line was kept is not written twice.
             with interrupts_deferred():
                 save_samples(config, samples, os.path.join(workdir, name), reference)
-                if quality:
-                    writer.write(step, {f"sample_{k}": v for k, v in quality.items()})
+                if quality and not writer.logged(step, next(iter(quality))):
+                    writer.write(step, quality)
             if quality:
-                say(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in quality.items()))
+                say(f"step {step}: " + ", ".join(f"{k.removeprefix('sample_')} {v:.4g}" for k, v in quality.items()))
 
     k = tr.steps_per_call
     bar = progress_bar(
@@ -319,14 +322,26 @@ def _train(config, workdir: str, checkpointer: Checkpointer, progress: bool) -> 
 
     def periodic_outputs(num: int, *, only_missing: bool = False) -> None:
         """The sample grid and held-out bits/dim due after the call of ``num`` steps that ended at ``step``;
-        ``only_missing``: those that a run stopped after its checkpoint at ``step`` left undone."""
-        nonlocal bpd_fn
+        ``only_missing``: those that a run stopped after its checkpoint at ``step`` left undone.
+        Their time is left out of the next window's steps_per_sec."""
+        nonlocal bpd_fn, window_start
         grid = os.path.join("samples", f"step_{step:08d}.png")
-        if _crossed(step, num, tr.sample_every) and step < tr.num_steps \
-                and not (only_missing and _on_process_0(lambda: os.path.exists(os.path.join(workdir, grid)))):
+        draw_grid = _crossed(step, num, tr.sample_every) and step < tr.num_steps \
+            and not (only_missing and _on_process_0(lambda: os.path.exists(os.path.join(workdir, grid))))
+        evaluate = _crossed(step, num, config.eval.bpd_every) and is_image_data(config) \
+            and not (only_missing and _on_process_0(lambda: writer.logged(step, "bpd")))
+        if not (draw_grid or evaluate):
+            return
+        jax.block_until_ready(state.step)  # the training steps enqueued so far count as training
+        began = time.perf_counter()
+        if draw_grid and only_missing and final_drawn:  # a finished run trained on: its samples.png is this grid
+            if jax.process_index() == 0:
+                os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+                with open(final_samples, "rb") as picture:
+                    write_atomically(os.path.join(workdir, grid), partial(shutil.copyfileobj, picture))
+        elif draw_grid:
             write_samples(step, grid)
-        if _crossed(step, num, config.eval.bpd_every) and is_image_data(config) \
-                and not (only_missing and _on_process_0(lambda: writer.logged(step, "bpd"))):
+        if evaluate:
             bpd_fn = bpd_fn or make_bpd_fn(config, model, schedule, mesh, progress_fn=watch)
             result = evaluate_bpd(
                 config, state.ema_params, model, schedule, num_examples=config.eval.num_bpd_examples,
@@ -334,6 +349,7 @@ def _train(config, workdir: str, checkpointer: Checkpointer, progress: bool) -> 
             )
             writer.write(step, result)
             say(f"step {step}: held-out {result['bpd']:.3f} bits/dim ({result['bpd_examples']} images)")
+        window_start += time.perf_counter() - began
 
     def save(*, force: bool = False) -> None:
         with interrupts_deferred():
@@ -444,6 +460,8 @@ def evaluate_model(config, model, schedule, params, *, out_dir: str, num_example
     """
     if not is_image_data(config):
         raise ValueError("bits/dim is defined for 8-bit images; 2-D data sets are evaluated with sample.py --metrics")
+    if jax.process_index() == 0:
+        writable_folder(out_dir)
     suffix = "" if config.eval.split == "test" else f"_{config.eval.split}"
     num_examples = num_examples or 10**9
     parts = None
@@ -473,7 +491,6 @@ def evaluate_model(config, model, schedule, params, *, out_dir: str, num_example
     files = {name: os.path.join(out_dir, f"{stem}{suffix}.{name}")
              for stem, name in (("eval", "json"), ("rate_distortion", "npz"), ("rate_distortion", "png"))}
     if jax.process_index() == 0:
-        os.makedirs(out_dir, exist_ok=True)
         np.savez(files["npz"], **curve._asdict())
         title = ("" if step is None else f"step {step}: ") + (
             f"rate and distortion on {result['bpd_examples']} {config.eval.split} images")
@@ -514,7 +531,12 @@ def load_config(workdir: str, base=None):
     if not os.path.exists(path):
         raise ValueError(f"{path} not found: is {workdir} the --workdir of a training run?")
     with open(path) as f:
-        saved = json.load(f)
+        try:
+            saved = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is damaged ({err}): restore it from a copy of the run") from err
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path} holds a {type(saved).__name__}, not the run's config (a JSON object)")
     if base is None:
         return _without_ignored_settings(ml_collections.ConfigDict(saved))
     config = base.copy_and_resolve_references()

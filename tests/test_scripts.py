@@ -297,6 +297,29 @@ def test_sample_py_goes_on_from_the_chains_it_kept(killed_and_uninterrupted, mon
     assert samples.shape == (50, 2) and not np.allclose(samples[:16], samples[16:32])  # each chain its own key
 
 
+def test_sigterm_stops_sample_py_like_ctrl_c_with_the_chains_kept(killed_and_uninterrupted, tmp_path):
+    """SIGTERM (a scheduler's pre-emption) ended sample.py at once (exit 143), without saying what it kept."""
+    _, workdir, _ = killed_and_uninterrupted
+    out_dir = tmp_path / "samples"
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "sample.py"), f"--workdir={workdir}", f"--out_dir={out_dir}",
+         "--num=100000", "--batch_size=8", "--noprogress"],
+        cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not any(p.is_dir() and any(p.iterdir()) for p in out_dir.glob("*.parts")):
+            assert proc.poll() is None and time.monotonic() < deadline, "no chain finished"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    assert re.search(r"interrupted: \d+ of 12500 chains of 8 samples kept", stderr), stderr[-3000:]
+
+
 def test_a_ctrl_c_during_the_metrics_keeps_the_chains_for_the_rerun(killed_and_uninterrupted, monkeypatch,
                                                                      tmp_path, capsys):
     """FID of 50,000 samples takes minutes after the chains: interrupted there, a rerun draws no chain again."""
@@ -435,7 +458,7 @@ def test_sample_py_draws_from_a_finished_run(killed_and_uninterrupted, tmp_path)
     open(a_file, "w").close()
     w = f"--workdir={workdir}"
     (proc, respaced, ancestral_with_eta, two_models, interpolate_with_ddim, two_pictures, bad_steps, orphan_flags,
-     out_dir_is_a_file, fid_of_points) = sample_py(
+     out_dir_is_a_file, fid_of_points, seed_too_large) = sample_py(
         [w, f"--out_dir={out_dir}", "--num=32", "--sampler=ddim", "--steps=10", "--spacing=quadratic",
          "--trajectory", "--metrics", "--noprogress"],
         [w, f"--out_dir={respaced_dir}", "--num=8", "--steps=10", "--spacing=quadratic", "--noprogress"],
@@ -445,8 +468,9 @@ def test_sample_py_draws_from_a_finished_run(killed_and_uninterrupted, tmp_path)
         [w, "--interpolate", "--latent"],
         [w, "--latent", "--latent_t=4,x"],
         [w, "--pairs=2", "--interpolate_t=5"],
-        [w, f"--out_dir={a_file}"],
+        [w, "--interpolate", "--pairs=1", f"--out_dir={a_file}"],  # found before the chain (it was after)
         [w, f"--out_dir={out_dir}_fid", "--fid_stats=train"],
+        [w, f"--out_dir={out_dir}_seed", "--seed=4294967296"],
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "sampling:" not in proc.stderr and "Inception" not in proc.stderr  # no progress bars
@@ -467,9 +491,12 @@ def test_sample_py_draws_from_a_finished_run(killed_and_uninterrupted, tmp_path)
     assert bad_steps.returncode == 1 and "--latent_t takes integer steps, got 4,x" in bad_steps.stderr
     assert orphan_flags.returncode == 1
     assert "error: --interpolate_t, --pairs belong to --interpolate, which is not given" in orphan_flags.stderr
-    assert out_dir_is_a_file.returncode == 1 and "error: cannot create the output folder" in out_dir_is_a_file.stderr
+    assert out_dir_is_a_file.returncode == 1 and "error: cannot create the folder" in out_dir_is_a_file.stderr
     assert fid_of_points.returncode == 1 and "error: FID is defined for images" in fid_of_points.stderr
-    assert not os.path.exists(f"{out_dir}_fid") and not os.path.exists(f"{out_dir}_eta")  # stopped before sampling
+    assert seed_too_large.returncode == 1, seed_too_large.stderr[-2000:]  # it drew seed 0's samples
+    assert "error: --seed=4294967296 must be in [0, 2^32)" in seed_too_large.stderr
+    for stopped in ("fid", "eta", "seed"):  # before sampling
+        assert not os.path.exists(f"{out_dir}_{stopped}")
 
 
 # Each case: flags after the config file, extra environment, the message expected on stderr.
@@ -500,6 +527,9 @@ BAD_RUNS = {
     "out of memory": (["--config.model.mlp_hidden=8388608"], {},
                       r"error: out of memory \(.*Out of memory allocating 281474976710656 bytes\)\. "
                       r"--config.training.microbatches=2"),
+    "missing config file": (["--config=configs/no_such_config.py"], {},
+                            r"(?s)error: .*configs/no_such_config.py.*No such file or directory"),
+    "workdir is a file": (["--workdir=/dev/null"], {}, r"error: cannot create the folder /dev/null: .*File exists"),
     "overrides without their config file": (
         ["--mode=eval", "--pretrained=weights", "--config.data.data_dir=/data"], {},
         r"with --pretrained, --config.\* overrides need the config file too",

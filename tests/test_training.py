@@ -11,6 +11,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import time
 from functools import partial
 
 import jax
@@ -173,6 +174,10 @@ def test_rerunning_a_finished_run_does_nothing_unless_its_last_samples_were_cut_
     assert "is trained to step 20 (training.num_steps=20) and its samples.png drawn: nothing to do" \
         in capsys.readouterr().out
     assert tree_digest(copy) == digest  # no second metrics line for the same samples, no new picture
+    # Nor does a rerun with settings that may change on resume: config.json keeps those the checkpoint was trained
+    # with (it took the rerun's, which --mode=eval then read).
+    run.train_and_evaluate(swissroll_config(training__num_steps=10, training__lr=0.5, seed=7), copy, progress=False)
+    assert tree_digest(copy) == digest and "nothing to do" in capsys.readouterr().out
     # As if the last samples had been interrupted: no metrics line for them, a picture older than the checkpoint.
     lines = [line for line in read_metrics(copy) if "sample_swd" not in line]
     with open(os.path.join(copy, "metrics.jsonl"), "w") as f:
@@ -189,6 +194,41 @@ def test_rerunning_a_finished_run_does_nothing_unless_its_last_samples_were_cut_
     assert "nothing to do" not in capsys.readouterr().out
     assert os.path.getmtime(samples) > os.path.getmtime(os.path.join(copy, "checkpoints", "20"))
     assert [line["step"] for line in read_metrics(copy) if "sample_swd" in line] == [20]
+    # A picture lost after its metrics line was written is drawn again without a second line.
+    os.remove(samples)
+    run.train_and_evaluate(config, copy, progress=False)
+    assert os.path.exists(samples) and read_metrics(copy) == read_metrics(workdir)
+
+
+def test_a_finished_run_trained_on_keeps_its_last_samples_as_the_grid_of_that_step(swissroll_run, tmp_path,
+                                                                                      monkeypatch):
+    """Its samples.png is the grid due at that step, which was drawn and scored again, with a second metrics line."""
+    _, workdir, _ = swissroll_run
+    copy = str(tmp_path / "run")
+    shutil.copytree(workdir, copy)
+    with open(os.path.join(copy, "samples.png"), "rb") as f:
+        last_samples = f.read()
+    scored = []
+    monkeypatch.setattr(run, "sample_metrics", lambda *args, seed: scored.append(seed) or {"swd": 1.0})
+    run.train_and_evaluate(swissroll_config(training__num_steps=40, training__sample_every=20), copy, progress=False)
+    assert scored == [40]
+    with open(os.path.join(copy, "samples", "step_00000020.png"), "rb") as f:
+        assert f.read() == last_samples
+    assert [line["step"] for line in read_metrics(copy) if "sample_swd" in line] == [20, 40]
+
+
+def test_steps_per_sec_leaves_out_the_time_of_sample_grids(tmp_path, monkeypatch):
+    """The grid drawn at step 20 (made to take 3 s here) was charged to the training window that ends at 30."""
+    def slow_metrics(*args, **kwargs):
+        time.sleep(3)
+        return {"swd": 1.0}
+
+    monkeypatch.setattr(run, "sample_metrics", slow_metrics)
+    workdir = str(tmp_path / "run")
+    run.train_and_evaluate(swissroll_config(training__num_steps=40, training__sample_every=20), workdir,
+                           progress=False)
+    seconds = {line["step"]: 10 / line["steps_per_sec"] for line in read_metrics(workdir) if "loss" in line}
+    assert seconds[30] < 1.5, seconds  # 10 steps of a tiny MLP take milliseconds
 
 
 def test_a_sample_grid_cut_short_after_its_checkpoint_is_drawn_by_the_resumed_run(tmp_path, monkeypatch):
