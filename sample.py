@@ -122,8 +122,6 @@ def main(argv):
             raise ValueError("--eta sets DDIM's noise, and this run samples with ddpm: add --sampler=ddim")
         validate_config(config)
         out_dir = FLAGS.out_dir or ("samples" if FLAGS.pretrained else os.path.join(FLAGS.workdir, "samples"))
-        if FLAGS.interpolate or FLAGS.latent:
-            writable_folder(out_dir)  # now, not after the chains
         if FLAGS.interpolate:
             result = generation.draw_interpolations(
                 config, model, schedule, params, out_dir=out_dir, tag=tag, t=FLAGS.interpolate_t,

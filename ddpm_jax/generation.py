@@ -24,7 +24,7 @@ from ddpm_jax.data import NUM_TOY_TEST, load_split, make_dataset, uint8_to_float
 from ddpm_jax.interrupts import ChainWatch, progress_bar, say
 from ddpm_jax.models.conv import cpu_conv_compiler_options
 from ddpm_jax.models.layers import denoiser_fn
-from ddpm_jax.parts import Parts, fingerprint
+from ddpm_jax.parts import Parts, fingerprint, writable_folder
 from ddpm_jax.sampling import Trajectory, ddim_sample, ddpm_sample, interpolate, sample_from_latent
 from ddpm_jax.training import batch_sharding, mesh_dividing, replicated
 
@@ -150,6 +150,7 @@ def draw_interpolations(config, model, schedule, params, *, out_dir: str, tag: s
     if not 0 <= t < schedule.num_timesteps or num_pairs < 1 or num_lambdas < 2:
         raise ValueError(f"interpolation needs 0 <= t < T = {schedule.num_timesteps}, at least one pair and two "
                          f"lambdas; got t={t}, {num_pairs} pairs, {num_lambdas} lambdas")
+    writable_folder(out_dir)  # now, not after the chain
     images = _test_images(config, 2 * num_pairs, "interpolation")
     x0_a, x0_b, lambdas = images[0::2], images[1::2], np.linspace(0.0, 1.0, num_lambdas)
     d = config.diffusion
@@ -184,6 +185,7 @@ def draw_latent_samples(config, model, schedule, params, *, out_dir: str, tag: s
     if not ts or not all(0 <= t < num_timesteps for t in ts) or num_images < 1 or num_draws < 1:
         raise ValueError(f"samples from latents need steps 0 <= t < T = {num_timesteps}, at least one image and one "
                          f"draw; got t={ts}, {num_images} images, {num_draws} draws")
+    writable_folder(out_dir)  # now, not after the chains
     x0 = _test_images(config, num_images, "latent-sample")
     d = config.diffusion
 

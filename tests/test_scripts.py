@@ -367,6 +367,10 @@ def test_interpolation_pictures_decode_pairs_of_test_images(tmp_path):
         generation.draw_interpolations(config, model, schedule, params, out_dir=str(tmp_path), tag="x", t=10)
     with pytest.raises(ValueError, match="interpolation pictures are for images"):
         generation.draw_interpolations(swissroll.get_config(), None, None, None, out_dir=str(tmp_path), tag="x")
+    a_file = str(tmp_path / "a_file")
+    open(a_file, "w").close()
+    with pytest.raises(ValueError, match="cannot create the folder"):  # before the chain (it was after)
+        generation.draw_interpolations(config, None, schedule, None, out_dir=a_file, tag="x")
 
 
 def test_latent_sample_pictures_draw_from_frozen_latents_of_test_images(tmp_path):
@@ -393,6 +397,10 @@ def test_latent_sample_pictures_draw_from_frozen_latents_of_test_images(tmp_path
         generation.draw_latent_samples(config, model, schedule, params, out_dir=str(tmp_path), tag="x", ts=[10])
     with pytest.raises(ValueError, match="latent-sample pictures are for images"):
         generation.draw_latent_samples(swissroll.get_config(), None, None, None, out_dir=str(tmp_path), tag="x")
+    a_file = str(tmp_path / "a_file")
+    open(a_file, "w").close()
+    with pytest.raises(ValueError, match="cannot create the folder"):  # before the chains (they ran first)
+        generation.draw_latent_samples(config, None, schedule, None, out_dir=a_file, tag="x")
 
 
 def test_ctrl_c_stops_bits_per_dim_within_its_batch(monkeypatch):
@@ -468,7 +476,7 @@ def test_sample_py_draws_from_a_finished_run(killed_and_uninterrupted, tmp_path)
         [w, "--interpolate", "--latent"],
         [w, "--latent", "--latent_t=4,x"],
         [w, "--pairs=2", "--interpolate_t=5"],
-        [w, "--interpolate", "--pairs=1", f"--out_dir={a_file}"],  # found before the chain (it was after)
+        [w, f"--out_dir={a_file}"],
         [w, f"--out_dir={out_dir}_fid", "--fid_stats=train"],
         [w, f"--out_dir={out_dir}_seed", "--seed=4294967296"],
     )
