@@ -87,9 +87,8 @@ def _exit_now_if_distributed(code) -> None:
 def _run_with_messages(workdir: str) -> None:
     try:
         _run(workdir)
-    except (ValueError, FloatingPointError) as err:  # config, data and checkpoint problems; a diverged run
-        raise SystemExit(f"error: {err}") from err
-    except OSError as err:  # a file or folder that cannot be read or written (its path is in the message)
+    except (ValueError, FloatingPointError, OSError) as err:
+        # config, data and checkpoint problems; a diverged run; a file that cannot be read or written (named in err)
         raise SystemExit(f"error: {err}") from err
     except KeyboardInterrupt:
         raise SystemExit(130) from None  # the checkpoint was saved; rerun the same command to resume
