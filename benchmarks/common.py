@@ -43,6 +43,30 @@ def block(value: Any) -> Any:
 
 
 @contextlib.contextmanager
+def rbg_dropout():
+    """Within: flax's Dropout draws its mask from an rbg key (XLA's RngBitGenerator) seeded by 4 threefry words.
+
+    A benchmark probe of the mask generator's cost; the library's dropout draws from threefry keys.
+    """
+    import types
+
+    import flax.linen.stochastic as stochastic
+    import jax
+    import jax.numpy as jnp
+
+    def bernoulli(key, p, shape):
+        seed = jax.random.bits(key, (4,), jnp.uint32)
+        return jax.random.bernoulli(jax.random.wrap_key_data(seed, impl="rbg"), p, shape)
+
+    saved = stochastic.random
+    stochastic.random = types.SimpleNamespace(bernoulli=bernoulli)
+    try:
+        yield
+    finally:
+        stochastic.random = saved
+
+
+@contextlib.contextmanager
 def flax_group_norm():
     """Within: the U-Net's blocks build flax's nn.GroupNorm instead of the library's (same parameter tree)."""
     import flax.linen as nn

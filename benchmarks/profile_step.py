@@ -197,13 +197,16 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="config override, e.g. model.dropout=0.0")
     parser.add_argument("--group-norm", choices=("ours", "flax"), default="ours",
                         help="flax: the U-Net built with flax's nn.GroupNorm instead of the library's")
+    parser.add_argument("--dropout-rng", choices=("threefry", "rbg"), default="threefry",
+                        help="rbg: dropout masks from rbg keys (a probe of the mask generator's cost)")
     parser.add_argument("--tag", default="")
     parser.add_argument("--out-dir", default=None)
     args = parser.parse_args()
     args.batch = args.batch or (128 if args.what == "train" else 256)
 
-    context = common.flax_group_norm if args.group_norm == "flax" else contextlib.nullcontext
-    with context():
+    norm_context = common.flax_group_norm if args.group_norm == "flax" else contextlib.nullcontext
+    dropout_context = common.rbg_dropout if args.dropout_rng == "rbg" else contextlib.nullcontext
+    with norm_context(), dropout_context():
         call, steps, compiled = (train_call if args.what == "train" else sample_call)(args)
     for _ in range(3):
         common.block(call())
@@ -226,6 +229,7 @@ def main() -> None:
         "batch": args.batch,
         "overrides": args.set,
         "group_norm": args.group_norm,
+        "dropout_rng": args.dropout_rng,
         "steps_per_call": steps,
         "wall_ms_per_step_blocked": blocked["median_s"] * 1e3 / steps,
         "wall_ms_per_step_pipelined": pipelined_s * 1e3 / steps,
