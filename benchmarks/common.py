@@ -178,14 +178,19 @@ def peak_memory() -> dict[str, Any]:
     return {"kind": "process_max_rss", "bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
-def write_json(name: str, payload: dict[str, Any], out_dir: str | None = None) -> str:
-    """Write ``payload`` (plus the environment record) to ``<out_dir>/<name>_<device-slug>.json``."""
+def write_json(name: str, payload: dict[str, Any], out_dir: str | None = None, complete: bool = True) -> str:
+    """Write ``payload`` (plus the environment record) to ``<out_dir>/<name>_<device-slug>.json``.
+
+    Scripts also write after each arm with ``complete=False`` (recorded as ``"complete": false``), so that a run
+    stopped by a time limit keeps what it measured; the last write replaces the file.
+    """
     out_dir = out_dir or RESULTS_DIR
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{name}_{device_slug()}.json")
-    payload = {"environment": environment(), **payload, "loadavg_at_end": os.getloadavg()}
-    with open(path, "w") as f:
+    payload = {"environment": environment(), **payload, "complete": complete, "loadavg_at_end": os.getloadavg()}
+    with open(path + ".tmp", "w") as f:
         json.dump(payload, f, indent=1, default=str)
+    os.replace(path + ".tmp", path)
     return path
 
 

@@ -72,9 +72,12 @@ def main() -> None:
     args = parser.parse_args()
 
     rows = []
+    name = f"microbatches_{args.model}" + (f"_{args.tag}" if args.tag else "")
+    payload = {"model": args.model, "batch": args.batch, "dtype": args.dtype, "rows": rows}
     for microbatches in (int(m) for m in args.microbatches.split(",")):
         rows.append(bench(args.model, args.batch, args.dtype, microbatches, args.repeats))
         print(rows[-1] | {"per_step": common.fmt_time(rows[-1].get("per_step"))}, flush=True)
+        common.write_json(name, payload, args.out_dir, complete=False)
     base = rows[0]
     table = []
     for r in rows:
@@ -90,8 +93,6 @@ def main() -> None:
         table.append(line)
     print(f"{args.model} U-Net training step, batch {args.batch}, {args.dtype}, on {common.device_name()}")
     print(common.format_table(table, list(table[0])))
-    name = f"microbatches_{args.model}" + (f"_{args.tag}" if args.tag else "")
-    payload = {"model": args.model, "batch": args.batch, "dtype": args.dtype, "rows": rows}
     print("->", common.write_json(name, payload, args.out_dir))
 
 

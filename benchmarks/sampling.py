@@ -121,6 +121,10 @@ def main() -> None:
         steps = args.steps or (20 if cpu else 1000)
     dtypes = [d for d in args.dtypes.split(",") if d]
     results = {"model": args.model, "batch": batch, "ours": [], "torch": [], "compile_vs_T": [], "errors": []}
+    name = f"sampling_{args.model}" + (f"_{args.tag}" if args.tag else "")
+
+    def save(complete=False):
+        return common.write_json(name, results, args.out_dir, complete)
     key = jax.random.key(0)
 
     for i, dtype_name in enumerate(dtypes):
@@ -142,6 +146,7 @@ def main() -> None:
             print(dtype_name, "ddim", entry["ddim"]["chain"]["median_s"], flush=True)
         entry["peak_memory"] = common.peak_memory()
         results["ours"].append(entry)
+        save()
         if i == 0 and args.compile_T:
             for num_t in [int(v) for v in args.compile_T.split(",")]:
                 jitted = make_sampler(model, linear_schedule(num_t), shape, "ddpm")
@@ -150,6 +155,7 @@ def main() -> None:
                 results["compile_vs_T"].append(
                     {"T": num_t, "dtype": dtype_name, "compile_s": time.perf_counter() - start})
                 print("compile T", num_t, results["compile_vs_T"][-1]["compile_s"], flush=True)
+                save()
         if i == 0 and args.scan_vs_loop:
             results["scan_vs_loop"] = scan_vs_loop(model, params, shape, args.scan_vs_loop, args.repeats)
 
@@ -157,6 +163,7 @@ def main() -> None:
         results, args.torch, args.torch_threads, dtypes,
         lambda dtype_name, mode: torch_peer.sample_bench(
             args.model, batch, dtype_name, mode, args.torch_steps or steps, args.repeats),
+        after_each=save,
     )
 
     rows = []
@@ -192,7 +199,7 @@ def main() -> None:
             + ("" if t["measured_steps"] == 1000 else " (per-step x1000)"),
             "compile": f"{t['warmup_s']:.1f} s (warm-up)",
         })
-    path = common.write_json(f"sampling_{args.model}" + (f"_{args.tag}" if args.tag else ""), results, args.out_dir)
+    path = save(complete=True)
     print(f"\n{args.model} U-Net sampling, batch {batch}, {common.device_name()}")
     print(common.format_table(
         rows, ["impl", "steps", "chain", "per step", "1000 steps", "compile", "ours/torch", "peak MB"]))

@@ -265,11 +265,12 @@ def modes_for(spec: list[str], dtype_name: str) -> list[str]:
     return modes
 
 
-def run_modes(results: dict, spec: str, threads: int, dtypes: list[str], bench) -> None:
+def run_modes(results: dict, spec: str, threads: int, dtypes: list[str], bench, after_each=None) -> None:
     """Time ``bench(dtype_name, mode)`` for every torch mode of ``spec`` ('eager,compile:bfloat16') and dtype.
 
     Appends each result to ``results["torch"]`` and each failure to ``results["errors"]`` (a failing mode, e.g.
-    torch.compile without a compiler, must not stop the benchmark); ``threads`` > 0 sets torch's thread count.
+    torch.compile without a compiler, must not stop the benchmark), then calls ``after_each()`` (a partial save);
+    ``threads`` > 0 sets torch's thread count.
     """
     modes = [m for m in spec.split(",") if m]
     if not modes:
@@ -285,3 +286,5 @@ def run_modes(results: dict, spec: str, threads: int, dtypes: list[str], bench) 
             except Exception as err:
                 results["errors"].append(f"torch {mode} {dtype_name}: {type(err).__name__}: {err}"[:2000])
             print(results["torch"][-1:] or results["errors"][-1], flush=True)
+            if after_each is not None:
+                after_each()

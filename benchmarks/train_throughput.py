@@ -4,15 +4,19 @@
     python benchmarks/train_throughput.py --model digits     # the digits U-Net, batch 128
     python benchmarks/train_throughput.py --torch eager,compile --dtypes float32,bfloat16
 
-Prints a table and writes benchmarks/results/train_<model>_<device>.json (or --out-dir). FLOPs per step come from
-XLA's cost analysis of the lowered one-step function, bytes accessed from the compiled one; MFU is against the peak
-named in the table (on GPU a measured 8192^3 bf16 matmul and the H100 datasheet's 989 TFLOP/s; on CPU a
-measured float32 matmul).
+Prints a table and writes benchmarks/results/train_<model>_<device>.json (or --out-dir), also after each arm
+(``"complete": false`` until the end). FLOPs per step come from XLA's cost analysis of the lowered one-step
+function (where that gives none, as on an H100 with jax 0.11.2, from `flops.py`'s result for the same model and
+batch, named in ``flops_source``), bytes accessed from the compiled one; MFU is against the peak named in the
+table (on GPU a measured 8192^3 bf16 matmul and the H100 datasheet's 989 TFLOP/s; on CPU a measured float32
+matmul).
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
+import json
 import os
 import sys
 import time
@@ -55,6 +59,14 @@ def cost_of(stage) -> dict:
     return {"flops": cost.get("flops"), "bytes_accessed": cost.get("bytes accessed")}
 
 
+def committed_flops(model_name: str, batch: int) -> tuple[float | None, str | None]:
+    """The training step's FLOPs from `flops.py`'s result for this model and batch, and that file's name."""
+    for path in sorted(glob.glob(os.path.join(common.RESULTS_DIR, f"flops_{model_name}_b{batch}_*.json"))):
+        with open(path) as f:
+            return json.load(f)["train_step"]["flops"], os.path.basename(path)
+    return None, None
+
+
 def bench_ours(model_name, batch, dtype_name, steps_per_call, repeats, attn) -> dict:
     config = get_config(model_name, batch, dtype_name)
     model = build_model(config)
@@ -83,6 +95,9 @@ def bench_ours(model_name, batch, dtype_name, steps_per_call, repeats, attn) -> 
     compiled = {1: lowered.compile()}
     compile_s = time.perf_counter() - start
     cost = {"flops": cost_of(lowered)["flops"], "bytes_accessed": cost_of(compiled[1])["bytes_accessed"]}
+    flops_source = "cost analysis of this run's lowered step"
+    if cost["flops"] is None:
+        cost["flops"], flops_source = committed_flops(model_name, batch)
     if steps_per_call > 1:
         compiled[steps_per_call] = step.lower(state, batches(steps_per_call)).compile()
     holder = {"state": state}
@@ -121,6 +136,7 @@ def bench_ours(model_name, batch, dtype_name, steps_per_call, repeats, attn) -> 
         "pipelined_per_step": per_k[best_k]["pipelined_per_step"],
         "by_steps_per_call": per_k,
         "flops_per_step": cost["flops"],
+        "flops_source": flops_source,
         "bytes_accessed_per_step": cost["bytes_accessed"],
         "last_loss": loss,
     }
@@ -151,6 +167,10 @@ def main() -> None:
     attns = [a or None for a in args.attn.split(",")]
 
     results = {"ours": [], "torch": [], "errors": []}
+    name = f"train_{args.model}" + (f"_{args.tag}" if args.tag else "")
+
+    def save(complete=False):
+        return common.write_json(name, {"model": args.model, "batch": batch, **results}, args.out_dir, complete)
     if args.peak_matmul:
         peak_dtype = "float32" if cpu else "bfloat16"
         results["matmul_peak"] = common.matmul_peak(peak_dtype, args.peak_matmul)
@@ -167,10 +187,12 @@ def main() -> None:
                         bench_ours(args.model, batch, dtype_name, args.steps_per_call, args.repeats, None)
                     )
             print(results["ours"][-1:] or results["errors"][-1], flush=True)
+            save()
     torch_peer.run_modes(
         results, args.torch, args.torch_threads, dtypes,
         lambda dtype_name, mode: torch_peer.train_step_bench(
             args.model, batch, dtype_name, mode, args.torch_repeats or args.repeats),
+        after_each=save,
     )
 
     peak = results.get("matmul_peak", {}).get("flop_per_s")
@@ -204,8 +226,7 @@ def main() -> None:
             "img/s": f"{batch / t['median_s']:.4g}",
             "compile": f"{t['first_call_s']:.1f} s (1st)",
         })
-    name = f"train_{args.model}" + (f"_{args.tag}" if args.tag else "")
-    path = common.write_json(name, {"model": args.model, "batch": batch, **results}, args.out_dir)
+    path = save(complete=True)
     print(f"\n{args.model} U-Net training step, batch {batch}, {common.device_name()}")
     if peak:
         print(f"peak for MFU: measured {results['matmul_peak']['dtype']} matmul {peak / 1e12:.1f} TFLOP/s")
