@@ -146,16 +146,16 @@ def main() -> None:
         parser.error(f"--parts takes a comma-separated subset of {PARTS}, got {args.parts!r}")
 
     result, rows = {}, []
-    name = "fid" if set(parts) == set(PARTS) else "_".join(["fid", *parts])
+    json_name = "fid" if set(parts) == set(PARTS) else "_".join(["fid", *parts])
     if "inception" in parts:
         inc = result["inception"] = inception_arms(args.batch, args.rounds)
-        common.write_json(name, result, args.out_dir, complete=False)
+        common.write_json(json_name, result, args.out_dir, complete=False)
         rows += [{"what": f"Inception forward, {args.batch} images", "arm": name,
                   "median [min-max]": common.fmt_time(inc[name]),
                   "first call (compile)": f"{inc[name]['first_call_s']:.1f} s"} for name in ("xla_default", "library")]
     if "stats" in parts:
         st = result["stats"] = stats_arms(args.stats_features, 100, args.stats_repeats)
-        common.write_json(name, result, args.out_dir, complete=False)
+        common.write_json(json_name, result, args.out_dir, complete=False)
         rows += [{"what": f"statistics of {args.stats_features} 2048-d features", "arm": name,
                   "median [min-max]": common.fmt_time(st[name]),
                   "peak allocated": f"{st[name]['peak_allocated_mb']:.0f} MB"} for name in ("all_rows", "running")]
@@ -173,7 +173,7 @@ def main() -> None:
               f"at its peak; they differ by {st['max_relative_difference']:.1e} (relative to the largest)")
     if "frechet" in parts:
         print(f"Fréchet: library {fr['speedup']:.2f}x sqrtm; values differ by {fr['relative_difference']:.1e} relative")
-    print("wrote", common.write_json(name, result, args.out_dir))
+    print("wrote", common.write_json(json_name, result, args.out_dir))
 
 
 if __name__ == "__main__":
