@@ -218,6 +218,20 @@ def test_compute_features_quantizes_repeats_gray_and_pads_the_last_batch(referen
                                atol=1e-12 * np.abs(sigma).max())
 
 
+def test_rows_of_infinite_images_are_nan_and_other_integer_images_are_refused(reference_and_ours):
+    variables = inception.convert_state_dict(reference_and_ours[2])
+    gray = np.random.default_rng(3).uniform(-1.0, 1.0, size=(4, 107, 107, 1)).astype(np.float32)
+    gray[1, 5, 5], gray[2, 7, 7] = np.inf, -np.inf  # 8-bit quantisation clipped these to white and black
+    # Batches of 4 grey images with quantisation: the shape compiled above.
+    features = inception.compute_features(gray, variables, batch_size=4, resize=False, quantize=True)
+    for name in inception.OUTPUTS:
+        assert np.isnan(features[name][1:3]).all() and np.isfinite(features[name][[0, 3]]).all()
+    mu, _ = inception.compute_stats(gray, variables, batch_size=4, resize=False)
+    assert np.isnan(mu).all()
+    with pytest.raises(ValueError, match="must be uint8"):
+        inception.compute_features(np.zeros((4, 107, 107, 1), np.int32), variables, batch_size=4, resize=False)
+
+
 def test_converter_rejects_wrong_state_dict(reference_and_ours):
     state_dict = dict(reference_and_ours[2])
     del state_dict["Mixed_7c.branch_pool.conv.weight"]
@@ -255,6 +269,18 @@ def test_stats_file_round_trip_and_fid(tmp_path):
     expected = np.sum((mu_a - mu_b) ** 2) + np.trace(sigma_a + sigma_b) - 2 * np.sum(np.sqrt(eigenvalues))
     assert inception.fid_from_stats(*paths) == pytest.approx(expected, rel=1e-8)
     assert inception.fid_from_stats(paths[0], (mu_a, sigma_a)) == pytest.approx(0.0, abs=1e-6)
+    # Damaged or foreign files: one ValueError naming the file (NumPy's BadZipFile, EOFError, or its advice to
+    # allow pickles before).
+    with open(paths[0], "rb") as f:
+        content = f.read()
+    damaged = {"truncated.npz": content[: len(content) // 2], "empty.npz": b"", "text.npz": b"mu, sigma\n"}
+    for name, data in damaged.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match=rf"{name} is not a readable FID statistics \.npz"):
+            inception.fid_from_stats(str(tmp_path / name), paths[1])
+    np.save(tmp_path / "one.npy", mu_a)
+    with pytest.raises(ValueError, match="one.npy is not an FID statistics file"):
+        inception.load_stats(str(tmp_path / "one.npy"))
 
 
 def test_inception_score_matches_numpy_formula():

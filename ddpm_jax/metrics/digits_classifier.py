@@ -67,7 +67,12 @@ class DigitsCNN(nn.Module):
 
 
 def _to_8x8(images) -> jax.Array:
-    """[N, 8|16, 8|16(, 1)] images in [-1, 1] as [N, 8, 8, 1] float32."""
+    """[N, 8|16, 8|16(, 1)] images in [-1, 1] (or uint8 0-255) as [N, 8, 8, 1] float32."""
+    dtype = np.asarray(images).dtype
+    if dtype == np.uint8:
+        images = np.asarray(images, np.float32) / np.float32(127.5) - np.float32(1.0)
+    elif np.issubdtype(dtype, np.integer):
+        raise ValueError(f"integer images must be uint8 (0-255), got {dtype}; or pass floats in [-1, 1]")
     images = jnp.asarray(images, jnp.float32)
     if images.ndim == 3:
         images = images[..., None]

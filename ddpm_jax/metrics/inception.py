@@ -15,6 +15,7 @@ import os
 import tempfile
 import urllib.error
 import urllib.request
+import zipfile
 from collections.abc import Callable, Iterator, Mapping
 
 import flax.linen as nn
@@ -281,6 +282,8 @@ def _feature_batches(
     """
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise ValueError(f"expected NHWC images with 1 or 3 channels, got shape {images.shape}")
+    if np.issubdtype(images.dtype, np.integer) and images.dtype != np.uint8:
+        raise ValueError(f"integer images must be uint8 (0-255), got {images.dtype}; or pass floats in [-1, 1]")
     batch_size = max(1, min(batch_size, images.shape[0]))  # a few images are not padded to a full batch
     pending = None
     for start in range(0, images.shape[0], batch_size):
@@ -288,18 +291,25 @@ def _feature_batches(
         if batch.dtype == np.uint8:  # the 8-bit grid as `quantize` computes it, so both give the same inputs
             batch = batch.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
         count = batch.shape[0]
+        # `quantize` clips infinities to the range: their rows are made NaN here instead, as NaN rows come out.
+        finite = np.isfinite(batch).reshape(count, -1).all(axis=1)
         # Pad the last batch so one compiled shape serves every batch.
         batch = np.pad(batch, ((0, batch_size - count), (0, 0), (0, 0), (0, 0)))
         outputs = inception_forward(variables, batch, resize=resize, quantize=quantize)
         if pending is not None:
             yield _to_host(*pending)
-        pending = ({name: outputs[name] for name in names}, count)
+        pending = ({name: outputs[name] for name in names}, finite)
     if pending is not None:
         yield _to_host(*pending)
 
 
-def _to_host(outputs: dict[str, jax.Array], count: int) -> dict[str, np.ndarray]:
-    return {name: np.asarray(value[:count], np.float64) for name, value in outputs.items()}
+def _to_host(outputs: dict[str, jax.Array], finite: np.ndarray) -> dict[str, np.ndarray]:
+    """The first len(finite) rows of each output as float64 NumPy, NaN in the rows of non-finite images."""
+    host = {}
+    for name, value in outputs.items():
+        value = np.asarray(value[: len(finite)], np.float64)
+        host[name] = np.where(finite.reshape(-1, *[1] * (value.ndim - 1)), value, np.nan)
+    return host
 
 
 def compute_features(
@@ -307,7 +317,8 @@ def compute_features(
     on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, np.ndarray]:
     """inception_forward over [N, H, W, 1|3] images (uint8, or floats in [-1, 1]) in fixed-size batches ->
-    float64 NumPy 'pool' [N, 2048], 'logits', 'logits_unbiased' [N, 1008].
+    float64 NumPy 'pool' [N, 2048], 'logits', 'logits_unbiased' [N, 1008]; NaN in the rows of images with a NaN
+    or infinite pixel, so that their FID and Inception Score are NaN.
 
     ``on_batch(count)`` is called with the number of images after each batch (e.g. a progress bar's update).
     """
@@ -353,7 +364,16 @@ def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray) -> None:
 
 def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
     """(mu, sigma) from a pytorch-fid style .npz statistics file."""
-    with np.load(path) as stats:
+    try:
+        stats = np.load(path)
+    except (EOFError, ValueError, zipfile.BadZipFile) as err:  # damaged, empty, or not NumPy's (pickle refused)
+        reason = "not a NumPy file" if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
+        raise ValueError(
+            f"{path} is not a readable FID statistics .npz ({reason}); a cached one is recomputed once deleted"
+        ) from err
+    if not isinstance(stats, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path} is not an FID statistics file: it holds one array, not 'mu' and 'sigma'")
+    with stats:
         if "mu" not in stats or "sigma" not in stats:
             raise ValueError(f"{path} is not an FID statistics file: it needs arrays 'mu' and 'sigma'")
         return stats["mu"], stats["sigma"]
