@@ -125,7 +125,7 @@ def _run(workdir: str) -> None:
             config.eval.split = FLAGS.eval_split
         run.maybe_initialize_distributed(config)  # each process then evaluates its own rows of every batch
         if FLAGS.pretrained:
-            model, schedule, params = run.load_pretrained(FLAGS.pretrained, config)
+            model, schedule, params = run.load_pretrained(FLAGS.pretrained, config, evaluate=True)
             validate_config(config)
             result = run.evaluate_model(config, model, schedule, params, out_dir=workdir,
                                         num_examples=FLAGS.eval_examples or None, progress=FLAGS.progress)

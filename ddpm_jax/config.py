@@ -245,6 +245,9 @@ def validate_config(config, *, num_devices: int = 1, process_count: int = 1) -> 
             if d.num_channels != spec.num_channels:
                 problems.append(f"data.num_channels={d.num_channels} but {d.dataset!r} has {spec.num_channels}")
             positive("data.image_size", d.image_size)
+            if d.get("num_train"):
+                problems.append(f"data.num_train={d.num_train} applies to 2-D sets only: {d.dataset!r} trains on "
+                                f"all {spec.num_train} images of its train split (set data.num_train=0)")
         if num_train and isinstance(tr.batch_size, int) and tr.batch_size > num_train:
             problems.append(f"training.batch_size={tr.batch_size} exceeds the {num_train} examples of "
                             f"{d.dataset!r}'s train split")

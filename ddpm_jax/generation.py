@@ -88,14 +88,15 @@ def sample_metrics(config, samples: np.ndarray, *, seed: int = 0) -> dict:
     """The sample-quality metric that fits the data, each beside its data-vs-data baseline.
 
     2-D sets: sliced Wasserstein and MMD against held-out points; digits: Fréchet distance in the digits
-    classifier's feature space and class entropy. Other image sets need FID statistics (see ddpm_jax.metrics).
+    classifier's feature space and class entropy, at sizes 8k (none at others, which the data pipeline resizes
+    bicubically). Other image sets need FID statistics (see ddpm_jax.metrics).
     """
     from ddpm_jax import metrics  # the classifier and Inception code load only when metrics are asked for
 
     if not is_image_data(config):
         held_out = make_dataset(config.data, "test", batch_size=1, seed=seed).examples
         return metrics.lowdim_metrics(samples, held_out, seed)
-    if config.data.dataset == "digits":
+    if config.data.dataset == "digits" and config.data.image_size % 8 == 0:
         return metrics.digits_metrics(samples)
     return {}
 

@@ -26,7 +26,7 @@ from jax.experimental import multihost_utils
 from ddpm_jax import viz
 from ddpm_jax.checkpoint import Checkpointer
 from ddpm_jax.config import build_model, is_image_data, num_sampling_steps, schedule_from_config, validate_config
-from ddpm_jax.data import make_dataset
+from ddpm_jax.data import DATASETS, make_dataset
 from ddpm_jax.generation import make_sample_fn, sample_metrics, sample_metrics_problem, save_samples
 from ddpm_jax.interrupts import ChainWatch, StopVote, interrupts_deferred, progress_bar, say
 from ddpm_jax.likelihood import RateDistortion, calc_bpd_loop, rate_distortion
@@ -557,11 +557,13 @@ def _without_ignored_settings(config):
     return config
 
 
-def load_pretrained(path: str, config):
+def load_pretrained(path: str, config, *, evaluate: bool = False):
     """(model, schedule, params) from a diffusers UNet2DModel folder (e.g. the DDPM authors' CIFAR-10 weights).
 
-    ``config`` supplies the diffusion and sampling settings (configs/cifar10.py: the paper's); the data shape
-    is set from the weights' config.
+    ``config`` supplies the diffusion and sampling settings (configs/cifar10.py: the paper's); the data shape and
+    the network's settings in ``config.model`` are set from the weights' config, so that `validate_config` checks
+    the network that runs. ``evaluate``: refuse weights for images larger than the data set's, which would
+    be upsampled to their size.
     """
     from ddpm_jax.models import UNet, load_diffusers_unet, read_diffusers_config
 
@@ -571,6 +573,14 @@ def load_pretrained(path: str, config):
     height, width = size if isinstance(size, (list, tuple)) else (size, size)  # diffusers writes either
     if height != width:
         raise ValueError(f"{path}: sample_size {size} is not square; the data here are square images")
+    native = DATASETS[config.data.dataset].shape[0] if config.data.dataset in DATASETS else None
+    if evaluate and native is not None and height > native:
+        raise ValueError(f"{path}: the weights are for {height}x{height} images, and data set "
+                         f"{config.data.dataset!r} has {native}x{native}: its images would be upsampled to "
+                         "be scored (choose the set the weights were trained on with --config.data.dataset)")
     config.data.image_size = int(height)
     config.data.num_channels = int(diffusers_config.get("in_channels", config.data.num_channels))
+    for name, value in kwargs.items():
+        if name in config.model:
+            config.model[name] = value
     return UNet(**kwargs), schedule_from_config(config.diffusion), jax.tree.map(jnp.asarray, params)

@@ -232,6 +232,9 @@ def test_bad_batching_arguments_raise():
     np.testing.assert_array_equal(only["image"][:20], uint8_to_float(images))
     with pytest.raises(ValueError, match="process_index"):
         ArrayDataset(images, np.zeros(20), batch_size=10, seed=0, process_index=2, process_count=2)
+    # uint8 images without their channel axis were batched as they are, 0..255 instead of [-1, 1].
+    with pytest.raises(ValueError, match=r"uint8 examples must be images \[N, H, W, C\], got shape \(20, 6, 6\)"):
+        ArrayDataset(images[..., 0], np.zeros(20), batch_size=10, seed=0)
 
 
 @pytest.mark.parametrize("name", sorted(TOY_SETS))
@@ -301,6 +304,37 @@ def test_mocked_celeba_is_cropped_and_resized():
     assert images.shape == (3, 64, 64, 3) and images.dtype == np.uint8 and np.all(labels == 0)
     crop = first[39:179, 19:159]
     np.testing.assert_array_equal(images[0], resize_images(crop[None], 64)[0])
+
+
+def test_a_data_dir_with_a_tilde_is_in_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    images, _ = load_split(data_config(dataset="digits", image_size=8, num_channels=1, data_dir="~/tfds"), "test")
+    assert images.shape == (297, 8, 8, 1)
+    # Prepared in $HOME/tfds; tfds had taken '~' as a folder of the working directory.
+    assert (tmp_path / "home" / "tfds" / "sklearn_digits").is_dir() and not (tmp_path / "~").exists()
+
+
+def test_an_empty_digits_version_folder_is_named_with_what_to_do(tmp_path):
+    # tfds's download_and_prepare leaves an existing version folder alone, so the split read failed later with
+    # "splits is empty", naming no folder.
+    version_dir = tmp_path / "sklearn_digits" / "1.0.0"
+    version_dir.mkdir(parents=True)
+    with pytest.raises(ValueError, match=rf"{version_dir} exists but holds no prepared digits set.*remove it"):
+        load_split(data_config(dataset="digits", image_size=8, num_channels=1), "train", data_dir=str(tmp_path))
+
+
+def test_a_set_tfds_cannot_open_as_array_record_says_how_to_prepare_it(tmp_path, monkeypatch):
+    # A set prepared as TFRecord (tfds's default): tfds.builder raised its own "File format is already set".
+    def unreadable(*args, **kwargs):
+        raise ValueError("File format is already set to FileFormat.TFRECORD. Got FileFormat.ARRAY_RECORD")
+
+    monkeypatch.setattr(tfds, "data_source", unreadable)
+    monkeypatch.setattr(tfds, "builder", unreadable)
+    expected = (r"(?s)'mnist' .* in .* cannot be opened as array_record: File format is already set"
+                r".*download_and_prepare.*TensorFlow is needed to read TFRecord")
+    with pytest.raises(ValueError, match=expected):
+        load_split(data_config(dataset="mnist", image_size=28, num_channels=1), "train", data_dir=str(tmp_path))
 
 
 def test_channel_mismatch_raises(digits_dir):

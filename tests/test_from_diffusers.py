@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ddpm_jax.config import validate_config
 from ddpm_jax.data import load_split
 from ddpm_jax.models import (
     UNet,
@@ -197,6 +198,13 @@ def test_pretrained_weights_sample_through_generate(tmp_path):
     run_config.sampling.sampler, run_config.sampling.num_steps, run_config.sampling.num_samples = "ddim", 3, 4
     unet, schedule, params = run.load_pretrained(str(tmp_path / "weights"), run_config)
     assert (run_config.data.image_size, run_config.data.num_channels) == (8, 1)
+    # config.model describes the loaded network, so validation checks that one (CIFAR-10's attention at 16x16
+    # never occurs at 8x8: the run was refused for a setting it did not use).
+    m = run_config.model
+    assert (m.ch, tuple(m.ch_mult), tuple(m.attn_resolutions), m.num_groups) == (32, (1, 2), (4,), 8)
+    digits_config = run_config.copy_and_resolve_references()
+    digits_config.data.dataset = "digits"  # the weights' 8x8 grey images
+    validate_config(digits_config)
     x = np.random.default_rng(2).standard_normal((2, 8, 8, 1)).astype(np.float32)
     with torch.no_grad():
         expected = model(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.tensor([5, 900])).sample.numpy()
@@ -229,3 +237,9 @@ def test_pretrained_weights_sample_through_generate(tmp_path):
     curve = np.load(out_dir / "rate_distortion.npz")
     assert curve["rate_bpd"][-1] == pytest.approx(evaluation["bpd"] - evaluation["bpd_decoder"], rel=1e-5)
     assert sorted(os.listdir(out_dir)) == ["eval.json", "rate_distortion.npz", "rate_distortion.png"]
+    # Weights for larger images than the data set's are refused for evaluation (the 8x8 digits were upsampled).
+    config_path.write_text(json.dumps(json.loads(config_path.read_text()) | {"sample_size": 16}))
+    eval_config = get_config()
+    eval_config.data.dataset = "digits"
+    with pytest.raises(ValueError, match=r"16x16 images, and data set 'digits' has 8x8"):
+        run.load_pretrained(str(tmp_path / "weights"), eval_config, evaluate=True)

@@ -6,6 +6,8 @@ import scipy.linalg
 import scipy.spatial.distance
 import scipy.stats
 
+from configs import digits
+from ddpm_jax import generation
 from ddpm_jax.metrics import digits_classifier, distances
 
 
@@ -231,7 +233,7 @@ def test_digits_metrics_against_data_and_noise(held_out):
     scores = digits_classifier.digits_metrics(diverged)
     assert all(np.isnan(scores[k]) for k in ("frechet", "class_entropy", "confidence"))
     assert scores["frechet_data"] == same["frechet_data"] and scores["confidence_data"] == same["confidence_data"]
-    with pytest.raises(ValueError, match="8, 8, 1"):
+    with pytest.raises(ValueError, match="8k, 8k, 1"):
         digits_classifier.digits_features(np.zeros((4, 28, 28, 1)))
     # 8-bit images are the same grid points; other integers are refused (they were taken as values in [-1, 1]).
     as_uint8 = np.round((images[:8].astype(np.float64) + 1.0) * 127.5).astype(np.uint8)
@@ -241,3 +243,12 @@ def test_digits_metrics_against_data_and_noise(held_out):
     )
     with pytest.raises(ValueError, match="must be uint8"):
         digits_classifier.digits_features(as_uint8.astype(np.int64))
+    # Any 8k x 8k size: the data pipeline's k-fold repetition is undone (a 24x24 digits run had crashed at its
+    # first sample grid); sizes the pipeline resizes bicubically get no metrics.
+    np.testing.assert_allclose(
+        digits_classifier.digits_features(images[:8].repeat(3, axis=1).repeat(3, axis=2)),
+        digits_classifier.digits_features(images[:8]), atol=1e-5,
+    )
+    config = digits.get_config()
+    config.data.image_size = 12
+    assert generation.sample_metrics(config, np.zeros((4, 12, 12, 1), np.float32)) == {}

@@ -633,6 +633,7 @@ def test_kept_pieces_that_are_damaged_are_redone_and_none_are_left_behind(tmp_pa
         (digits.get_config, {"training.batch_size": 2000}, 1, r"batch_size=2000 exceeds the 1500 examples of 'digits'"),
         (digits.get_config, {"sampling.eta": 0.5}, 1, r"sampling.eta=0.5 sets DDIM's noise, and the ddpm sampler"),
         (swissroll.get_config, {"diffusion.loss_type": "kl"}, 1, r"loss_type='kl' has the 8-bit image decoder"),
+        (digits.get_config, {"data.num_train": 300}, 1, r"data.num_train=300 applies to 2-D sets only"),
     ],
 )
 def test_validate_config_names_the_problem(config_fn, overrides, num_devices, message):

@@ -89,4 +89,9 @@ def prepare_digits(data_dir: str | None = None) -> SklearnDigits:
             builder = SklearnDigits(data_dir=data_dir, file_format="array_record")
             if not builder.is_prepared():
                 raise
+        if not builder.is_prepared():  # tfds leaves an existing version folder as it is, even an empty one
+            raise ValueError(
+                f"{builder.data_dir} exists but holds no prepared digits set (an interrupted copy?): remove it "
+                "and the set is prepared again"
+            )
     return builder

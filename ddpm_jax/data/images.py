@@ -6,6 +6,7 @@ once from fixed seeds. Every set here fits in host memory, so batches are gather
 """
 
 import dataclasses
+import os
 import socket
 import threading
 from collections.abc import Iterator, Mapping
@@ -147,7 +148,14 @@ def _open_tfds_source(spec: DatasetSpec, name: str, split: str, data_dir: str | 
         return tfds.data_source(spec.tfds_name, split=split, data_dir=data_dir, download=False)
     except Exception as error:
         read_error = error
-    builder = tfds.builder(spec.tfds_name, data_dir=data_dir, file_format="array_record")
+    try:
+        builder = tfds.builder(spec.tfds_name, data_dir=data_dir, file_format="array_record")
+    except ValueError as error:  # e.g. a set prepared as TFRecord: "File format is already set to ..."
+        root = data_dir or os.path.expanduser("~/tensorflow_datasets")
+        raise ValueError(
+            f"data set {name!r} (tfds {spec.tfds_name!r}) in {root} cannot be opened as array_record: {error}. "
+            f"{_how_to_prepare(spec.tfds_name, root)}"
+        ) from error
     where = builder.data_dir
     how_to = _how_to_prepare(spec.tfds_name, builder.data_dir_root)
     if builder.is_prepared():
@@ -226,6 +234,8 @@ def load_split(
         )
     if data_dir is None:
         data_dir = config_data.get("data_dir") or None  # "" in a config means the default
+    if data_dir is not None:
+        data_dir = os.path.expanduser(data_dir)  # tfds takes '~' literally (a folder '~' in the working directory)
     source = _open_tfds_source(spec, name, split, data_dir, download)
     return _read_images(source, spec, image_size)
 
@@ -261,7 +271,9 @@ class ArrayDataset:
             raise ValueError(f"batch size {batch_size} is not divisible by the process count {process_count}")
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
-        is_image = examples.dtype == np.uint8 and examples.ndim == 4
+        if examples.dtype == np.uint8 and examples.ndim != 4:
+            raise ValueError(f"uint8 examples must be images [N, H, W, C], got shape {examples.shape}")
+        is_image = examples.dtype == np.uint8
         if random_flip and not is_image:
             raise ValueError("random_flip needs uint8 images [N, H, W, C]; set config.data.random_flip=False")
         self.examples = examples

@@ -4,8 +4,8 @@ Data: `sklearn.datasets.load_digits` (1,797 images shipped inside scikit-learn),
 to [-1, 1] by pixel / 16 * 2 - 1. (The diffusion model's data pipeline first stores them as 8-bit
 round(pixel * 255 / 16), so its values differ from these by at most 1/255.) Split: the first 1,500 images in
 scikit-learn's order are the training split, the last 297 the held-out split (no shuffling, so anyone can
-rebuild it). Inputs may be 8x8 or 16x16 (NHWC with one channel, or NHW): 16x16 images are average-pooled
-2x2 back to 8x8, which exactly undoes nearest-neighbour 2x upsampling.
+rebuild it). Inputs may be 8k x 8k (NHWC with one channel, or NHW; uint8 or floats in [-1, 1]): they are
+average-pooled k x k back to 8x8, which exactly undoes the data pipeline's nearest-neighbour k-fold upsampling.
 
 Weights: `digits_classifier.msgpack` beside this file, written by `scripts/train_digits_classifier.py`.
 """
@@ -67,7 +67,8 @@ class DigitsCNN(nn.Module):
 
 
 def _to_8x8(images) -> jax.Array:
-    """[N, 8|16, 8|16(, 1)] images in [-1, 1] (or uint8 0-255) as [N, 8, 8, 1] float32."""
+    """[N, 8k, 8k(, 1)] images in [-1, 1] (or uint8 0-255) as [N, 8, 8, 1] float32: k x k means undo the data
+    pipeline's k-fold pixel repetition."""
     dtype = np.asarray(images).dtype
     if dtype == np.uint8:
         images = np.asarray(images, np.float32) / np.float32(127.5) - np.float32(1.0)
@@ -76,13 +77,15 @@ def _to_8x8(images) -> jax.Array:
     images = jnp.asarray(images, jnp.float32)
     if images.ndim == 3:
         images = images[..., None]
-    if images.ndim != 4 or images.shape[-1] != 1 or images.shape[1:3] not in ((8, 8), (16, 16)):
+    if (images.ndim != 4 or images.shape[-1] != 1 or images.shape[1] != images.shape[2]
+            or images.shape[1] % 8 or not images.shape[1]):
         raise ValueError(
-            f"digits classifier takes [N, 8, 8, 1] or [N, 16, 16, 1] images (or without the channel axis), "
+            f"digits classifier takes [N, 8k, 8k, 1] images (8 x 8, 16 x 16, ...; or without the channel axis), "
             f"got shape {images.shape}"
         )
-    if images.shape[1] == 16:
-        images = images.reshape(images.shape[0], 8, 2, 8, 2, 1).mean(axis=(2, 4))
+    k = images.shape[1] // 8
+    if k > 1:
+        images = images.reshape(images.shape[0], 8, k, 8, k, 1).mean(axis=(2, 4))
     return images
 
 
