@@ -13,6 +13,7 @@ import scipy.linalg
 import scipy.special
 
 from ddpm_jax.metrics import inception
+from ddpm_jax.viz import to_uint8
 
 torch = pytest.importorskip("torch", reason="the reference network needs torch (pip install torch==2.13.0)")
 F = torch.nn.functional
@@ -230,6 +231,12 @@ def test_rows_of_infinite_images_are_nan_and_other_integer_images_are_refused(re
     assert np.isnan(mu).all()
     with pytest.raises(ValueError, match="must be uint8"):
         inception.compute_features(np.zeros((4, 107, 107, 1), np.int32), variables, batch_size=4, resize=False)
+    # Floats halfway between two 8-bit levels reach the network as the levels of the PNGs that viz.to_uint8
+    # writes (float32 rounding inside the network's jit put about a quarter of them one level off).
+    halfway = ((np.arange(4 * 107 * 107) % 255 + 0.5) / 127.5 - 1.0).astype(np.float32).reshape(4, 107, 107, 1)
+    from_floats = inception.compute_features(halfway, variables, batch_size=4, resize=False, quantize=True)
+    from_png_values = inception.compute_features(to_uint8(halfway), variables, batch_size=4, resize=False)
+    np.testing.assert_array_equal(from_floats["pool"], from_png_values["pool"])
 
 
 def test_converter_rejects_wrong_state_dict(reference_and_ours):

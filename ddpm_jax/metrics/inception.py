@@ -26,6 +26,7 @@ import scipy.special
 
 from ddpm_jax.metrics.distances import RunningGaussianStats, frechet_distance
 from ddpm_jax.models.conv import cpu_conv_compiler_options
+from ddpm_jax.viz import to_uint8
 
 __all__ = [
     "FID_WEIGHTS_URL",
@@ -288,11 +289,13 @@ def _feature_batches(
     pending = None
     for start in range(0, images.shape[0], batch_size):
         batch = np.asarray(images[start : start + batch_size])
+        count = batch.shape[0]
+        # Quantising clips infinities to the range: their rows are made NaN below instead, as NaN rows come out.
+        finite = np.isfinite(batch).reshape(count, -1).all(axis=1)
+        if quantize:  # the 8-bit values of the saved PNGs (rounded in float64; in float32 some fell one level off)
+            batch = to_uint8(batch)
         if batch.dtype == np.uint8:  # the 8-bit grid as `quantize` computes it, so both give the same inputs
             batch = batch.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
-        count = batch.shape[0]
-        # `quantize` clips infinities to the range: their rows are made NaN here instead, as NaN rows come out.
-        finite = np.isfinite(batch).reshape(count, -1).all(axis=1)
         # Pad the last batch so one compiled shape serves every batch.
         batch = np.pad(batch, ((0, batch_size - count), (0, 0), (0, 0), (0, 0)))
         outputs = inception_forward(variables, batch, resize=resize, quantize=quantize)
