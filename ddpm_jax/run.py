@@ -90,9 +90,19 @@ def make_bpd_fn(config, model, schedule, mesh, *, per_step: bool = False, progre
     return jax.jit(bpd, out_shardings=batch_sharding(mesh), compiler_options=cpu_conv_compiler_options())
 
 
+def make_eval_dataset(config):
+    """This process's rows of the ``eval.split`` batches of ``eval.batch_size`` (an `ArrayDataset`)."""
+    return make_dataset(
+        config.data, config.eval.split, batch_size=config.eval.batch_size, seed=config.seed,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        data_dir=config.data.data_dir or None, download=config.data.download,
+    )
+
+
 def evaluate_bpd(
     config, params, model, schedule, *, num_examples: int, key: jax.Array, mesh=None, progress=False,
     bpd_fn=None, watch: ChainWatch | None = None, per_step: bool = False, parts: Parts | None = None,
+    dataset=None,
 ) -> dict:
     """Mean bits/dim (total, prior, decoder L_0) over the first ``num_examples`` of ``eval.split`` (the test split by
     default); with ``per_step`` (or a bpd_fn made with it) also their `rate_distortion` curve, under
@@ -103,16 +113,13 @@ def evaluate_bpd(
     evaluations, given with its ``watch``; made here if None. Ctrl-C stops a batch's chain after the step in
     progress on a one-device mesh; on several devices the KeyboardInterrupt comes when the batch is done.
     ``parts``: keep each batch's rows there as it finishes and read those of batches already kept (one process).
+    ``dataset``: a `make_eval_dataset(config)` to reuse across evaluations (read here if None).
     """
     mesh = make_mesh() if mesh is None else mesh
     if config.eval.batch_size % mesh.size:
         raise ValueError(f"eval.batch_size={config.eval.batch_size} does not split over the mesh's {mesh.size} "
                          "devices: use a multiple of its size, or a mesh whose size divides it")
-    dataset = make_dataset(
-        config.data, config.eval.split, batch_size=config.eval.batch_size, seed=config.seed,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        data_dir=config.data.data_dir or None, download=config.data.download,
-    )
+    dataset = make_eval_dataset(config) if dataset is None else dataset
     watch = watch or ChainWatch()  # a bpd_fn given without its watch has no per-step progress or early stop
     bpd_fn = bpd_fn or make_bpd_fn(config, model, schedule, mesh, per_step=per_step, progress_fn=watch)
     params = jax.device_put(params, replicated(mesh))
@@ -318,13 +325,13 @@ def _train(config, workdir: str, checkpointer: Checkpointer, progress: bool) -> 
     window_start = time.perf_counter()
     train_start = None  # the time budget starts after the first call, i.e. after compilation
     step = start_step
-    bpd_fn = None  # compiled at the first held-out evaluation, then reused
+    bpd_fn = eval_dataset = None  # compiled and read at the first held-out evaluation, then reused
 
     def periodic_outputs(num: int, *, only_missing: bool = False) -> None:
         """The sample grid and held-out bits/dim due after the call of ``num`` steps that ended at ``step``;
         ``only_missing``: those that a run stopped after its checkpoint at ``step`` left undone.
         Their time is left out of the next window's steps_per_sec."""
-        nonlocal bpd_fn, window_start
+        nonlocal bpd_fn, eval_dataset, window_start
         grid = os.path.join("samples", f"step_{step:08d}.png")
         draw_grid = _crossed(step, num, tr.sample_every) and step < tr.num_steps \
             and not (only_missing and _on_process_0(lambda: os.path.exists(os.path.join(workdir, grid))))
@@ -343,9 +350,12 @@ def _train(config, workdir: str, checkpointer: Checkpointer, progress: bool) -> 
             write_samples(step, grid)
         if evaluate:
             bpd_fn = bpd_fn or make_bpd_fn(config, model, schedule, mesh, progress_fn=watch)
+            if eval_dataset is None:  # the whole split is read and decoded once
+                eval_dataset = make_eval_dataset(config)
             result = evaluate_bpd(
                 config, state.ema_params, model, schedule, num_examples=config.eval.num_bpd_examples,
                 key=jax.random.fold_in(eval_key, step), mesh=mesh, progress=progress, bpd_fn=bpd_fn, watch=watch,
+                dataset=eval_dataset,
             )
             writer.write(step, result)
             say(f"step {step}: held-out {result['bpd']:.3f} bits/dim ({result['bpd_examples']} images)")

@@ -683,7 +683,10 @@ def test_validate_config_lists_every_problem_and_accepts_the_shipped_configs():
 # ----------------------------------------------------------------------------------------------------------
 
 
-def test_digits_unet_trains_samples_and_evaluates(tmp_path):
+def test_digits_unet_trains_samples_and_evaluates(tmp_path, monkeypatch):
+    test_split_reads = []
+    monkeypatch.setattr(run, "make_dataset", lambda data, split, **kwargs: (
+        test_split_reads.append(split == "test"), make_dataset(data, split, **kwargs))[1])
     config = apply_overrides(digits.get_config(), {
         "data.data_dir": str(tmp_path / "tfds"),
         # One level without attention halves the compiles (42 -> 23 s); test_models covers the deeper U-Nets.
@@ -693,12 +696,16 @@ def test_digits_unet_trains_samples_and_evaluates(tmp_path):
         "training.batch_size": 8, "training.num_steps": 2, "training.log_every": 1, "training.checkpoint_every": 2,
         "training.steps_per_call": 1,
         "sampling.sampler": "ddim", "sampling.num_steps": 2, "sampling.num_samples": 8,
-        "eval.batch_size": 8,
+        "eval.batch_size": 8, "eval.bpd_every": 1, "eval.num_bpd_examples": 8,
     })
     workdir = str(tmp_path / "run")
     state = run.train_and_evaluate(config, workdir, progress=False)
     assert int(state.step) == 2 and int(state.num_skipped) == 0
     assert [line["step"] for line in training_lines(read_metrics(workdir))] == [1, 2]
+    # Held-out bits/dim after each step, from one read of the test split (each evaluation read it all again).
+    held_out = [line for line in read_metrics(workdir) if "bpd" in line]
+    assert [line["step"] for line in held_out] == [1, 2] and sum(test_split_reads) == 1
+    assert all(line["bpd_examples"] == 8 and line["bpd"] > line["bpd_prior"] > 0 for line in held_out)
     assert_valid_png(os.path.join(workdir, "samples.png"))
 
     model, schedule, params, step = run.restore_params(config, workdir)
