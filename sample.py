@@ -184,8 +184,9 @@ def main(argv):
         if result["metrics"]:
             print(json.dumps(result["metrics"], indent=2))
         else:
-            print(f"--metrics: no built-in metric for {config.data.dataset} (2-D sets and digits have one); "
-                  "--fid_stats=train adds FID and Inception Score")
+            print(f"--metrics: no built-in metric for {config.data.dataset} at {config.data.image_size}x"
+                  f"{config.data.image_size} (2-D sets and digits at multiples of 8 have one); --fid_stats=train "
+                  "adds FID and Inception Score")
 
 
 if __name__ == "__main__":

@@ -96,9 +96,14 @@ def sample_metrics(config, samples: np.ndarray, *, seed: int = 0) -> dict:
     if not is_image_data(config):
         held_out = make_dataset(config.data, "test", batch_size=1, seed=seed).examples
         return metrics.lowdim_metrics(samples, held_out, seed)
-    if config.data.dataset == "digits" and config.data.image_size % 8 == 0:
+    if _has_digits_metrics(config):
         return metrics.digits_metrics(samples)
     return {}
+
+
+def _has_digits_metrics(config) -> bool:
+    # The classifier takes 8k x 8k digits, the pipeline's pixel repetitions of 8 x 8.
+    return config.data.dataset == "digits" and config.data.image_size % 8 == 0
 
 
 def sample_metrics_problem(config) -> str | None:
@@ -107,7 +112,7 @@ def sample_metrics_problem(config) -> str | None:
     if not is_image_data(config) and not 2 <= n <= NUM_TOY_TEST // 2:
         return (f"sampling.num_samples={n}: the 2-D metrics compare the samples with as many held-out points and "
                 f"those with as many more, from a test split of {NUM_TOY_TEST}; use 2 to {NUM_TOY_TEST // 2}")
-    if config.data.dataset == "digits" and n < 2:
+    if _has_digits_metrics(config) and n < 2:
         return f"sampling.num_samples={n}: the digits metrics (a Fréchet distance) need at least 2 samples"
     return None
 

@@ -561,9 +561,12 @@ def load_config(workdir: str, base=None):
 
 def _without_ignored_settings(config):
     """A saved config with the settings its run ignored reset, now that they are refused: an eta of the ddpm
-    sampler (DDIM's noise, which that sampler never used)."""
+    sampler (DDIM's noise, which that sampler never used), and data.num_train of an image set (2-D sets only)."""
     if config.sampling.get("sampler") == "ddpm" and config.sampling.get("eta"):
         config.sampling.eta = 0.0
+    if config.data.get("num_train") and DATASETS.get(config.data.get("dataset")) is not None \
+            and DATASETS[config.data.dataset].kind == "image":
+        config.data.num_train = 0
     return config
 
 

@@ -12,8 +12,8 @@ import pytest
 import scipy.linalg
 import scipy.special
 
+from ddpm_jax.data import to_uint8
 from ddpm_jax.metrics import inception
-from ddpm_jax.viz import to_uint8
 
 torch = pytest.importorskip("torch", reason="the reference network needs torch (pip install torch==2.13.0)")
 F = torch.nn.functional
@@ -231,7 +231,7 @@ def test_rows_of_infinite_images_are_nan_and_other_integer_images_are_refused(re
     assert np.isnan(mu).all()
     with pytest.raises(ValueError, match="must be uint8"):
         inception.compute_features(np.zeros((4, 107, 107, 1), np.int32), variables, batch_size=4, resize=False)
-    # Floats halfway between two 8-bit levels reach the network as the levels of the PNGs that viz.to_uint8
+    # Floats halfway between two 8-bit levels reach the network as the levels of the PNGs that to_uint8
     # writes (float32 rounding inside the network's jit put about a quarter of them one level off).
     halfway = ((np.arange(4 * 107 * 107) % 255 + 0.5) / 127.5 - 1.0).astype(np.float32).reshape(4, 107, 107, 1)
     from_floats = inception.compute_features(halfway, variables, batch_size=4, resize=False, quantize=True)
@@ -280,7 +280,10 @@ def test_stats_file_round_trip_and_fid(tmp_path):
     # allow pickles before).
     with open(paths[0], "rb") as f:
         content = f.read()
-    damaged = {"truncated.npz": content[: len(content) // 2], "empty.npz": b"", "text.npz": b"mu, sigma\n"}
+    middle = len(content) // 3
+    flipped = content[:middle] + bytes([content[middle] ^ 0xFF]) + content[middle + 1 :]  # a member's CRC fails
+    damaged = {"truncated.npz": content[: len(content) // 2], "empty.npz": b"", "text.npz": b"mu, sigma\n",
+               "corrupted.npz": flipped}
     for name, data in damaged.items():
         (tmp_path / name).write_bytes(data)
         with pytest.raises(ValueError, match=rf"{name} is not a readable FID statistics \.npz"):

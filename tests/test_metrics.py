@@ -252,3 +252,5 @@ def test_digits_metrics_against_data_and_noise(held_out):
     config = digits.get_config()
     config.data.image_size = 12
     assert generation.sample_metrics(config, np.zeros((4, 12, 12, 1), np.float32)) == {}
+    config.sampling.num_samples = 1  # nothing to score, so no minimum
+    assert generation.sample_metrics_problem(config) is None

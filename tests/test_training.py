@@ -665,6 +665,17 @@ def test_bits_per_dim_of_2d_data_is_refused(swissroll_run):
         run.evaluate_checkpoint(config, workdir)
 
 
+def test_a_saved_image_run_with_the_num_train_it_ignored_loads_and_validates(tmp_path):
+    # data.num_train on an image set is refused now; runs saved while it was ignored still sample and evaluate.
+    saved = apply_overrides(digits.get_config(), {"data.num_train": 300}).to_dict()
+    os.makedirs(tmp_path / "run")
+    with open(tmp_path / "run" / "config.json", "w") as f:
+        json.dump(saved, f, default=list)
+    config = run.load_config(str(tmp_path / "run"), base=get_base_config())
+    assert config.data.num_train == 0
+    validate_config(config)
+
+
 def test_validate_config_lists_every_problem_and_accepts_the_shipped_configs():
     import configs.celeba64
     import configs.cifar10

@@ -9,6 +9,7 @@ from ddpm_jax.data.images import (
     load_split,
     make_dataset,
     resize_images,
+    to_uint8,
     uint8_to_float,
 )
 from ddpm_jax.data.toy import TOY_SETS, sample_toy
@@ -24,5 +25,6 @@ __all__ = [
     "make_dataset",
     "resize_images",
     "sample_toy",
+    "to_uint8",
     "uint8_to_float",
 ]

@@ -16,6 +16,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator, Mapping
 
 import flax.linen as nn
@@ -24,9 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.special
 
+from ddpm_jax.data.images import to_uint8
 from ddpm_jax.metrics.distances import RunningGaussianStats, frechet_distance
 from ddpm_jax.models.conv import cpu_conv_compiler_options
-from ddpm_jax.viz import to_uint8
 
 __all__ = [
     "FID_WEIGHTS_URL",
@@ -248,7 +249,9 @@ def inception_forward(
     """Images [N, H, W, 1|3] in [-1, 1] -> {'pool': [N, 2048], 'logits', 'logits_unbiased': [N, 1008]}; jitted.
 
     quantize rounds to 8-bit levels first, so samples are scored like the PNGs reference statistics come
-    from. resize=False skips the 299x299 resize (tests run the network at small sizes).
+    from; it rounds in float32, where a few values in a million land one level off the PNGs' (float64)
+    levels, which `compute_features` and the statistics avoid by quantising on the host. resize=False skips
+    the 299x299 resize (tests run the network at small sizes).
     """
     return _jitted_forward(resize, quantize)(variables, images)
 
@@ -369,17 +372,20 @@ def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
     """(mu, sigma) from a pytorch-fid style .npz statistics file."""
     try:
         stats = np.load(path)
-    except (EOFError, ValueError, zipfile.BadZipFile) as err:  # damaged, empty, or not NumPy's (pickle refused)
-        reason = "not a NumPy file" if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
+        if not isinstance(stats, np.lib.npyio.NpzFile):
+            raise ValueError(f"{path} is not an FID statistics file: it holds one array, not 'mu' and 'sigma'")
+        with stats:
+            if "mu" not in stats or "sigma" not in stats:
+                raise ValueError(f"{path} is not an FID statistics file: it needs arrays 'mu' and 'sigma'")
+            return stats["mu"], stats["sigma"]
+    except (EOFError, OSError, ValueError, zipfile.BadZipFile, zlib.error) as err:
+        if isinstance(err, FileNotFoundError) or str(err).startswith(str(path)):
+            raise
+        # Damaged (a cut or corrupted zip, a bad member), empty, or not NumPy's (np.load's pickle refusal).
+        reason = "not a NumPy file" if "pickle" in str(err) else f"{type(err).__name__}: {err}"
         raise ValueError(
             f"{path} is not a readable FID statistics .npz ({reason}); a cached one is recomputed once deleted"
         ) from err
-    if not isinstance(stats, np.lib.npyio.NpzFile):
-        raise ValueError(f"{path} is not an FID statistics file: it holds one array, not 'mu' and 'sigma'")
-    with stats:
-        if "mu" not in stats or "sigma" not in stats:
-            raise ValueError(f"{path} is not an FID statistics file: it needs arrays 'mu' and 'sigma'")
-        return stats["mu"], stats["sigma"]
 
 
 def _as_stats(stats) -> tuple[np.ndarray, np.ndarray]:
