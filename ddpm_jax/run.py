@@ -390,24 +390,25 @@ def _train(config, workdir: str, checkpointer: Checkpointer, progress: bool) -> 
             num = min(k, tr.num_steps - step)
             local = [dataset.batch(s) for s in range(step, step + num)]
             batches = global_batch({"image": np.stack([b["image"] for b in local])}, mesh)
+            # A signal waits for the call and for the log line due at its end: the checkpoint saved on Ctrl-C
+            # is at `step`, so a line not written by then is never written (the resumed run logs from the next).
             with interrupts_deferred():
                 state, metrics = step_fn(state, batches)
                 step += num
-            window.append(metrics)
-            bar.update(num)
-
-            if _crossed(step, num, tr.log_every) or step == tr.num_steps:
-                summary = _summarize(jax.device_get(window))
-                updates = sum(len(m["loss"]) for m in window)  # the last call may run fewer than k steps
-                summary["steps_per_sec"] = updates / (time.perf_counter() - window_start)
-                writer.write(step, summary)
-                bar.set_postfix(loss=f"{summary['loss']:.4f}", skipped=summary["skipped"])
-                if summary["skipped"] >= min(tr.max_skipped_steps, updates):
-                    raise FloatingPointError(
-                        f"{summary['skipped']} of the last {updates} updates had a non-finite loss or "
-                        f"gradient (step {step}); lower training.lr, use model.dtype='float32' or check the data"
-                    )
-                window, window_start = [], time.perf_counter()
+                window.append(metrics)
+                bar.update(num)
+                if _crossed(step, num, tr.log_every) or step == tr.num_steps:
+                    summary = _summarize(jax.device_get(window))
+                    updates = sum(len(m["loss"]) for m in window)  # the last call may run fewer than k steps
+                    summary["steps_per_sec"] = updates / (time.perf_counter() - window_start)
+                    writer.write(step, summary)
+                    bar.set_postfix(loss=f"{summary['loss']:.4f}", skipped=summary["skipped"], refresh=False)
+                    if summary["skipped"] >= min(tr.max_skipped_steps, updates):
+                        raise FloatingPointError(
+                            f"{summary['skipped']} of the last {updates} updates had a non-finite loss or gradient "
+                            f"(step {step}); lower training.lr, use model.dtype='float32' or check the data"
+                        )
+                    window, window_start = [], time.perf_counter()
             if _crossed(step, num, tr.checkpoint_every) or step == tr.num_steps:
                 save()
             periodic_outputs(num)

@@ -172,6 +172,32 @@ def test_ctrl_c_during_a_checkpoint_save_lets_that_save_finish(monkeypatch, tmp_
     assert finished_checkpoints(workdir) == [checkpoint_every]
 
 
+def test_ctrl_c_during_a_call_that_ends_at_a_log_step_keeps_that_line(monkeypatch, tmp_path):
+    """A SIGINT inside the call that reaches step 10 (log_every): the run stops with a checkpoint at 10 and the
+    line of step 10 (it was lost: the resumed run logs from step 20, so steps 1-10 had no line at all)."""
+    calls, make_step = [], run.jit_train_step
+
+    def step_interrupted_in_its_tenth_call(*args, **kwargs):
+        step_fn = make_step(*args, **kwargs)
+
+        def call(state, batches):
+            calls.append(1)
+            if len(calls) == 10:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)  # where Python runs the (deferring) handler
+            return step_fn(state, batches)
+
+        return call
+
+    monkeypatch.setattr(run, "jit_train_step", step_interrupted_in_its_tenth_call)
+    config = apply_overrides(swissroll.get_config(), {**TINY_SWISSROLL, "training.num_steps": 60})
+    workdir = str(tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt):
+        run.train_and_evaluate(config, workdir, progress=False)
+    assert finished_checkpoints(workdir) == [10]
+    assert [line["step"] for line in metrics_lines(workdir)] == [10]
+
+
 def test_ctrl_c_stops_a_sampling_chain_at_once():
     """A jitted chain is one XLA call: Python would raise the KeyboardInterrupt only after its last step."""
     watch, steps = ChainWatch(), []
