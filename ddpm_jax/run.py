@@ -90,13 +90,18 @@ def make_bpd_fn(config, model, schedule, mesh, *, per_step: bool = False, progre
     return jax.jit(bpd, out_shardings=batch_sharding(mesh), compiler_options=cpu_conv_compiler_options())
 
 
-def make_eval_dataset(config):
-    """This process's rows of the ``eval.split`` batches of ``eval.batch_size`` (an `ArrayDataset`)."""
+def _process_dataset(config, split: str, batch_size: int):
+    """This process's rows of the batches of ``batch_size`` of ``split`` (an `ArrayDataset`)."""
     return make_dataset(
-        config.data, config.eval.split, batch_size=config.eval.batch_size, seed=config.seed,
+        config.data, split, batch_size=batch_size, seed=config.seed,
         process_index=jax.process_index(), process_count=jax.process_count(),
         data_dir=config.data.data_dir or None, download=config.data.download,
     )
+
+
+def make_eval_dataset(config):
+    """This process's rows of the ``eval.split`` batches of ``eval.batch_size``."""
+    return _process_dataset(config, config.eval.split, config.eval.batch_size)
 
 
 def evaluate_bpd(
@@ -267,11 +272,7 @@ def _train(config, workdir: str, checkpointer: Checkpointer, progress: bool) -> 
     tr = config.training
     checkpointer.check_config(config.to_dict())
 
-    dataset = make_dataset(
-        config.data, "train", batch_size=tr.batch_size, seed=config.seed,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        data_dir=config.data.data_dir or None, download=config.data.download,
-    )
+    dataset = _process_dataset(config, "train", tr.batch_size)
     mesh = make_mesh()
     model = build_model(config)
     schedule = schedule_from_config(config.diffusion)
@@ -565,8 +566,8 @@ def _without_ignored_settings(config):
     sampler (DDIM's noise, which that sampler never used), and data.num_train of an image set (2-D sets only)."""
     if config.sampling.get("sampler") == "ddpm" and config.sampling.get("eta"):
         config.sampling.eta = 0.0
-    if config.data.get("num_train") and DATASETS.get(config.data.get("dataset")) is not None \
-            and DATASETS[config.data.dataset].kind == "image":
+    spec = DATASETS.get(config.data.get("dataset"))
+    if config.data.get("num_train") and spec is not None and spec.kind == "image":
         config.data.num_train = 0
     return config
 
