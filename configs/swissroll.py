@@ -10,6 +10,7 @@ def get_config():
     config.model.name = "mlp"
     config.model.mlp_hidden = 128
     config.model.mlp_layers = 3
+    config.model.dropout = 0.0  # the MLP has none
     config.diffusion.num_timesteps = 100
     config.diffusion.beta_end = 0.2  # the few-step chain still ends near N(0, I): abar_T ~ 2e-5
     config.diffusion.beta_start = 1e-3

@@ -35,7 +35,8 @@ def _compatibility_view(config_dict: dict) -> dict:
             view[".".join(key)] = config_dict.get(key[0], {}).get(key[1])
         else:
             view.update({f"{key}.{field}": value for field, value in config_dict.get(key, {}).items()})
-    return {key: value for key, value in view.items() if key not in _COMPUTE_ONLY_KEYS}
+    ignored = _COMPUTE_ONLY_KEYS + (("model.dropout",) if view.get("model.name") == "mlp" else ())  # MLP: none
+    return {key: value for key, value in view.items() if key not in ignored}
 
 
 def _tree_differences(saved: Any, wanted: Any) -> list[str]:

@@ -227,6 +227,8 @@ def validate_config(config, *, num_devices: int = 1, process_count: int = 1) -> 
             num_train = (d.num_train or NUM_TOY_TRAIN) if isinstance(d.num_train, int) else None
             if m.name != "mlp":
                 problems.append(f"data.dataset={d.dataset!r} is 2-D: use model.name='mlp'")
+            elif m.dropout:
+                problems.append(f"model.dropout={m.dropout}: the MLP has no dropout (set model.dropout=0)")
             if d.dim != spec.shape[0]:
                 problems.append(f"data.dim={d.dim} but {d.dataset!r} has {spec.shape[0]} dimensions")
             if d.random_flip:

@@ -563,9 +563,12 @@ def load_config(workdir: str, base=None):
 
 def _without_ignored_settings(config):
     """A saved config with the settings its run ignored reset, now that they are refused: an eta of the ddpm
-    sampler (DDIM's noise, which that sampler never used), and data.num_train of an image set (2-D sets only)."""
+    sampler (DDIM's noise, which that sampler never used), data.num_train of an image set (2-D sets only) and
+    the MLP's model.dropout (it has none)."""
     if config.sampling.get("sampler") == "ddpm" and config.sampling.get("eta"):
         config.sampling.eta = 0.0
+    if config.model.get("name") == "mlp" and config.model.get("dropout"):
+        config.model.dropout = 0.0
     spec = DATASETS.get(config.data.get("dataset"))
     if config.data.get("num_train") and spec is not None and spec.kind == "image":
         config.data.num_train = 0

@@ -634,6 +634,7 @@ def test_kept_pieces_that_are_damaged_are_redone_and_none_are_left_behind(tmp_pa
         (digits.get_config, {"sampling.eta": 0.5}, 1, r"sampling.eta=0.5 sets DDIM's noise, and the ddpm sampler"),
         (swissroll.get_config, {"diffusion.loss_type": "kl"}, 1, r"loss_type='kl' has the 8-bit image decoder"),
         (digits.get_config, {"data.num_train": 300}, 1, r"data.num_train=300 applies to 2-D sets only"),
+        (swissroll.get_config, {"model.dropout": 0.1}, 1, r"model.dropout=0.1: the MLP has no dropout"),
     ],
 )
 def test_validate_config_names_the_problem(config_fn, overrides, num_devices, message):
@@ -674,6 +675,22 @@ def test_a_saved_image_run_with_the_num_train_it_ignored_loads_and_validates(tmp
     config = run.load_config(str(tmp_path / "run"), base=get_base_config())
     assert config.data.num_train == 0
     validate_config(config)
+
+
+def test_a_saved_mlp_run_with_the_dropout_it_ignored_loads_resumes_and_validates(swissroll_run, tmp_path):
+    # Runs of configs/swissroll.py saved model.dropout=0.1 from the base config; the MLP never used it.
+    config, workdir, _ = swissroll_run
+    copy = str(tmp_path / "run")
+    shutil.copytree(workdir, copy)
+    with open(os.path.join(copy, "config.json")) as f:
+        saved = json.load(f)
+    saved["model"]["dropout"] = 0.1
+    with open(os.path.join(copy, "config.json"), "w") as f:
+        json.dump(saved, f)
+    loaded = run.load_config(copy, base=get_base_config())
+    assert loaded.model.dropout == 0.0
+    validate_config(loaded)
+    run.restore_params(config, copy)  # the current config (no dropout) fits the checkpoint
 
 
 def test_validate_config_lists_every_problem_and_accepts_the_shipped_configs():
