@@ -81,6 +81,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
+    for name in ("workdir", "pretrained", "fid_stats", "inception_weights", "png_dir", "out_dir"):
+        if FLAGS[name].value:  # the shell expands ~ at a word's start only, not in --workdir=~/x
+            FLAGS[name].value = os.path.expanduser(FLAGS[name].value)
     sigterm_interrupts()  # chains finished so far are kept, as on Ctrl-C
     try:
         if os.environ.get("JAX_COORDINATOR_ADDRESS") or int(os.environ.get("JAX_NUM_PROCESSES") or 1) > 1:

@@ -60,6 +60,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+    for name in ("workdir", "pretrained"):  # the shell expands ~ at a word's start only, not in --workdir=~/x
+        if FLAGS[name].value:
+            FLAGS[name].value = os.path.expanduser(FLAGS[name].value)
     workdir = FLAGS.workdir or default_workdir()
     try:
         _run_with_messages(workdir)

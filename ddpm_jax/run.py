@@ -197,9 +197,10 @@ class MetricsWriter:
         # TensorBoard hides the events a run that died wrote past the checkpoint, as metrics.jsonl drops them.
         self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
 
-    def logged(self, step: int, name: str) -> bool:
-        """Whether a line kept from before the resume has ``name`` at ``step``."""
-        return any(line.get("step") == step and name in line for line in self._kept)
+    def logged(self, step: int, name: str, *, since: int | None = None) -> bool:
+        """Whether a line kept from before the resume has ``name`` at ``step`` (or at a step in [since, step])."""
+        first = step if since is None else since
+        return any(first <= line.get("step", -1) <= step and name in line for line in self._kept)
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -233,6 +234,11 @@ def _crossed(step: int, num: int, every: int) -> bool:
     return every > 0 and step // every > (step - num) // every
 
 
+def _num_updates(window: list[dict]) -> int:
+    """Training steps in a window of per-call metrics (the last call may run fewer than steps_per_call)."""
+    return sum(len(m["loss"]) for m in window)
+
+
 def _summarize(window: list[dict]) -> dict:
     """Host-side means of a window of per-call metrics (each [K] or [K, 4])."""
     cat = {k: np.concatenate([np.asarray(m[k]) for m in window]) for k in window[0]}
@@ -259,6 +265,13 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> TrainS
     validate_config(config, num_devices=jax.device_count(), process_count=jax.process_count())
     if problem := sample_metrics_problem(config):  # the samples drawn during training are scored
         raise ValueError(problem)
+    tr = config.training
+    if tr.checkpoint_every % tr.log_every:  # a training rule only: runs saved before it still sample and evaluate
+        raise ValueError(
+            f"training.checkpoint_every={tr.checkpoint_every} must be a multiple of training.log_every="
+            f"{tr.log_every}: a run resumed from a checkpoint between two log steps would leave the steps before "
+            "it in no log line"
+        )
     writable_folder(workdir)
     checkpointer = Checkpointer(workdir, keep=config.training.keep_checkpoints)
     try:
@@ -328,16 +341,31 @@ def _train(config, workdir: str, checkpointer: Checkpointer, progress: bool) -> 
     step = start_step
     bpd_fn = eval_dataset = None  # compiled and read at the first held-out evaluation, then reused
 
-    def periodic_outputs(num: int, *, only_missing: bool = False) -> None:
+    def missing(every: int, done_since: Callable[[int], bool]) -> bool:
+        """Whether the output due every ``every`` steps was last due at a multiple m <= ``step`` and not done at
+        any step in [m, step]: a resumed run's checkpoint may lie past m (a stop off the grid, or calls of
+        another steps_per_call), where the output was done already, or at m, after a stop before it."""
+        return every > 0 and step >= every and not _on_process_0(lambda: done_since(step // every * every))
+
+    def grid_drawn(since: int) -> bool:
+        folder = os.path.join(workdir, "samples")
+        names = os.listdir(folder) if os.path.isdir(folder) else []
+        return any((m := re.fullmatch(r"step_(\d+)\.png", name)) and since <= int(m[1]) <= step for name in names)
+
+    def periodic_outputs(num: int = 0, *, only_missing: bool = False) -> None:
         """The sample grid and held-out bits/dim due after the call of ``num`` steps that ended at ``step``;
-        ``only_missing``: those that a run stopped after its checkpoint at ``step`` left undone.
+        ``only_missing``: those that the run resumed at ``step`` left undone (see `missing`).
         Their time is left out of the next window's steps_per_sec."""
         nonlocal bpd_fn, eval_dataset, window_start
         grid = os.path.join("samples", f"step_{step:08d}.png")
-        draw_grid = _crossed(step, num, tr.sample_every) and step < tr.num_steps \
-            and not (only_missing and _on_process_0(lambda: os.path.exists(os.path.join(workdir, grid))))
-        evaluate = _crossed(step, num, config.eval.bpd_every) and is_image_data(config) \
-            and not (only_missing and _on_process_0(lambda: writer.logged(step, "bpd")))
+        if only_missing:
+            draw_grid = missing(tr.sample_every, grid_drawn)
+            evaluate = missing(config.eval.bpd_every, lambda since: writer.logged(step, "bpd", since=since))
+        else:
+            draw_grid = _crossed(step, num, tr.sample_every)
+            evaluate = _crossed(step, num, config.eval.bpd_every)
+        draw_grid = draw_grid and step < tr.num_steps
+        evaluate = evaluate and is_image_data(config)
         if not (draw_grid or evaluate):
             return
         jax.block_until_ready(state.step)  # the training steps enqueued so far count as training
@@ -362,6 +390,22 @@ def _train(config, workdir: str, checkpointer: Checkpointer, progress: bool) -> 
             say(f"step {step}: held-out {result['bpd']:.3f} bits/dim ({result['bpd_examples']} images)")
         window_start += time.perf_counter() - began
 
+    def log_window() -> dict:
+        """Write the line of the steps since the last one (their mean metrics) at ``step``; returns it."""
+        nonlocal window, window_start
+        summary = _summarize(jax.device_get(window))
+        summary["steps_per_sec"] = _num_updates(window) / (time.perf_counter() - window_start)
+        writer.write(step, summary)
+        bar.set_postfix(loss=f"{summary['loss']:.4f}", skipped=summary["skipped"], refresh=False)
+        window, window_start = [], time.perf_counter()
+        return summary
+
+    def stop_logged() -> None:
+        """At a stop off the log grid, the line of the steps since the last one: the resumed run logs from the
+        checkpoint at ``step`` on, and those steps would be in no line."""
+        if window:
+            log_window()
+
     def save(*, force: bool = False) -> None:
         with interrupts_deferred():
             checkpointer.save(step, state, force=force)
@@ -374,7 +418,7 @@ def _train(config, workdir: str, checkpointer: Checkpointer, progress: bool) -> 
     vote.arm()
     try:
         if start_step:
-            periodic_outputs(k, only_missing=True)
+            periodic_outputs(only_missing=True)
         while step < tr.num_steps:
             if train_start is None and step > start_step:
                 jax.block_until_ready(state.step)
@@ -385,6 +429,7 @@ def _train(config, workdir: str, checkpointer: Checkpointer, progress: bool) -> 
             if interrupted:
                 raise KeyboardInterrupt(f"signal {vote.signal}" if vote.signal else "signal in another process")
             if out_of_time:
+                stop_logged()
                 save_now()
                 say(f"stopped after training.max_seconds={tr.max_seconds:g} s at step {step}")
                 break
@@ -399,17 +444,13 @@ def _train(config, workdir: str, checkpointer: Checkpointer, progress: bool) -> 
                 window.append(metrics)
                 bar.update(num)
                 if _crossed(step, num, tr.log_every) or step == tr.num_steps:
-                    summary = _summarize(jax.device_get(window))
-                    updates = sum(len(m["loss"]) for m in window)  # the last call may run fewer than k steps
-                    summary["steps_per_sec"] = updates / (time.perf_counter() - window_start)
-                    writer.write(step, summary)
-                    bar.set_postfix(loss=f"{summary['loss']:.4f}", skipped=summary["skipped"], refresh=False)
+                    updates = _num_updates(window)
+                    summary = log_window()
                     if summary["skipped"] >= min(tr.max_skipped_steps, updates):
                         raise FloatingPointError(
                             f"{summary['skipped']} of the last {updates} updates had a non-finite loss or gradient "
                             f"(step {step}); lower training.lr, use model.dtype='float32' or check the data"
                         )
-                    window, window_start = [], time.perf_counter()
             if _crossed(step, num, tr.checkpoint_every) or step == tr.num_steps:
                 save()
             periodic_outputs(num)
@@ -417,6 +458,7 @@ def _train(config, workdir: str, checkpointer: Checkpointer, progress: bool) -> 
             raise KeyboardInterrupt(f"signal {vote.signal}" if vote.signal else "signal in another process")
     except KeyboardInterrupt:
         with interrupts_deferred():  # a second Ctrl-C arrives once the checkpoint is saved and said so
+            stop_logged()
             save_now()
             checkpointer.wait()
             say(f"interrupted: checkpoint saved at step {step} in {checkpointer.directory}")

@@ -39,11 +39,11 @@ def train_command(workdir, *flags: str) -> list[str]:
     ]
 
 
-def sample_py(*runs: list[str]) -> list[subprocess.CompletedProcess]:
+def sample_py(*runs: list[str], **env: str) -> list[subprocess.CompletedProcess]:
     """sample.py with each list of flags, all started at once (most of each is one core's imports), run to
-    completion; their outputs captured."""
+    completion with ``env`` added to the environment; their outputs captured."""
     procs = [
-        subprocess.Popen([sys.executable, os.path.join(REPO, "sample.py"), *flags], cwd=REPO, env=subprocess_env(),
+        subprocess.Popen([sys.executable, os.path.join(REPO, "sample.py"), *flags], cwd=REPO, env=subprocess_env(**env),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for flags in runs
     ]
@@ -117,9 +117,10 @@ def test_sigkill_then_rerun_reproduces_the_uninterrupted_run_exactly(killed_and_
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_or_sigterm_saves_a_checkpoint_at_the_step_reached(sig, tmp_path):
-    workdir = str(tmp_path / "run")
-    proc = subprocess.Popen(train_command(workdir, "--config.training.num_steps=100000"), cwd=REPO,
-                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    workdir = str(tmp_path / "run")  # given as ~/run: the shell leaves ~ in --workdir=~/run to train.py
+    proc = subprocess.Popen(train_command("~/run", "--config.training.num_steps=100000"), cwd=REPO,
+                            env=subprocess_env(HOME=str(tmp_path)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     deadline = time.monotonic() + 120
     while not (os.path.exists(os.path.join(workdir, "metrics.jsonl")) and metrics_lines(workdir)):
         assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
@@ -135,6 +136,8 @@ def test_ctrl_c_or_sigterm_saves_a_checkpoint_at_the_step_reached(sig, tmp_path)
     saved = re.search(r"interrupted: checkpoint saved at step (\d+)", out)
     assert saved, out[-3000:]
     assert finished_checkpoints(workdir)[-1] == int(saved.group(1)) >= 10
+    # The steps since the last log line, if any, have their line at the checkpoint: the resumed run logs after it.
+    assert [line["step"] for line in metrics_lines(workdir) if "loss" in line][-1] == int(saved.group(1))
 
 
 def test_interrupts_in_the_train_step_block_arrive_after_it():
@@ -493,7 +496,7 @@ def test_sample_py_draws_from_a_finished_run(killed_and_uninterrupted, tmp_path)
     w = f"--workdir={workdir}"
     (proc, respaced, ancestral_with_eta, two_models, interpolate_with_ddim, two_pictures, bad_steps, orphan_flags,
      out_dir_is_a_file, fid_of_points, seed_too_large) = sample_py(
-        [w, f"--out_dir={out_dir}", "--num=32", "--sampler=ddim", "--steps=10", "--spacing=quadratic",
+        [w, "--out_dir=~/samples", "--num=32", "--sampler=ddim", "--steps=10", "--spacing=quadratic",
          "--trajectory", "--metrics", "--noprogress"],
         [w, f"--out_dir={respaced_dir}", "--num=8", "--steps=10", "--spacing=quadratic", "--noprogress"],
         [w, f"--out_dir={out_dir}_eta", "--eta=0.5"],
@@ -505,6 +508,7 @@ def test_sample_py_draws_from_a_finished_run(killed_and_uninterrupted, tmp_path)
         [w, f"--out_dir={a_file}"],
         [w, f"--out_dir={out_dir}_fid", "--fid_stats=train"],
         [w, f"--out_dir={out_dir}_seed", "--seed=4294967296"],
+        HOME=str(tmp_path),  # ~/samples is out_dir
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "sampling:" not in proc.stderr and "Inception" not in proc.stderr  # no progress bars

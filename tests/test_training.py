@@ -468,6 +468,69 @@ def test_training_stops_when_every_update_is_skipped(monkeypatch, tmp_path):
         run.train_and_evaluate(short_end, str(tmp_path / "short_end"), progress=False)
 
 
+def test_a_run_resumed_past_a_grid_step_draws_and_evaluates_only_what_it_left_undone(tmp_path, monkeypatch):
+    """A run stopped at 25 with 10 steps per call did the grid and bits/dim due at 20 before it: resumed, it does
+    neither again (it drew a grid at 25 and evaluated there); with both lost, it does them at 25."""
+    monkeypatch.setattr(run, "validate_config", lambda *args, **kwargs: None)  # bits/dim of 2-D data, stubbed:
+    monkeypatch.setattr(run, "is_image_data", lambda config: True)
+    monkeypatch.setattr(run, "make_bpd_fn", lambda *args, **kwargs: None)
+    monkeypatch.setattr(run, "make_eval_dataset", lambda config: None)
+    monkeypatch.setattr(run, "evaluate_bpd", lambda *args, **kwargs: {"bpd": 1.0, "bpd_examples": 1})
+    every = dict(training__steps_per_call=10, training__checkpoint_every=10, training__sample_every=20,
+                 eval__bpd_every=20)
+    done, lost = str(tmp_path / "done"), str(tmp_path / "lost")
+    run.train_and_evaluate(swissroll_config(training__num_steps=25, **every), done, progress=False)
+    shutil.copytree(done, lost)
+    os.remove(os.path.join(lost, "samples", "step_00000020.png"))
+    with open(os.path.join(lost, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(line) + "\n" for line in read_metrics(done) if "bpd" not in line)
+    for workdir in (done, lost):
+        run.train_and_evaluate(swissroll_config(training__num_steps=40, **every), workdir, progress=False)
+    assert os.listdir(os.path.join(done, "samples")) == ["step_00000020.png"]
+    assert [line["step"] for line in read_metrics(done) if "bpd" in line] == [20, 40]
+    assert os.listdir(os.path.join(lost, "samples")) == ["step_00000025.png"]
+    assert [line["step"] for line in read_metrics(lost) if "bpd" in line] == [25, 40]
+
+
+class _InterruptedDataset:
+    """Wraps a dataset so that asking for the batch of ``step`` raises KeyboardInterrupt (a Ctrl-C at that step)."""
+
+    def __init__(self, dataset, step):
+        self._dataset, self._step = dataset, step
+
+    def __getattr__(self, name):
+        return getattr(self._dataset, name)
+
+    def batch(self, step):
+        if step == self._step:
+            raise KeyboardInterrupt
+        return self._dataset.batch(step)
+
+
+def test_a_stop_between_log_steps_logs_the_steps_since_the_last_line(swissroll_run, tmp_path, monkeypatch):
+    """Ctrl-C at step 15 (lines every 10): the line at 15 holds steps 11-15, the resumed run's line at 20 steps
+    16-20; together they are the uninterrupted run's line at 20. A checkpoint between log steps is refused."""
+    _, reference, _ = swissroll_run
+    real = run.make_dataset
+    monkeypatch.setattr(run, "make_dataset", lambda *a, **k: _InterruptedDataset(real(*a, **k), 15))
+    workdir = str(tmp_path / "run")
+    config = swissroll_config(training__num_steps=20)
+    with pytest.raises(KeyboardInterrupt):
+        run.train_and_evaluate(config, workdir, progress=False)
+    monkeypatch.undo()
+    run.train_and_evaluate(config, workdir, progress=False)
+    lines = {line["step"]: line for line in training_lines(read_metrics(workdir))}
+    whole = {line["step"]: line for line in training_lines(read_metrics(reference))}
+    assert sorted(lines) == [10, 15, 20] and lines[10] == whole[10]
+    for name in ("loss", "grad_norm"):
+        np.testing.assert_allclose((lines[15][name] + lines[20][name]) / 2, whole[20][name], rtol=1e-6)
+
+    with pytest.raises(ValueError, match=r"checkpoint_every=15 must be a multiple of training.log_every=10"):
+        run.train_and_evaluate(swissroll_config(training__checkpoint_every=15), str(tmp_path / "other"),
+                               progress=False)
+    assert not os.path.exists(tmp_path / "other")
+
+
 def test_crossed_fires_once_per_multiple_passed():
     assert [s for s in range(1, 25) if run._crossed(s, 1, 10)] == [10, 20]
     # Calls of 2 steps from step 25 (off the grid) still fire at the calls that pass 30 and 40.
