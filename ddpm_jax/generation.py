@@ -323,13 +323,14 @@ def generate(config, model, schedule, params, *, out_dir: str, tag: str, traject
         with progress_bar(total=len(todo) * num_steps, desc=f"{s.sampler} sampling", unit="step",
                            leave=False, disable=not progress) as bar:
             for c in todo:
+                # Kept inside: a Ctrl-C that did not stop the chain (on several devices) arrives after the save.
                 with watch.watching(on_step=lambda t: bar.update(1), stop=mesh.size == 1):
                     start = time.perf_counter()
                     out = jax.device_get(sample_fn(params, jax.random.fold_in(key, c)))
                     seconds += time.perf_counter() - start
-                if trajectory:
-                    out, traj = out[0], (out[1] if c == 0 else traj)
-                parts.save(c, samples=np.asarray(out))
+                    if trajectory:
+                        out, traj = out[0], (out[1] if c == 0 else traj)
+                    parts.save(c, samples=np.asarray(out))
     except KeyboardInterrupt:
         kept = sum(parts.done(c) for c in range(num_chains))
         if kept:

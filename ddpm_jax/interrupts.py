@@ -69,8 +69,9 @@ class ChainWatch:
     the CIFAR-10 U-Net on a CPU). While `watching`, the C-level signal handler also writes the signal's number to
     a pipe (`signal.set_wakeup_fd`); the callback, run on the host after every step, reads it and raises, which
     ends the computation, and the signal is delivered when the block ends. In a multi-process run, and for a chain
-    sharded over several devices (``watching(stop=False)``), the chain runs to its end: the processes must stop
-    together, and the callback's error in a sharded computation would resurface in JAX's exit handlers.
+    sharded over several devices (``watching(stop=False)``), the chain runs to its end and the signal is held until
+    the block ends, so that the block can keep the chain's result: the processes must stop together, and the
+    callback's error in a sharded computation would resurface in JAX's exit handlers.
     """
 
     def __init__(self):
@@ -95,14 +96,15 @@ class ChainWatch:
     def watching(self, on_step=None, *, stop: bool = True):
         """Run the chain in this block; ``on_step(t)`` is called after each of its steps (e.g. a progress bar).
 
-        ``stop=False``: the chain runs to its end, and a Ctrl-C arrives as usual after it.
+        ``stop=False``: the chain runs to its end, and a Ctrl-C arrives when the block ends (keep the result in it).
         """
         self._on_step, self.stopped = on_step, False
         if not stop or threading.current_thread() is not threading.main_thread() or jax.process_count() > 1:
-            try:
-                yield
-            finally:
-                self._on_step = None
+            with interrupts_deferred():
+                try:
+                    yield
+                finally:
+                    self._on_step = None
             return
         read_fd, write_fd = os.pipe()
         os.set_blocking(read_fd, False)

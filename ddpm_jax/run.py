@@ -116,7 +116,7 @@ def evaluate_bpd(
     Each eval batch is split over the devices of ``mesh`` (default: all) and each process reads only its own
     rows. ``bpd_fn``: a ``make_bpd_fn(..., progress_fn=watch)`` to reuse (its compiled 1000-step scan) across
     evaluations, given with its ``watch``; made here if None. Ctrl-C stops a batch's chain after the step in
-    progress on a one-device mesh; on several devices the KeyboardInterrupt comes when the batch is done.
+    progress on a one-device mesh; on several devices the KeyboardInterrupt comes when the batch is done and kept.
     ``parts``: keep each batch's rows there as it finishes and read those of batches already kept (one process).
     ``dataset``: a `make_eval_dataset(config)` to reuse across evaluations (read here if None).
     """
@@ -141,10 +141,11 @@ def evaluate_bpd(
                 bar.update(schedule.num_timesteps)
                 continue
             x0 = jax.make_array_from_process_local_data(batch_sharding(mesh), batch["image"])
+            # Kept inside: a Ctrl-C that did not stop the chain (on several devices) arrives after the save.
             with watch.watching(on_step=lambda t: bar.update(1), stop=mesh.size == 1):
                 rows.append(_process_rows(bpd_fn(params, x0, jax.random.fold_in(key, i)), mesh))
-            if parts is not None:
-                parts.save(i, **rows[-1])
+                if parts is not None:
+                    parts.save(i, **rows[-1])
     per_example = valid_rows_of_all_processes(jax.tree.map(lambda *r: np.concatenate(r), *rows), np.concatenate(masks))
     result = {k: float(per_example[k].mean()) for k in ("bpd", "bpd_prior", "bpd_decoder")}
     result["bpd_examples"] = len(per_example["bpd"])

@@ -293,6 +293,26 @@ def test_ctrl_c_stops_the_chain_of_sample_py_and_writes_nothing(killed_and_unint
     assert not os.path.exists(out_dir)
 
 
+def test_ctrl_c_on_a_chain_that_runs_to_its_end_keeps_it(killed_and_uninterrupted, monkeypatch, tmp_path, capsys):
+    """A chain split over several devices is not stopped by Ctrl-C (watching(stop=False), forced here on one
+    device): the KeyboardInterrupt comes after the chain is kept, not before (the rerun drew it again)."""
+    _, workdir, _ = killed_and_uninterrupted
+    config = run.load_config(workdir, base=swissroll.get_config())
+    model, schedule, params, _ = run.restore_params(config, workdir)
+    watching = ChainWatch.watching
+    monkeypatch.setattr(ChainWatch, "watching", lambda self, on_step=None, stop=True: watching(self, on_step,
+                                                                                               stop=False))
+    calls = interrupt_chains_at_step(monkeypatch, 5)
+    out_dir = str(tmp_path / "samples")
+    with pytest.raises(KeyboardInterrupt):
+        generation.generate(config, model, schedule, params, out_dir=out_dir, tag="t")
+    assert len(calls) == schedule.num_timesteps
+    assert "interrupted: 1 of 1 chains of" in capsys.readouterr().err
+    calls = interrupt_chains_at_step(monkeypatch, None)
+    assert generation.generate(config, model, schedule, params, out_dir=out_dir, tag="t")["chains_drawn"] == 0
+    assert calls == []
+
+
 def test_sample_py_goes_on_from_the_chains_it_kept(killed_and_uninterrupted, monkeypatch, tmp_path, capsys):
     """50 samples in chains of 16 (the last one 2 of 16), interrupted in the third: a rerun draws only the
     third and the fourth, and the samples equal those of an uninterrupted call."""
