@@ -118,6 +118,8 @@ def main(argv):
                 config.sampling.num_steps = 0
             if FLAGS.eta is None:
                 config.sampling.eta = 0.0
+            if FLAGS.spacing is None:
+                config.sampling.spacing = "linear"
         for name, value in overrides.items():
             if value is not None:
                 config.sampling[name] = value
@@ -149,6 +151,9 @@ def main(argv):
             for t, agreement in result.get("class_agreement", {}).items():
                 print(f"  t={t}: the digits classifier puts {agreement:.1%} of the samples in their source's class")
             return
+        # Before the FID reference (Inception passes over a whole split) and the folders: a --num it cannot score.
+        generation.check_generate(config, with_metrics=FLAGS.metrics, with_fid=bool(FLAGS.fid_stats),
+                                  png_dir=FLAGS.png_dir)
         fid_reference = None
         if FLAGS.fid_stats:  # before sampling: a missing file or weights should not wait for 50,000 samples
             fid_reference = generation.load_fid_reference(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from typing import Any
 
 import jax
@@ -125,13 +126,22 @@ class Checkpointer:
             if not differences:
                 return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
         except Exception as err:  # Orbax raises many types for unreadable or mismatched trees
-            raise ValueError(self._cannot_restore(step, f"it is unreadable ({type(err).__name__}: {err})")) from err
+            # Its first line, without TensorStore's spec of the store (up to 60 lines).
+            first_line = re.split(r" See full TensorStore details| \[tensorstore_spec=", str(err).strip())[0]
+            first_line = first_line.split("\n")[0][:700]
+            raise ValueError(self._cannot_restore(step, f"it is unreadable ({type(err).__name__}: {first_line})",
+                                                  damaged=True)) from err
         raise ValueError(self._cannot_restore(
             step, "it was written by another model or config (its arrays differ: " + _first(differences, 4) + ")"))
 
-    def _cannot_restore(self, step: int, reason: str) -> str:
+    def _cannot_restore(self, step: int, reason: str, *, damaged: bool = False) -> str:
+        earlier = [s for s in self.manager.all_steps() if s < step] if damaged else []
+        remedy = "use another --workdir to start afresh"
+        if earlier:
+            remedy = (f"move {os.path.join(self.directory, str(step))} out of that folder to use the checkpoint of "
+                      f"step {max(earlier)} instead, or {remedy}")
         return (f"cannot restore checkpoint step {step} from {self.directory}: {reason}. It has not been modified; "
-                "use another --workdir to start afresh")
+                f"{remedy}")
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

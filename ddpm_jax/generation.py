@@ -187,7 +187,8 @@ def draw_latent_samples(config, model, schedule, params, *, out_dir: str, tag: s
     their source's class at each t ("class_agreement")."""
     _require_images(config, "latent-sample pictures")
     num_timesteps = schedule.num_timesteps
-    ts = [num_timesteps * q // 4 - 1 for q in (1, 2, 3, 4)] if ts is None else [int(t) for t in ts]
+    default_ts = sorted({max(0, num_timesteps * q // 4 - 1) for q in (1, 2, 3, 4)})  # T < 4: fewer than four
+    ts = default_ts if ts is None else [int(t) for t in ts]
     if not ts or not all(0 <= t < num_timesteps for t in ts) or num_images < 1 or num_draws < 1:
         raise ValueError(f"samples from latents need steps 0 <= t < T = {num_timesteps}, at least one image and one "
                          f"draw; got t={ts}, {num_images} images, {num_draws} draws")
@@ -211,7 +212,7 @@ def draw_latent_samples(config, model, schedule, params, *, out_dir: str, tag: s
     viz.save_png(result["png"], viz.latent_samples_grid(x0, x_t, draws, ts, scale=style["scale"],
                                                         padding=style["padding"], pad_value=style["pad_value"]))
     np.savez_compressed(result["npz"], x0=x0, x_t=x_t, samples=draws, t=np.asarray(ts))
-    if config.data.dataset == "digits":
+    if _has_digits_metrics(config):
         from ddpm_jax.metrics import digits_class_agreement
 
         result["class_agreement"] = {t: digits_class_agreement(draws[i], x0) for i, t in enumerate(ts)}
@@ -242,8 +243,7 @@ def load_fid_reference(config, fid_stats: str, *, inception_weights: str | None 
     of it (None: downloaded once)."""
     from ddpm_jax.metrics import inception
 
-    if not is_image_data(config):
-        raise ValueError(f"FID is defined for images; {config.data.dataset} is a 2-D data set")
+    _require_images(config, "FID statistics")
     if fid_stats not in FID_SPLITS and not os.path.isfile(fid_stats):
         raise ValueError(f"--fid_stats={fid_stats}: no such statistics file, and not a split name {FID_SPLITS}")
     weights_path = inception_weights or inception.download_fid_weights()
@@ -269,6 +269,20 @@ def _chain_fingerprint(config, params, seed: int) -> str:
     return fingerprint(params, [settings, seed])
 
 
+def check_generate(config, *, with_metrics: bool = False, with_fid: bool = False, png_dir: str | None = None) -> None:
+    """Raise ValueError if `generate` with these arguments would refuse them: before the FID reference is computed
+    and the folders made."""
+    n = config.sampling.num_samples
+    if with_fid and not is_image_data(config):
+        raise ValueError(f"FID is defined for images; {config.data.dataset} is a 2-D data set")
+    if with_fid and n < 2:
+        raise ValueError(f"FID needs at least 2 samples (papers use 50,000), got sampling.num_samples={n}")
+    if png_dir is not None and not is_image_data(config):
+        raise ValueError(f"one PNG per sample is for images; {config.data.dataset} is a 2-D data set")
+    if with_metrics and (problem := sample_metrics_problem(config)):
+        raise ValueError(f"{problem} (sample.py: --num)")
+
+
 def generate(config, model, schedule, params, *, out_dir: str, tag: str, trajectory: bool = False,
              with_metrics: bool = False, fid_reference=None, png_dir: str | None = None, seed: int = 0, mesh=None,
              progress: bool = True) -> dict:
@@ -284,12 +298,7 @@ def generate(config, model, schedule, params, *, out_dir: str, tag: str, traject
     and their time in seconds, and, if asked, the sample metrics.
     """
     s = config.sampling
-    if fid_reference is not None and s.num_samples < 2:
-        raise ValueError(f"FID needs at least 2 samples (papers use 50,000), got sampling.num_samples={s.num_samples}")
-    if png_dir is not None and not is_image_data(config):
-        raise ValueError(f"one PNG per sample is for images; {config.data.dataset} is a 2-D data set")
-    if with_metrics and (problem := sample_metrics_problem(config)):
-        raise ValueError(f"{problem} (sample.py: --num)")
+    check_generate(config, with_metrics=with_metrics, with_fid=fid_reference is not None, png_dir=png_dir)
     num_steps = num_sampling_steps(config, schedule)
     trajectory_every = None
     if trajectory:  # sampling.trajectory_every, or about ten pictures of the chain

@@ -444,6 +444,13 @@ def test_latent_sample_pictures_draw_from_frozen_latents_of_test_images(tmp_path
         assert picture.size[1] - viz._LABEL_HEIGHT == 4 * (8 * 6 + 6) + 6
     with pytest.raises(ValueError, match=r"0 <= t < T = 10, .*got t=\[10\]"):
         generation.draw_latent_samples(config, model, schedule, params, out_dir=str(tmp_path), tag="x", ts=[10])
+    # Digits at a size without metrics, and T = 3: the picture without the class agreement (it failed after drawing
+    # it), and the default steps T/4 - 1, ..., T - 1 kept within [0, T) (they were -1, 0, 1, 2).
+    config12 = apply_overrides(config, {"data.image_size": 12})
+    small = generation.draw_latent_samples(config12, model, dj.make_schedule("linear", 3), params,
+                                           out_dir=str(tmp_path), tag="d12", num_images=1, num_draws=1, progress=False)
+    assert np.load(small["npz"])["t"].tolist() == [0, 1, 2] and "class_agreement" not in small
+    assert np.load(small["npz"])["x0"].shape == (1, 12, 12, 1)
     with pytest.raises(ValueError, match="latent-sample pictures are for images"):
         generation.draw_latent_samples(swissroll.get_config(), None, None, None, out_dir=str(tmp_path), tag="x")
     a_file = str(tmp_path / "a_file")
@@ -513,9 +520,16 @@ def test_sample_py_draws_from_a_finished_run(killed_and_uninterrupted, tmp_path)
     _, workdir, _ = killed_and_uninterrupted
     out_dir, respaced_dir, a_file = (str(tmp_path / name) for name in ("samples", "respaced", "a_file"))
     open(a_file, "w").close()
+    ddim_run = str(tmp_path / "ddim_run")  # the run, had it sampled with 5 DDIM steps of quadratic spacing
+    shutil.copytree(workdir, ddim_run)
+    with open(os.path.join(ddim_run, "config.json")) as f:
+        saved = json.load(f)
+    saved["sampling"].update(sampler="ddim", num_steps=5, spacing="quadratic")
+    with open(os.path.join(ddim_run, "config.json"), "w") as f:
+        json.dump(saved, f)
     w = f"--workdir={workdir}"
     (proc, respaced, ancestral_with_eta, two_models, interpolate_with_ddim, two_pictures, bad_steps, orphan_flags,
-     out_dir_is_a_file, fid_of_points, seed_too_large) = sample_py(
+     out_dir_is_a_file, fid_of_points, seed_too_large, png_dir_of_points, other_sampler) = sample_py(
         [w, "--out_dir=~/samples", "--num=32", "--sampler=ddim", "--steps=10", "--spacing=quadratic",
          "--trajectory", "--metrics", "--noprogress"],
         [w, f"--out_dir={respaced_dir}", "--num=8", "--steps=10", "--spacing=quadratic", "--noprogress"],
@@ -528,6 +542,8 @@ def test_sample_py_draws_from_a_finished_run(killed_and_uninterrupted, tmp_path)
         [w, f"--out_dir={a_file}"],
         [w, f"--out_dir={out_dir}_fid", "--fid_stats=train"],
         [w, f"--out_dir={out_dir}_seed", "--seed=4294967296"],
+        [w, f"--out_dir={out_dir}_png", f"--png_dir={out_dir}_pngs"],
+        [f"--workdir={ddim_run}", f"--out_dir={out_dir}_ddpm", "--sampler=ddpm", "--num=4", "--noprogress"],
         HOME=str(tmp_path),  # ~/samples is out_dir
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -551,6 +567,12 @@ def test_sample_py_draws_from_a_finished_run(killed_and_uninterrupted, tmp_path)
     assert "error: --interpolate_t, --pairs belong to --interpolate, which is not given" in orphan_flags.stderr
     assert out_dir_is_a_file.returncode == 1 and "error: cannot create the folder" in out_dir_is_a_file.stderr
     assert fid_of_points.returncode == 1 and "error: FID is defined for images" in fid_of_points.stderr
+    assert not os.path.exists(f"{out_dir}_fid")
+    assert png_dir_of_points.returncode == 1 and "one PNG per sample is for images" in png_dir_of_points.stderr
+    assert not os.path.exists(f"{out_dir}_png") and not os.path.exists(f"{out_dir}_pngs")  # made, then refused
+    # Another sampler than the run's takes its own defaults: all T ancestral steps, not the run's DDIM spacing.
+    assert other_sampler.returncode == 0, other_sampler.stderr[-2000:]
+    assert any(n.startswith("samples_ddpm_seed0") for n in os.listdir(f"{out_dir}_ddpm"))
     assert seed_too_large.returncode == 1, seed_too_large.stderr[-2000:]  # it drew seed 0's samples
     assert "error: --seed=4294967296 must be in [0, 2^32)" in seed_too_large.stderr
     for stopped in ("fid", "eta", "seed"):  # before sampling

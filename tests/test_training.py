@@ -618,6 +618,24 @@ def test_unreadable_checkpoint_gives_a_clear_error_and_is_not_overwritten(swissr
     with pytest.raises(ValueError, match="cannot restore checkpoint step 20 .*unreadable"):
         run.train_and_evaluate(swissroll_config(training__num_steps=40), copy, progress=False)
     assert tree_digest(checkpoints) == digest
+    # A damaged latest checkpoint, with an earlier one intact: the message says how to use that one, in a few lines
+    # (TensorStore's errors went on with 60 lines of its spec).
+    longer = str(tmp_path / "longer")
+    shutil.copytree(workdir, longer)
+    run.train_and_evaluate(swissroll_config(training__num_steps=40), longer, progress=False)
+    for root, _, names in os.walk(os.path.join(longer, "checkpoints", "40")):
+        for name in names:
+            if os.path.basename(root) == "d":  # the array data, not the metadata
+                with open(os.path.join(root, name), "r+b") as f:
+                    f.write(np.random.default_rng(1).bytes(max(os.path.getsize(f.name), 16)))
+    with pytest.raises(ValueError, match=r"cannot restore checkpoint step 40 .*unreadable.*It has not been "
+                       r"modified; move .*checkpoints/40 out of that folder to use the checkpoint of step 20 instead, "
+                       r"or use another --workdir to start afresh$") as info:
+        run.restore_params(swissroll_config(training__num_steps=40), longer)
+    assert len(str(info.value)) < 1500 and "\n" not in str(info.value) and "tensorstore_spec" not in str(info.value)
+    shutil.move(os.path.join(longer, "checkpoints", "40"), str(tmp_path / "damaged_40"))
+    assert run.restore_params(swissroll_config(training__num_steps=40), longer)[3] == 20
+
     open(os.path.join(copy, "config.json"), "w").close()  # emptied (it was a raw JSONDecodeError)
     with pytest.raises(ValueError, match=r"config.json is damaged .*restore it, or use another --workdir"):
         run.train_and_evaluate(swissroll_config(training__num_steps=40), copy, progress=False)
