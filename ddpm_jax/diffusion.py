@@ -46,12 +46,29 @@ def broadcast_shape(t: jnp.ndarray, ndim: int) -> tuple[int, ...]:
     return tuple(jnp.shape(t)) + (1,) * (ndim - jnp.ndim(t))
 
 
+def check_timesteps(t, x: jnp.ndarray) -> None:
+    """Raise ValueError unless the timesteps ``t`` are a scalar or [batch] for ``x`` [batch, ...] (a [batch, 1] t
+    broadcast per-example terms to [batch, batch])."""
+    if np.shape(t) not in ((), tuple(x.shape[:1])):
+        raise ValueError(f"timesteps t must be a scalar or of shape [batch] = {tuple(x.shape[:1])} for x of shape "
+                         f"{tuple(x.shape)}, got shape {tuple(np.shape(t))}")
+
+
+def check_same_shape(name: str, value: jnp.ndarray, x: jnp.ndarray) -> None:
+    """Raise ValueError unless ``value`` has the shape of ``x`` (broadcasting one against the other is a mistake)."""
+    if np.shape(value) != np.shape(x):
+        raise ValueError(f"{name} of shape {tuple(np.shape(value))} must have the shape of x, {tuple(x.shape)}")
+
+
 def extract(coefs: jnp.ndarray, t: jnp.ndarray, ndim: int) -> jnp.ndarray:
     """coefs[t] shaped to broadcast against an array of rank ``ndim`` (see `broadcast_shape`).
 
     A t outside [0, len(coefs) - 1] raises when it is concrete, and gives NaN when traced (where JAX's indexing
     would silently clamp it, e.g. the paper's t = T to T - 1).
     """
+    t = jnp.asarray(t)
+    if not jnp.issubdtype(t.dtype, jnp.integer):
+        raise ValueError(f"timesteps t must be integers, got {t.dtype}")
     value = concrete_value(t)
     if value is not None and value.size and not (0 <= value.min() and value.max() < coefs.shape[0]):
         raise ValueError(f"timesteps must lie in [0, {coefs.shape[0] - 1}], got {value.min()}..{value.max()}")
@@ -85,6 +102,8 @@ def q_mean_variance(schedule: Schedule, x0: jnp.ndarray, t: jnp.ndarray):
 
 def q_sample(schedule: Schedule, x0: jnp.ndarray, t: jnp.ndarray, noise: jnp.ndarray) -> jnp.ndarray:
     """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, the closed form of q(x_t | x_0), Eq. 4."""
+    check_timesteps(t, x0)
+    check_same_shape("noise", noise, x0)
     return (
         extract(schedule.sqrt_alphas_cumprod, t, x0.ndim) * x0
         + extract(schedule.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * noise
@@ -93,6 +112,8 @@ def q_sample(schedule: Schedule, x0: jnp.ndarray, t: jnp.ndarray, noise: jnp.nda
 
 def q_posterior_mean_variance(schedule: Schedule, x0: jnp.ndarray, x_t: jnp.ndarray, t: jnp.ndarray):
     """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0), Eqs. 6-7."""
+    check_timesteps(t, x_t)
+    check_same_shape("x0", x0, x_t)
     mean = (
         extract(schedule.posterior_mean_coef1, t, x_t.ndim) * x0
         + extract(schedule.posterior_mean_coef2, t, x_t.ndim) * x_t
@@ -212,6 +233,7 @@ def p_mean_variance(
 ) -> PMeanVariance:
     """Mean and variance of p_theta(x_{t-1} | x_t), Eq. 1 with the mean of Eq. 11 (or its x0/v/xprev forms)."""
     check_choice("mean_type", mean_type, MEAN_TYPES)
+    check_timesteps(t, x_t)
     mean_out, var_out = split_model_output(model_output, var_type, x_t.shape)
 
     if var_type == "learned":
@@ -358,10 +380,10 @@ def training_losses(
     if loss_type == "hybrid" and not learned_var:
         raise ValueError("loss_type 'hybrid' needs a learned variance (var_type 'learned' or 'learned_range')")
 
+    if not jnp.issubdtype(x0.dtype, jnp.floating):
+        raise ValueError(f"x0 must be floats in [-1, 1], got {x0.dtype} (8-bit images: ddpm_jax.data.uint8_to_float)")
     if noise is None:
         noise = jax.random.normal(key, x0.shape, x0.dtype)
-    elif noise.shape != x0.shape:
-        raise ValueError(f"noise {noise.shape} must have the data's shape {x0.shape}")
     x_t = q_sample(schedule, x0, t, noise)
     model_output = model_fn(x_t, t)
     mean_out, var_out = split_model_output(model_output, var_type, x0.shape)

@@ -101,6 +101,10 @@ def rate_distortion(prior_bpd: jnp.ndarray, vb_terms: jnp.ndarray, x0_mse: jnp.n
     [-1, 1] -> [0, 255]. The last step's rate is the bound without L_0 (the paper: 1.78 of 3.75 bits/dim on
     CIFAR-10), its distortion that of the x_0 predicted from x_1 (0.95).
     """
+    if jnp.ndim(vb_terms) != 2 or jnp.shape(x0_mse) != jnp.shape(vb_terms) \
+            or jnp.shape(prior_bpd) != jnp.shape(vb_terms)[:1]:
+        raise ValueError(f"rate_distortion takes prior_bpd [B] and vb_terms, x0_mse [B, T]; got shapes "
+                         f"{jnp.shape(prior_bpd)}, {jnp.shape(vb_terms)}, {jnp.shape(x0_mse)}")
     # Index i of vb_terms holds the paper's L_i, the bits of x_i given x_{i+1} (L_0: of x_0 given x_1), and index i
     # of x0_mse the error of the x_0 predicted from x_{i+1}.
     vb = jnp.mean(vb_terms, axis=0)

@@ -330,6 +330,33 @@ def test_timesteps_outside_the_schedule_raise_or_give_nan():
     assert np.isfinite(traced[::3]).all() and np.isnan(traced[1:3]).all()
 
 
+def test_shapes_that_would_broadcast_into_wrong_values_are_refused():
+    """A t of shape [B, 1] made the KL loss [B, B] (row i chose decoder or KL by t[i] for every example), and an x0
+    or noise of another shape broadcast silently; a float t or uint8 data failed deep inside JAX."""
+    x0, noise, _, _ = _batch((4, 3))
+    column = jnp.array([[0], [1], [500], [999]])
+    model_fn = lambda x, t: jnp.zeros_like(x)  # noqa: E731
+    with pytest.raises(ValueError, match=re.escape("t must be a scalar or of shape [batch] = (4,) for x of shape "
+                                                   "(4, 3), got shape (4, 1)")):
+        dj.training_losses(SCHEDULE, model_fn, x0, column, jax.random.PRNGKey(0), loss_type="kl")
+    with pytest.raises(ValueError, match=re.escape("got shape (4, 1)")):
+        dj.vb_terms_bpd(SCHEDULE, x0, x0, x0, column, mean_type="eps", var_type="fixedlarge")
+    with pytest.raises(ValueError, match=re.escape("got shape (3,)")):
+        dj.p_sample(SCHEDULE, model_fn, x0, jnp.array([1, 2, 3]), jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match=re.escape("noise of shape (1, 3) must have the shape of x, (4, 3)")):
+        dj.q_sample(SCHEDULE, x0, 5, noise[:1])
+    with pytest.raises(ValueError, match=re.escape("x0 of shape (4, 1) must have the shape of x, (4, 3)")):
+        dj.vb_terms_bpd(SCHEDULE, x0, x0[:, :1], x0, jnp.arange(4), mean_type="eps", var_type="fixedlarge")
+    with pytest.raises(ValueError, match="timesteps t must be integers, got float32"):
+        dj.q_sample(SCHEDULE, x0, jnp.full((4,), 2.0), noise)
+    with pytest.raises(ValueError, match=r"x0 must be floats in \[-1, 1\], got uint8"):
+        dj.training_losses(SCHEDULE, model_fn, jnp.zeros((4, 3), jnp.uint8), jnp.arange(4), jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match=re.escape("got shapes (4,), (4, 10), (4, 9)")):
+        dj.rate_distortion(jnp.zeros(4), jnp.zeros((4, 10)), jnp.zeros((4, 9)))
+    # A scalar t, and t [B] as a Python list, are timesteps as before.
+    np.testing.assert_array_equal(dj.q_sample(SCHEDULE, x0, [5, 5, 5, 5], noise), dj.q_sample(SCHEDULE, x0, 5, noise))
+
+
 def test_decoder_likelihood_of_16_bit_inputs_is_computed_in_float32():
     x = jnp.linspace(-1.0, 1.0, 256).astype(jnp.bfloat16)
     means, log_scales = jnp.full(256, 0.1, jnp.bfloat16), jnp.full(256, -3.0, jnp.bfloat16)
