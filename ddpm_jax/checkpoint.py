@@ -67,7 +67,8 @@ class Checkpointer:
         if read_only:  # the values Orbax would otherwise replace, with a warning each
             options = ocp.CheckpointManagerOptions(save_interval_steps=0, create=False, read_only=True)
         else:
-            options = ocp.CheckpointManagerOptions(max_to_keep=keep)
+            # cleanup_tmp_directories: the temporary folder of a save that a kill cut short is deleted, not kept.
+            options = ocp.CheckpointManagerOptions(max_to_keep=keep, cleanup_tmp_directories=True)
         absl_log = logging.getLogger("absl")
         absl_log.addFilter(_not_read_only_notice)  # Orbax warns about a read-only manager, which is what was asked
         try:

@@ -143,11 +143,14 @@ def test_resume_continues_and_matches_an_uninterrupted_run(swissroll_run, tmp_pa
     config, workdir, _ = swissroll_run
     resumed_dir, fresh_dir = str(tmp_path / "resumed"), str(tmp_path / "fresh")
     shutil.copytree(workdir, resumed_dir)
+    # A save that a kill cut short leaves Orbax's temporary folder; the resumed run deletes it (it was kept forever).
+    cut_short = os.path.join(resumed_dir, "checkpoints", "30.orbax-checkpoint-tmp-1700000000000000")
+    shutil.copytree(os.path.join(resumed_dir, "checkpoints", "20"), cut_short)
     before = read_metrics(resumed_dir)
     longer = swissroll_config(training__num_steps=40)
     resumed = run.train_and_evaluate(longer, resumed_dir, progress=False)
     assert int(resumed.step) == 40
-    assert sorted(os.listdir(os.path.join(resumed_dir, "checkpoints"))) == ["20", "40"]
+    assert sorted(os.listdir(os.path.join(resumed_dir, "checkpoints"))) == ["20", "40"]  # and no temporary folder
     after = read_metrics(resumed_dir)
     assert after[: len(before)] == before
     assert [line["step"] for line in training_lines(after)] == [10, 20, 30, 40]
