@@ -274,7 +274,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> TrainS
             "it in no log line"
         )
     writable_folder(workdir)
-    checkpointer = Checkpointer(workdir, keep=config.training.keep_checkpoints)
+    checkpointer = Checkpointer(workdir, keep=tr.keep_checkpoints)
     try:
         return _train(config, workdir, checkpointer, progress)
     finally:
