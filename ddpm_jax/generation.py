@@ -192,6 +192,8 @@ def draw_latent_samples(config, model, schedule, params, *, out_dir: str, tag: s
     if not ts or not all(0 <= t < num_timesteps for t in ts) or num_images < 1 or num_draws < 1:
         raise ValueError(f"samples from latents need steps 0 <= t < T = {num_timesteps}, at least one image and one "
                          f"draw; got t={ts}, {num_images} images, {num_draws} draws")
+    if len(set(ts)) < len(ts):  # a step's draws come from fold_in(key, t): a repeated step repeats its rows
+        raise ValueError(f"samples from latents need different steps, got t={ts}")
     writable_folder(out_dir)  # now, not after the chains
     x0 = _test_images(config, num_images, "latent-sample")
     d = config.diffusion

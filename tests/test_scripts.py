@@ -444,6 +444,8 @@ def test_latent_sample_pictures_draw_from_frozen_latents_of_test_images(tmp_path
         assert picture.size[1] - viz._LABEL_HEIGHT == 4 * (8 * 6 + 6) + 6
     with pytest.raises(ValueError, match=r"0 <= t < T = 10, .*got t=\[10\]"):
         generation.draw_latent_samples(config, model, schedule, params, out_dir=str(tmp_path), tag="x", ts=[10])
+    with pytest.raises(ValueError, match=r"need different steps, got t=\[5, 5\]"):  # the same rows twice
+        generation.draw_latent_samples(config, model, schedule, params, out_dir=str(tmp_path), tag="x", ts=[5, 5])
     # Digits at a size without metrics, and T = 3: the picture without the class agreement (it failed after drawing
     # it), and the default steps T/4 - 1, ..., T - 1 kept within [0, T) (they were -1, 0, 1, 2).
     config12 = apply_overrides(config, {"data.image_size": 12})
