@@ -292,8 +292,9 @@ def generate(config, model, schedule, params, *, out_dir: str, tag: str, traject
 
     The samples come from chains of ``sampling.batch_size`` (0: one chain for all); chain c starts from
     ``fold_in(PRNGKey(seed), c)`` and is split over the devices of ``mesh`` (default: as many as divide its
-    size), which leaves its samples unchanged. Each finished chain is kept in ``OUT_DIR/samples_TAG.parts/``
-    until all are done: after a Ctrl-C or a crash the same call goes on from the chains kept.
+    size), which leaves its samples unchanged up to float rounding (about 1e-7). Each finished chain is kept in
+    ``OUT_DIR/samples_TAG.parts/`` until all are done: after a Ctrl-C or a crash the same call goes on from the
+    chains kept.
     ``fid_reference``: a `load_fid_reference` result, to add FID and Inception Score of all the samples to the
     metrics. ``png_dir``: also write each image sample there as ``{index:06d}.png`` (for FID tools that read
     folders). Returns a dict with the written paths, the chains this call drew (``chains_drawn`` of ``num_chains``)

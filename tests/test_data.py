@@ -116,6 +116,8 @@ def test_uint8_to_float_is_exact():
     assert scaled.dtype == np.float32
     np.testing.assert_array_equal(scaled, (pixels.astype(np.float64) / 127.5 - 1.0).astype(np.float32))
     assert scaled[0, 0] == -1.0 and scaled[-1, -1] == 1.0
+    with pytest.raises(ValueError, match="expected uint8 pixels, got int64"):  # -1 was white
+        uint8_to_float(np.array([-1, 0, 255]))
 
 
 def test_batches_depend_only_on_seed_and_step():
@@ -176,6 +178,8 @@ def test_random_flip_is_rejected_for_points_and_eval_split_is_unflipped(digits_d
     points = np.zeros((10, 2), np.float32)
     with pytest.raises(ValueError, match="random_flip"):
         ArrayDataset(points, np.zeros(10), batch_size=5, seed=0, random_flip=True)
+    with pytest.raises(ValueError, match="got float32 of shape"):  # float images were batched unscaled
+        ArrayDataset(np.full((10, 4, 4, 1), 255.0, np.float32), np.zeros(10), batch_size=5, seed=0)
     config = data_config(dataset="digits", image_size=8, num_channels=1, random_flip=True)
     assert make_dataset(config, "train", batch_size=10, seed=0, data_dir=digits_dir).random_flip
     assert not make_dataset(config, "test", batch_size=10, seed=0, data_dir=digits_dir).random_flip

@@ -22,13 +22,16 @@ def test_swd_one_dimensional_shift_is_exact():
     assert distances.sliced_wasserstein(x, x + 0.7, 0, num_projections=16) == pytest.approx(0.7, rel=1e-5)
 
 
-def test_swd_unequal_sizes_interpolates_quantiles():
-    # Exact normal quantiles at n and m points: both quantile functions are close to the same curve,
-    # so the distance is the shift up to interpolation error at the far tails.
-    x = scipy.stats.norm.ppf((np.arange(1000) + 0.5) / 1000)[:, None]
-    y = scipy.stats.norm.ppf((np.arange(1500) + 0.5) / 1500)[:, None] + 0.5
-    assert distances.sliced_wasserstein(x, y, 0, num_projections=8) == pytest.approx(0.5, abs=0.01)
-    assert distances.sliced_wasserstein(x, y - 0.5, 0, num_projections=8) < 0.02
+def test_swd_unequal_sizes_is_exact_w2_between_empirical_distributions():
+    # Oracle: x repeated m times and y repeated n times are sets of n m points with the same empirical
+    # distributions, whose W_2 pairs sorted points (float64). In 1-D every direction is +-1, so SW_2 is W_2.
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(7, 1)), rng.normal(0.3, 2.0, size=(12, 1))
+    expected = np.sqrt(np.mean((np.sort(np.repeat(x, 12, 0), 0) - np.sort(np.repeat(y, 7, 0), 0)) ** 2))
+    assert distances.sliced_wasserstein(x, y, 0, num_projections=4) == pytest.approx(expected, rel=1e-5)
+    # One distribution at two sizes is at distance 0 in any dimension (linear interpolation gave 0.011 here).
+    points = rng.normal(size=(500, 2))
+    assert distances.sliced_wasserstein(points, np.repeat(points, 2, 0), 0) == pytest.approx(0.0, abs=1e-5)
 
 
 def test_swd_shift_in_four_dimensions_matches_closed_form():
@@ -56,6 +59,12 @@ def test_mmd_matches_numpy_oracle_and_median_heuristic():
         - 2 * kernel(x, y).mean()
     )
     assert distances.mmd_rbf(x, y) == pytest.approx(expected, abs=1e-5)
+    # A NaN point scores NaN with the median heuristic too (it was refused as a NaN bandwidth); a heuristic
+    # bandwidth of 0 says why.
+    x[0, 0] = np.nan
+    assert np.isnan(distances.mmd_rbf(x, y)) and np.isnan(distances.mmd_rbf(x, y, bandwidth=1.0))
+    with pytest.raises(ValueError, match="most pooled points coincide"):
+        distances.mmd_rbf(np.zeros((5, 2)), np.zeros((4, 2)))
 
 
 def test_mmd_gaussian_closed_form_and_unbiased_zero():
@@ -210,6 +219,11 @@ def test_class_entropy_of_held_out_and_single_class(held_out):
     sevens = probs[labels == 7]
     assert digits_classifier.class_entropy(sevens) < 0.15
     assert digits_classifier.class_entropy(np.eye(10)[[3] * 5]) == pytest.approx(0.0, abs=1e-12)
+    # One [C] row gave 0.23, logits -2073.7; a NaN row (a diverged draw) still makes the entropy NaN.
+    for not_rows in (np.eye(10)[3], [[-3.0, 2.0, 1.0]]):
+        with pytest.raises(ValueError, match=r"expected \[N, C\] rows of probabilities"):
+            digits_classifier.class_entropy(not_rows)
+    assert np.isnan(digits_classifier.class_entropy(np.concatenate([probs[:5], np.full((1, 10), np.nan)])))
 
 
 def test_digits_metrics_against_data_and_noise(held_out):

@@ -25,6 +25,7 @@ __all__ = [
     "load_split",
     "make_dataset",
     "resize_images",
+    "to_uint8",
     "uint8_to_float",
 ]
 
@@ -71,6 +72,9 @@ _UINT8_TO_FLOAT = (np.arange(256, dtype=np.float64) / 127.5 - 1.0).astype(np.flo
 
 def uint8_to_float(images: np.ndarray) -> np.ndarray:
     """uint8 pixels -> float32 x / 127.5 - 1 in [-1, 1], same shape."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8:  # a table lookup: -1 would index the last entry, white
+        raise ValueError(f"expected uint8 pixels, got {images.dtype}")
     return _UINT8_TO_FLOAT[images]
 
 
@@ -291,6 +295,9 @@ class ArrayDataset:
             raise ValueError(f"seed must be >= 0, got {seed}")
         if examples.dtype == np.uint8 and examples.ndim != 4:
             raise ValueError(f"uint8 examples must be images [N, H, W, C], got shape {examples.shape}")
+        if examples.dtype != np.uint8 and examples.ndim != 2:  # float images would pass unscaled
+            raise ValueError(f"examples must be uint8 images [N, H, W, C] or points [N, D], got {examples.dtype} "
+                             f"of shape {examples.shape}")
         is_image = examples.dtype == np.uint8
         if random_flip and not is_image:
             raise ValueError("random_flip needs uint8 images [N, H, W, C]; set config.data.random_flip=False")

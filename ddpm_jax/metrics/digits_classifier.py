@@ -150,8 +150,12 @@ def digits_class_agreement(samples, sources, variables: dict | None = None) -> f
 
 def class_entropy(probs: np.ndarray) -> float:
     """Entropy (nats) of the mean predicted class distribution: log(10) = 2.303 when all classes are equally
-    present, 0 when every image is one class (mode collapse)."""
-    mean = np.asarray(probs, np.float64).mean(axis=0)
+    present, 0 when every image is one class (mode collapse). probs: [N, C] rows of class probabilities."""
+    probs = np.asarray(probs, np.float64)
+    finite = probs[np.isfinite(probs).all(axis=-1)] if probs.ndim == 2 else probs
+    if probs.ndim != 2 or (finite < 0).any() or not np.allclose(finite.sum(axis=-1), 1.0, atol=1e-4):
+        raise ValueError(f"expected [N, C] rows of probabilities (softmax of the logits), got shape {probs.shape}")
+    mean = probs.mean(axis=0)
     return float(-np.sum(mean * np.log(np.clip(mean, 1e-300, None))))
 
 

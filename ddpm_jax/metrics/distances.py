@@ -41,16 +41,15 @@ def _check_vectors(x, y) -> tuple[jax.Array, jax.Array]:
     return x, y
 
 
-def _quantiles(sorted_values: jax.Array, num_levels: int) -> jax.Array:
-    """Empirical quantile function of each column of sorted [n, p] values at levels (i + 0.5) / num_levels."""
-    n = sorted_values.shape[0]
-    levels = (jnp.arange(num_levels) + 0.5) / num_levels
-    # Point i of n sits at level (i + 0.5) / n; interpolate linearly between those positions.
-    positions = jnp.clip(levels * n - 0.5, 0.0, n - 1.0)
-    lower = jnp.floor(positions).astype(jnp.int32)
-    upper = jnp.minimum(lower + 1, n - 1)
-    weight = (positions - lower)[:, None]
-    return (1.0 - weight) * sorted_values[lower] + weight * sorted_values[upper]
+def _quantile_pieces(n: int, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pieces of [0, 1] on which the empirical quantile functions of n and of m sorted points are both constant.
+
+    Returns the index into each sorted set and the width of every piece [k], from the breakpoints i / n and
+    j / m merged in integer units of 1 / (n m): the quantile at level u is point ceil(u n) (1-based).
+    """
+    ends = np.union1d(np.arange(1, n + 1, dtype=np.int64) * m, np.arange(1, m + 1, dtype=np.int64) * n)
+    widths = np.diff(ends, prepend=0) / (n * m)
+    return -(-ends // m) - 1, -(-ends // n) - 1, widths.astype(np.float32)
 
 
 @functools.partial(jax.jit, static_argnames="num_projections")
@@ -59,17 +58,19 @@ def _sliced_wasserstein(x: jax.Array, y: jax.Array, key: jax.Array, num_projecti
     directions = directions / jnp.linalg.norm(directions, axis=0, keepdims=True)
     x_proj = jnp.sort(x @ directions, axis=0)
     y_proj = jnp.sort(y @ directions, axis=0)
-    if x.shape[0] != y.shape[0]:
-        num_levels = max(x.shape[0], y.shape[0])
-        x_proj, y_proj = _quantiles(x_proj, num_levels), _quantiles(y_proj, num_levels)
-    return jnp.sqrt(jnp.mean((x_proj - y_proj) ** 2))
+    if x.shape[0] == y.shape[0]:
+        return jnp.sqrt(jnp.mean((x_proj - y_proj) ** 2))
+    x_index, y_index, widths = _quantile_pieces(x.shape[0], y.shape[0])
+    squared = jnp.sum(widths[:, None] * (x_proj[x_index] - y_proj[y_index]) ** 2, axis=0)
+    return jnp.sqrt(jnp.mean(squared))
 
 
 def sliced_wasserstein(x, y, key_or_seed, num_projections: int = 256) -> float:
     """Sliced 2-Wasserstein distance sqrt(E_u W_2^2(u.x, u.y)) between [n, d] and [m, d] point sets.
 
-    Directions u are uniform on the unit sphere. Equal sizes: 1-D W_2 pairs sorted projections exactly.
-    Unequal sizes: both empirical quantile functions are linearly interpolated on max(n, m) levels.
+    Directions u are uniform on the unit sphere. Each 1-D W_2 is exact between the empirical distributions:
+    sorted projections paired (equal sizes), or both quantile functions compared piece by piece (unequal sizes,
+    so x and x repeated twice are at distance 0).
     For y = x + m (a shift) the exact value is |m| / sqrt(d) in expectation over u.
     """
     x, y = _check_vectors(x, y)
@@ -114,6 +115,10 @@ def mmd_rbf(x, y, bandwidth: float | None = None) -> float:
     x, y = _check_vectors(x, y)
     if bandwidth is None:
         bandwidth = _median_heuristic(jnp.concatenate([x, y]))
+        if not np.isfinite(bandwidth):  # NaN or inf points (a diverged model) score NaN, as with a given bandwidth
+            return float("nan")
+        if bandwidth == 0:
+            raise ValueError("the median heuristic's bandwidth is 0: most pooled points coincide; pass a bandwidth")
     if not bandwidth > 0:
         raise ValueError(f"bandwidth must be positive, got {bandwidth}")
     return float(_mmd_rbf(x, y, jnp.float32(bandwidth)))
