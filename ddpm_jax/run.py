@@ -25,7 +25,14 @@ from jax.experimental import multihost_utils
 
 from ddpm_jax import viz
 from ddpm_jax.checkpoint import Checkpointer
-from ddpm_jax.config import build_model, is_image_data, num_sampling_steps, schedule_from_config, validate_config
+from ddpm_jax.config import (
+    DTYPES,
+    build_model,
+    is_image_data,
+    num_sampling_steps,
+    schedule_from_config,
+    validate_config,
+)
 from ddpm_jax.data import DATASETS, make_dataset
 from ddpm_jax.generation import make_sample_fn, sample_metrics, sample_metrics_problem, save_samples
 from ddpm_jax.interrupts import ChainWatch, StopVote, interrupts_deferred, progress_bar, say
@@ -630,7 +637,7 @@ def load_pretrained(path: str, config, *, evaluate: bool = False):
 
     kwargs, params = load_diffusers_unet(path)
     diffusers_config = read_diffusers_config(path)
-    size = diffusers_config.get("sample_size", config.data.image_size)
+    size = diffusers_config.get("sample_size") or config.data.image_size  # diffusers writes null by default
     height, width = size if isinstance(size, (list, tuple)) else (size, size)  # diffusers writes either
     if height != width:
         raise ValueError(f"{path}: sample_size {size} is not square; the data here are square images")
@@ -644,4 +651,7 @@ def load_pretrained(path: str, config, *, evaluate: bool = False):
     for name, value in kwargs.items():
         if name in config.model:
             config.model[name] = value
-    return UNet(**kwargs), schedule_from_config(config.diffusion), jax.tree.map(jnp.asarray, params)
+    # The compute settings are the config's (validate_config refuses an unknown dtype).
+    model = UNet(**kwargs, dtype=DTYPES.get(config.model.dtype, jnp.float32),
+                 attn_implementation=config.model.attn_implementation or None)
+    return model, schedule_from_config(config.diffusion), jax.tree.map(jnp.asarray, params)

@@ -174,6 +174,19 @@ def test_converted_small_unet_matches_diffusers(tmp_path):
         convert_diffusers_state_dict(state, config)
 
 
+def test_pretrained_weights_without_sample_size_take_the_data_sets(tmp_path):
+    # diffusers writes sample_size null by default; without attention levels nothing else needs it (a TypeError).
+    from configs.cifar10 import get_config
+    from ddpm_jax import run
+
+    config = _layout((32, 32), attn_levels=set(), norm_num_groups=8, sample_size=None, in_channels=1, out_channels=1)
+    _saved_random_diffusers_unet(config, tmp_path)
+    run_config = get_config()
+    run_config.data.dataset, run_config.data.image_size = "digits", 8
+    unet = run.load_pretrained(str(tmp_path), run_config, evaluate=True)[0]
+    assert run_config.data.image_size == 8 and unet.attn_resolutions == ()
+
+
 def test_converted_cifar10_unet_matches_diffusers(tmp_path):
     model, torch = _saved_random_diffusers_unet(CIFAR10_CONFIG, tmp_path)
     kwargs, params = load_diffusers_unet(str(tmp_path / "diffusion_pytorch_model.safetensors"))
@@ -237,6 +250,11 @@ def test_pretrained_weights_sample_through_generate(tmp_path):
     curve = np.load(out_dir / "rate_distortion.npz")
     assert curve["rate_bpd"][-1] == pytest.approx(evaluation["bpd"] - evaluation["bpd_decoder"], rel=1e-5)
     assert sorted(os.listdir(out_dir)) == ["eval.json", "rate_distortion.npz", "rate_distortion.png"]
+    # The compute settings are the config's (the loaded network ran in float32 with XLA attention whatever
+    # they said).
+    eval_config.model.dtype, eval_config.model.attn_implementation = "bfloat16", "cudnn"
+    unet = run.load_pretrained(str(tmp_path / "weights"), eval_config)[0]
+    assert unet.dtype == jnp.bfloat16 and unet.attn_implementation == "cudnn"
     # Weights for larger images than the data set's are refused for evaluation (the 8x8 digits were upsampled).
     config_path.write_text(json.dumps(json.loads(config_path.read_text()) | {"sample_size": 16}))
     eval_config = get_config()

@@ -226,6 +226,10 @@ def test_invalid_unet_configs_are_rejected(kwargs, match):
         (dict(ch_mult=(1, 2, 2), attn_resolutions=()), (1, 30, 30, 1), r"30x30 must be divisible by .* = 4"),
         (dict(ch_mult=(1, 2), attn_resolutions=()), (1, 16, 9, 1), r"16x9 must be divisible by .* = 2"),
         (dict(ch_mult=(1, 2, 2), attn_resolutions=(16,)), (1, 28, 28, 1), r"\[16\] never occur.*\[28, 14, 7"),
+        # cuDNN's attention heads are at most 256 wide (JAX raised it on the GPU; configs/celeba64.py's is 512).
+        (dict(ch_mult=(1, 20, 1), attn_resolutions=(8,), attn_implementation="cudnn"), (1, 16, 16, 1),
+         r"attention widths <= 256 and multiples of 8 .* got \[320\]"),
+        (dict(ch_mult=(1, 32), attn_resolutions=(), attn_implementation="cudnn"), (1, 8, 8, 1), r"got \[512\]"),
     ],
 )
 def test_unsupported_resolutions_are_rejected_before_tracing(kwargs, shape, match):
@@ -234,6 +238,15 @@ def test_unsupported_resolutions_are_rejected_before_tracing(kwargs, shape, matc
         model.check_resolution(*shape[1:3])
     with pytest.raises(ValueError, match=match):
         _output_shape(model, shape)
+
+
+def test_unet_refuses_other_layouts_with_one_message():
+    # An unbatched image read its channels as the width; NHW, HW and a t of [B, 1] gave raw JAX errors.
+    model = UNet(ch=16, ch_mult=(1, 2), attn_resolutions=(), num_groups=4, out_channels=1)
+    x, t = jnp.zeros((2, 8, 8, 1)), jnp.zeros((2,), jnp.int32)
+    for bad_x, bad_t in [(x[0], t[0]), (x[..., 0], t), (x[0, ..., 0], t[0]), (x, t[:, None])]:
+        with pytest.raises(ValueError, match=r"UNet takes NHWC images \[batch, height, width, channels\] and t"):
+            model.init(jax.random.key(0), bad_x, bad_t)
 
 
 def test_mlp_shapes_time_dependence_and_variance_head():

@@ -85,9 +85,20 @@ class UNet(nn.Module):
                 f"attn_resolutions {missing} never occur: feature-map heights for a {height}x{width} input "
                 f"are {heights}; set attn_resolutions to a subset of those."
             )
+        if self.attn_implementation == "cudnn":  # one head, so its size is the channel count
+            widths = {self.ch * m for h, m in zip(heights, self.ch_mult, strict=True) if h in self.attn_resolutions}
+            bad = sorted(w for w in widths | {self.ch * self.ch_mult[-1]} if w > 256 or w % 8)
+            if bad:
+                raise ValueError(
+                    f"attn_implementation='cudnn' takes attention widths <= 256 and multiples of 8 (JAX's limit "
+                    f"for cuDNN from H100 on; 128 before), got {bad}; use the default attention"
+                )
 
     @nn.compact
     def __call__(self, x: jax.Array, t: jax.Array, train: bool = False) -> jax.Array:
+        if x.ndim != 4 or jnp.ndim(t) > 1:
+            raise ValueError(f"UNet takes NHWC images [batch, height, width, channels] and t as a scalar or "
+                             f"[batch], got shapes {x.shape} and {jnp.shape(t)}")
         self.check_resolution(x.shape[1], x.shape[2])
         num_levels = len(self.ch_mult)
         resnet = lambda out_ch, name: ResnetBlock(
