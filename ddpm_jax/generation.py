@@ -24,7 +24,7 @@ from ddpm_jax.data import NUM_TOY_TEST, load_split, make_dataset, uint8_to_float
 from ddpm_jax.interrupts import ChainWatch, progress_bar, say
 from ddpm_jax.models.conv import cpu_conv_compiler_options
 from ddpm_jax.models.layers import denoiser_fn
-from ddpm_jax.parts import Parts, fingerprint, writable_folder
+from ddpm_jax.parts import Parts, fingerprint, savez_atomically, writable_folder
 from ddpm_jax.sampling import Trajectory, ddim_sample, ddpm_sample, interpolate, sample_from_latent
 from ddpm_jax.training import batch_sharding, mesh_dividing, replicated
 
@@ -174,7 +174,7 @@ def draw_interpolations(config, model, schedule, params, *, out_dir: str, tag: s
     style = _grid_style(config)
     viz.save_png(result["png"], viz.interpolation_strip(x0_a, x0_b, decoded, lambdas, scale=style["scale"],
                                                          padding=style["padding"], pad_value=style["pad_value"]))
-    np.savez_compressed(result["npz"], interpolations=decoded, lambdas=lambdas, x0_a=x0_a, x0_b=x0_b, t=t)
+    savez_atomically(result["npz"], interpolations=decoded, lambdas=lambdas, x0_a=x0_a, x0_b=x0_b, t=t)
     return result
 
 
@@ -213,7 +213,7 @@ def draw_latent_samples(config, model, schedule, params, *, out_dir: str, tag: s
     style = _grid_style(config)
     viz.save_png(result["png"], viz.latent_samples_grid(x0, x_t, draws, ts, scale=style["scale"],
                                                         padding=style["padding"], pad_value=style["pad_value"]))
-    np.savez_compressed(result["npz"], x0=x0, x_t=x_t, samples=draws, t=np.asarray(ts))
+    savez_atomically(result["npz"], x0=x0, x_t=x_t, samples=draws, t=np.asarray(ts))
     if _has_digits_metrics(config):
         from ddpm_jax.metrics import digits_class_agreement
 
@@ -362,7 +362,7 @@ def generate(config, model, schedule, params, *, out_dir: str, tag: str, traject
     arrays = {"samples": samples}
     if is_image_data(config):
         arrays["uint8"] = viz.to_uint8(samples)
-    np.savez_compressed(result["npz"], **arrays)
+    savez_atomically(result["npz"], **arrays)
     if traj is not None:
         result["trajectory_png"] = os.path.join(out_dir, f"chain_{tag}.png")
         if is_image_data(config):

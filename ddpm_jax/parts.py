@@ -52,6 +52,11 @@ def write_atomically(path: str, content: str | Callable[[BinaryIO], None]) -> No
         os.close(directory)
 
 
+def savez_atomically(path: str, **arrays) -> None:
+    """`np.savez_compressed` of ``arrays`` to ``path`` (an .npz name) through `write_atomically`."""
+    write_atomically(path, lambda f: np.savez_compressed(f, **arrays))
+
+
 def fingerprint(params, settings) -> str:
     """A digest of the parameters and JSON-able ``settings``: what a job's pieces depend on, for their prefix."""
     digest = hashlib.sha256()

@@ -39,7 +39,7 @@ from ddpm_jax.interrupts import ChainWatch, StopVote, interrupts_deferred, progr
 from ddpm_jax.likelihood import RateDistortion, calc_bpd_loop, rate_distortion
 from ddpm_jax.models.conv import cpu_conv_compiler_options
 from ddpm_jax.models.layers import denoiser_fn
-from ddpm_jax.parts import Parts, fingerprint, writable_folder, write_atomically
+from ddpm_jax.parts import Parts, fingerprint, savez_atomically, writable_folder, write_atomically
 from ddpm_jax.training import (
     NUM_LOSS_QUARTILES,
     TrainState,
@@ -553,12 +553,11 @@ def evaluate_model(config, model, schedule, params, *, out_dir: str, num_example
     files = {name: os.path.join(out_dir, f"{stem}{suffix}.{name}")
              for stem, name in (("eval", "json"), ("rate_distortion", "npz"), ("rate_distortion", "png"))}
     if jax.process_index() == 0:
-        np.savez(files["npz"], **curve._asdict())
+        savez_atomically(files["npz"], **curve._asdict())
         title = ("" if step is None else f"step {step}: ") + (
             f"rate and distortion on {result['bpd_examples']} {config.eval.split} images")
         viz.save_png(files["png"], viz.rate_distortion_plot(*curve, title=title))
-        with open(files["json"], "w") as f:
-            json.dump(result, f, indent=2)
+        write_atomically(files["json"], json.dumps(result, indent=2))
     if parts is not None:
         parts.remove()
     return {**result, "files": files}

@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ddpm_jax.data.images import to_uint8
 from ddpm_jax.diffusion import q_sample
+from ddpm_jax.parts import write_atomically
 from ddpm_jax.schedules import Schedule
 
 DATA_COLOR = (150, 150, 150)
@@ -324,10 +325,14 @@ def rate_distortion_plot(reverse_steps, rate_bpd, distortion_rmse, title: str | 
 
 
 def save_png(path, image: np.ndarray) -> Path:
-    """Write a uint8 [H, W, C] picture as PNG (grayscale when C = 1), creating parent directories."""
+    """Write a uint8 [H, W, C] picture as PNG (grayscale when C = 1), creating parent directories.
+
+    Written atomically: a run killed while writing leaves no truncated picture that a resume would take as drawn.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _to_pil(np.asarray(image, np.uint8)).save(path)
+    picture = _to_pil(np.asarray(image, np.uint8))
+    write_atomically(str(path), lambda f: picture.save(f, format="PNG"))
     return path
 
 
@@ -349,10 +354,12 @@ def save_forward_process(path, schedule: Schedule, image, key: jax.Array, **stri
 def save_chain_gif(
     path, traj_x, traj_pred_x0=None, timesteps=None, duration_ms: int = 120, final_hold_ms: int = 2000, **frame_kw
 ) -> Path:
-    """`chain_frames` written as a looping GIF, the last frame (the samples) held for ``final_hold_ms``."""
+    """`chain_frames` written (atomically) as a looping GIF, the last frame (the samples) held for
+    ``final_hold_ms``."""
     frames = [_to_pil(f) for f in chain_frames(traj_x, traj_pred_x0, timesteps, **frame_kw)]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     durations = [duration_ms] * (len(frames) - 1) + [final_hold_ms]
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations, loop=0)
+    write_atomically(str(path), lambda f: frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:],
+                                                         duration=durations, loop=0))
     return path

@@ -1,5 +1,7 @@
 """Pictures: exact pixel layout of grids and strips, value mapping, scatter pixel positions, GIF read-back."""
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -256,3 +258,24 @@ def test_forward_process_strip_is_q_sample_with_one_shared_noise(tmp_path):
     default = viz.save_forward_process(tmp_path / "fwd.png", schedule, image[0], key, scale=2)
     explicit = viz.forward_process_strip(schedule, image[0], key, timesteps=np.append(np.arange(0, 24, 2), 24), scale=2)
     np.testing.assert_array_equal(np.asarray(Image.open(default))[..., None], explicit)
+
+
+def test_pictures_are_written_atomically(tmp_path, monkeypatch):
+    # A kill while Pillow writes left a truncated samples.png, which a resumed run took as drawn.
+    png, gif = tmp_path / "samples.png", tmp_path / "chain.gif"
+    viz.save_png(png, np.zeros((4, 4, 3), np.uint8))
+    viz.save_chain_gif(gif, np.zeros((2, 1, 4, 4, 1), np.float32))
+    before = {path: path.read_bytes() for path in (png, gif)}
+
+    def killed_while_saving(image, fp, *args, **kwargs):
+        with open(fp, "wb") if isinstance(fp, str | os.PathLike) else fp as f:
+            f.write(b"\x89PNG\r\n\x1a\n half a picture")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", killed_while_saving)
+    with pytest.raises(KeyboardInterrupt):
+        viz.save_png(png, np.full((4, 4, 3), 255, np.uint8))
+    with pytest.raises(KeyboardInterrupt):
+        viz.save_chain_gif(gif, np.ones((2, 1, 4, 4, 1), np.float32))
+    assert {path: path.read_bytes() for path in (png, gif)} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chain.gif", "samples.png"]
