@@ -6,33 +6,57 @@ that lists every problem; `build_model` and `schedule_from_config` turn a valid 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ddpm_jax.data import DATASETS, NUM_TOY_TRAIN
+from ddpm_jax.data import DATASETS, NUM_TOY_TEST, NUM_TOY_TRAIN
 from ddpm_jax.diffusion import LOSS_TYPES, MEAN_TYPES, VAR_TYPES
 from ddpm_jax.models import MLP, UNet
 from ddpm_jax.sampling import TIMESTEP_SPACINGS
-from ddpm_jax.schedules import SCHEDULES, Schedule, make_schedule
+from ddpm_jax.schedules import SCHEDULE_ARGUMENTS, SCHEDULES, Schedule, make_schedule
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SAMPLERS = ("ddpm", "ddim")
 DEFAULT_DDIM_STEPS = 50  # sampling.num_steps = 0 with the ddim sampler
 OPTIMIZERS = ("adam", "adamw")
+_BETA_SETTINGS = {"beta_start": 1e-4, "beta_end": 0.02}  # and their defaults, the DDPM paper's
 
 
 def schedule_from_config(diffusion: Mapping[str, Any]) -> Schedule:
     """The beta schedule named by `config.diffusion`."""
     name = diffusion["beta_schedule"]
-    kwargs = {}
-    if name in ("linear", "quadratic", "sigmoid"):
-        kwargs = {"beta_start": diffusion["beta_start"], "beta_end": diffusion["beta_end"]}
-    elif name == "constant":
-        kwargs = {"beta_end": diffusion["beta_end"]}
+    kwargs = {key: diffusion[key] for key in _BETA_SETTINGS if key in SCHEDULE_ARGUMENTS.get(name, ())}
     return make_schedule(name, diffusion["num_timesteps"], **kwargs)
+
+
+def unused_beta_settings(diffusion: Mapping[str, Any]) -> dict[str, float]:
+    """The diffusion.beta_start / beta_end that differ from their defaults and that the schedule does not take,
+    with those defaults."""
+    taken = SCHEDULE_ARGUMENTS.get(diffusion["beta_schedule"], set(_BETA_SETTINGS))
+    return {key: default for key, default in _BETA_SETTINGS.items()
+            if key not in taken and diffusion.get(key, default) != default}
+
+
+def has_digits_metrics(config) -> bool:
+    """Whether the shipped digits classifier scores this run's samples: 8k x 8k digits, the pipeline's pixel
+    repetitions of 8 x 8."""
+    return config.data.dataset == "digits" and config.data.image_size % 8 == 0
+
+
+def sample_metrics_problem(config) -> str | None:
+    """Why `generation.sample_metrics` cannot score ``sampling.num_samples`` samples, or None: asked before drawing
+    them."""
+    n = config.sampling.num_samples
+    if not is_image_data(config) and not 2 <= n <= NUM_TOY_TEST // 2:
+        return (f"sampling.num_samples={n}: the 2-D metrics compare the samples with as many held-out points and "
+                f"those with as many more, from a test split of {NUM_TOY_TEST}; use 2 to {NUM_TOY_TEST // 2}")
+    if has_digits_metrics(config) and n < 2:
+        return f"sampling.num_samples={n}: the digits metrics (a Fréchet distance) need at least 2 samples"
+    return None
 
 
 def is_learned_variance(config) -> bool:
@@ -81,8 +105,11 @@ def data_shape(config) -> tuple[int, ...]:
     return (config.data.image_size, config.data.image_size, config.data.num_channels)
 
 
-def validate_config(config, *, num_devices: int = 1, process_count: int = 1) -> None:
-    """Raise one ValueError listing every problem of ``config`` for a run on ``num_devices`` devices."""
+def validate_config(config, *, num_devices: int = 1, process_count: int = 1, training: bool = False) -> None:
+    """Raise one ValueError listing every problem of ``config`` for a run on ``num_devices`` devices.
+
+    ``training``: also the rules of training only (runs saved before them still sample and evaluate).
+    """
     problems: list[str] = []
 
     def choice(path: str, value, choices):
@@ -146,14 +173,17 @@ def validate_config(config, *, num_devices: int = 1, process_count: int = 1) -> 
     for path, value in [("training.adam_b1", tr.adam_b1), ("training.adam_b2", tr.adam_b2)]:
         if not 0.0 <= value < 1.0:
             problems.append(f"{path}={value} must be in [0, 1)")
-    if not tr.adam_eps > 0:
-        problems.append(f"training.adam_eps={tr.adam_eps} must be > 0")
-    if not tr.weight_decay >= 0:
-        problems.append(f"training.weight_decay={tr.weight_decay} must be >= 0")
+    if not 0 < tr.adam_eps < math.inf:  # an infinite one made every update 0
+        problems.append(f"training.adam_eps={tr.adam_eps} must be > 0 and finite")
+    if not 0 <= tr.weight_decay < math.inf:
+        problems.append(f"training.weight_decay={tr.weight_decay} must be >= 0 and finite")
     elif tr.weight_decay and tr.optimizer == "adam":
         problems.append(f"training.weight_decay={tr.weight_decay} needs training.optimizer='adamw' (Adam has none)")
-    if not df.vlb_weight >= 0:
-        problems.append(f"diffusion.vlb_weight={df.vlb_weight} must be >= 0")
+    for key, default in unused_beta_settings(df).items():
+        problems.append(f"diffusion.{key}={df[key]} is not used by the {df.beta_schedule!r} schedule: leave it at "
+                        f"{default}")
+    if not 0 <= df.vlb_weight < math.inf:
+        problems.append(f"diffusion.vlb_weight={df.vlb_weight} must be >= 0 and finite")
     if not 0 <= s.eta <= 1:
         problems.append(f"sampling.eta={s.eta} must be in [0, 1]")
 
@@ -188,6 +218,14 @@ def validate_config(config, *, num_devices: int = 1, process_count: int = 1) -> 
         ]:
             if isinstance(value, int) and value % tr.steps_per_call:
                 problems.append(f"{path}={value} must be a multiple of training.steps_per_call={tr.steps_per_call}")
+    if training and all(isinstance(v, int) and v > 0 for v in (tr.log_every, tr.checkpoint_every)) \
+            and tr.checkpoint_every % tr.log_every:
+        problems.append(f"training.checkpoint_every={tr.checkpoint_every} must be a multiple of training.log_every="
+                        f"{tr.log_every}: a run resumed from a checkpoint between two log steps would leave the "
+                        "steps before it in no log line")
+    if training and d.dataset in DATASETS and isinstance(s.num_samples, int) and s.num_samples > 0 \
+            and (problem := sample_metrics_problem(config)):  # the samples drawn during training are scored
+        problems.append(problem)
 
     if df.var_type in ("learned", "learned_range") and df.loss_type in ("mse", "l1", "huber"):
         problems.append(f"diffusion.var_type={df.var_type!r} needs diffusion.loss_type 'hybrid' or 'kl'")

@@ -19,8 +19,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ddpm_jax import viz
-from ddpm_jax.config import data_shape, is_image_data, num_sampling_steps
-from ddpm_jax.data import NUM_TOY_TEST, load_split, make_dataset, uint8_to_float
+from ddpm_jax.config import data_shape, has_digits_metrics, is_image_data, num_sampling_steps, sample_metrics_problem
+from ddpm_jax.data import load_split, make_dataset, uint8_to_float
 from ddpm_jax.interrupts import ChainWatch, progress_bar, say
 from ddpm_jax.models.conv import cpu_conv_compiler_options
 from ddpm_jax.models.layers import denoiser_fn
@@ -96,25 +96,9 @@ def sample_metrics(config, samples: np.ndarray, *, seed: int = 0) -> dict:
     if not is_image_data(config):
         held_out = make_dataset(config.data, "test", batch_size=1, seed=seed).examples
         return metrics.lowdim_metrics(samples, held_out, seed)
-    if _has_digits_metrics(config):
+    if has_digits_metrics(config):
         return metrics.digits_metrics(samples)
     return {}
-
-
-def _has_digits_metrics(config) -> bool:
-    # The classifier takes 8k x 8k digits, the pipeline's pixel repetitions of 8 x 8.
-    return config.data.dataset == "digits" and config.data.image_size % 8 == 0
-
-
-def sample_metrics_problem(config) -> str | None:
-    """Why `sample_metrics` cannot score ``sampling.num_samples`` samples, or None: asked before drawing them."""
-    n = config.sampling.num_samples
-    if not is_image_data(config) and not 2 <= n <= NUM_TOY_TEST // 2:
-        return (f"sampling.num_samples={n}: the 2-D metrics compare the samples with as many held-out points and "
-                f"those with as many more, from a test split of {NUM_TOY_TEST}; use 2 to {NUM_TOY_TEST // 2}")
-    if _has_digits_metrics(config) and n < 2:
-        return f"sampling.num_samples={n}: the digits metrics (a Fréchet distance) need at least 2 samples"
-    return None
 
 
 def _split_images(config, split: str, num_examples: int | None = None) -> np.ndarray:
@@ -214,7 +198,7 @@ def draw_latent_samples(config, model, schedule, params, *, out_dir: str, tag: s
     viz.save_png(result["png"], viz.latent_samples_grid(x0, x_t, draws, ts, scale=style["scale"],
                                                         padding=style["padding"], pad_value=style["pad_value"]))
     savez_atomically(result["npz"], x0=x0, x_t=x_t, samples=draws, t=np.asarray(ts))
-    if _has_digits_metrics(config):
+    if has_digits_metrics(config):
         from ddpm_jax.metrics import digits_class_agreement
 
         result["class_agreement"] = {t: digits_class_agreement(draws[i], x0) for i, t in enumerate(ts)}

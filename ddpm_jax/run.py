@@ -31,10 +31,11 @@ from ddpm_jax.config import (
     is_image_data,
     num_sampling_steps,
     schedule_from_config,
+    unused_beta_settings,
     validate_config,
 )
 from ddpm_jax.data import DATASETS, make_dataset
-from ddpm_jax.generation import make_sample_fn, sample_metrics, sample_metrics_problem, save_samples
+from ddpm_jax.generation import make_sample_fn, sample_metrics, save_samples
 from ddpm_jax.interrupts import ChainWatch, StopVote, interrupts_deferred, progress_bar, say
 from ddpm_jax.likelihood import RateDistortion, calc_bpd_loop, rate_distortion
 from ddpm_jax.models.conv import cpu_conv_compiler_options
@@ -270,16 +271,8 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> TrainS
     steps and at the end (``samples.png``), and held-out bits/dim every ``eval.bpd_every`` steps.
     """
     maybe_initialize_distributed(config)
-    validate_config(config, num_devices=jax.device_count(), process_count=jax.process_count())
-    if problem := sample_metrics_problem(config):  # the samples drawn during training are scored
-        raise ValueError(problem)
+    validate_config(config, num_devices=jax.device_count(), process_count=jax.process_count(), training=True)
     tr = config.training
-    if tr.checkpoint_every % tr.log_every:  # a training rule only: runs saved before it still sample and evaluate
-        raise ValueError(
-            f"training.checkpoint_every={tr.checkpoint_every} must be a multiple of training.log_every="
-            f"{tr.log_every}: a run resumed from a checkpoint between two log steps would leave the steps before "
-            "it in no log line"
-        )
     writable_folder(workdir)
     checkpointer = Checkpointer(workdir, keep=tr.keep_checkpoints)
     try:
@@ -613,9 +606,11 @@ def load_config(workdir: str, base=None):
 def _without_ignored_settings(config):
     """A saved config with the settings its run ignored reset, now that they are refused: an eta of the ddpm
     sampler (DDIM's noise, which that sampler never used), data.num_train of an image set (2-D sets only) and
-    the MLP's model.dropout (it has none)."""
+    the MLP's model.dropout (it has none), and the betas of a schedule that takes none (cosine, jsd)."""
     if config.sampling.get("sampler") == "ddpm" and config.sampling.get("eta"):
         config.sampling.eta = 0.0
+    for key, default in unused_beta_settings(config.diffusion).items():
+        config.diffusion[key] = default
     if config.model.get("name") == "mlp" and config.model.get("dropout"):
         config.model.dropout = 0.0
     spec = DATASETS.get(config.data.get("dataset"))

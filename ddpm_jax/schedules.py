@@ -14,6 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 
 SCHEDULES = ("linear", "quadratic", "cosine", "sigmoid", "constant", "jsd")
+SCHEDULE_ARGUMENTS = {  # the keyword arguments each schedule of `beta_schedule` takes
+    "linear": {"beta_start", "beta_end"},
+    "quadratic": {"beta_start", "beta_end"},
+    "sigmoid": {"beta_start", "beta_end"},
+    "constant": {"beta_end"},
+    "cosine": {"s", "max_beta"},
+    "jsd": {"max_beta"},
+}
 
 
 @flax.struct.dataclass
@@ -66,19 +74,12 @@ def beta_schedule(name: str, num_timesteps: int, **kwargs) -> np.ndarray:
     DDPM's (s=0.008, betas clipped at max_beta=0.999); sigmoid spaces betas along sigmoid(-6..6).
     """
     num_timesteps = _check_num_timesteps(num_timesteps)
-    allowed = {
-        "linear": {"beta_start", "beta_end"},
-        "quadratic": {"beta_start", "beta_end"},
-        "sigmoid": {"beta_start", "beta_end"},
-        "constant": {"beta_end"},
-        "cosine": {"s", "max_beta"},
-        "jsd": {"max_beta"},
-    }
-    if name not in allowed:
+    if name not in SCHEDULE_ARGUMENTS:
         raise ValueError(f"unknown beta schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
-    unknown = set(kwargs) - allowed[name]
+    unknown = set(kwargs) - SCHEDULE_ARGUMENTS[name]
     if unknown:
-        raise ValueError(f"schedule {name!r} takes {sorted(allowed[name])}, got unexpected {sorted(unknown)}")
+        raise ValueError(f"schedule {name!r} takes {sorted(SCHEDULE_ARGUMENTS[name])}, got unexpected "
+                         f"{sorted(unknown)}")
     beta_start = float(kwargs.get("beta_start", 1e-4))
     beta_end = float(kwargs.get("beta_end", 0.02))
     max_beta = float(kwargs.get("max_beta", 0.999))

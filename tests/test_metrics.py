@@ -8,6 +8,7 @@ import scipy.stats
 
 from configs import digits
 from ddpm_jax import generation
+from ddpm_jax.config import sample_metrics_problem
 from ddpm_jax.metrics import digits_classifier, distances
 
 
@@ -267,4 +268,4 @@ def test_digits_metrics_against_data_and_noise(held_out):
     config.data.image_size = 12
     assert generation.sample_metrics(config, np.zeros((4, 12, 12, 1), np.float32)) == {}
     config.sampling.num_samples = 1  # nothing to score, so no minimum
-    assert generation.sample_metrics_problem(config) is None
+    assert sample_metrics_problem(config) is None

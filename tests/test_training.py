@@ -26,7 +26,7 @@ from configs import digits, mnist, swissroll
 from configs.base import get_base_config
 from ddpm_jax import generation, run
 from ddpm_jax.checkpoint import Checkpointer
-from ddpm_jax.config import build_model, schedule_from_config, validate_config
+from ddpm_jax.config import build_model, sample_metrics_problem, schedule_from_config, validate_config
 from ddpm_jax.data import make_dataset, uint8_to_float
 from ddpm_jax.parts import Parts, write_atomically
 from ddpm_jax.training import (
@@ -719,12 +719,36 @@ def test_kept_pieces_that_are_damaged_are_redone_and_none_are_left_behind(tmp_pa
         (swissroll.get_config, {"diffusion.loss_type": "kl"}, 1, r"loss_type='kl' has the 8-bit image decoder"),
         (digits.get_config, {"data.num_train": 300}, 1, r"data.num_train=300 applies to 2-D sets only"),
         (swissroll.get_config, {"model.dropout": 0.1}, 1, r"model.dropout=0.1: the MLP has no dropout"),
+        # Settings the schedule does not take (the betas were the defaults' whatever they said):
+        (digits.get_config, {"diffusion.beta_schedule": "cosine", "diffusion.beta_end": 0.5}, 1,
+         r"diffusion.beta_end=0.5 is not used by the 'cosine' schedule: leave it at 0.02"),
+        (digits.get_config, {"diffusion.beta_schedule": "constant", "diffusion.beta_start": 0.3}, 1,
+         r"diffusion.beta_start=0.3 is not used by the 'constant' schedule: leave it at 0.0001"),
+        # Infinite: every update was 0 (adam_eps), or the parameters NaN after one step (weight_decay).
+        (digits.get_config, {"training.adam_eps": float("inf")}, 1, r"adam_eps=inf must be > 0 and finite"),
+        (digits.get_config, {"training.optimizer": "adamw", "training.weight_decay": float("inf")}, 1,
+         r"weight_decay=inf must be >= 0 and finite"),
     ],
 )
 def test_validate_config_names_the_problem(config_fn, overrides, num_devices, message):
     config = apply_overrides(config_fn(), overrides)
     with pytest.raises(ValueError, match=message):
         validate_config(config, num_devices=num_devices)
+
+
+def test_training_rules_come_in_the_one_message():
+    # They were checked after the others, so a run was refused one round at a time.
+    config = apply_overrides(swissroll.get_config(), {"training.lr": 5.0, "training.checkpoint_every": 1010,
+                                                      "sampling.num_samples": 1})
+    with pytest.raises(ValueError) as refused:
+        validate_config(config, training=True)
+    assert [line.split("=")[0] for line in str(refused.value).splitlines()[1:]] == [
+        "  - training.lr", "  - training.checkpoint_every", "  - sampling.num_samples"]
+    with pytest.raises(ValueError, match=r"invalid config:\n  - training.lr=5.0 must be in \(0, 1\)$"):
+        validate_config(config)  # sampling and evaluating a saved run
+    # The defaults of the schedules that take no betas: configs/swissroll.py's linear betas are its own.
+    validate_config(apply_overrides(digits.get_config(), {"diffusion.beta_schedule": "jsd"}))
+    assert schedule_from_config(swissroll.get_config().diffusion).betas[-1] == pytest.approx(0.2)
 
 
 @pytest.mark.parametrize("config_fn, num_samples, message", [
@@ -741,7 +765,7 @@ def test_a_sample_count_the_metrics_cannot_score_is_refused_before_any_work(tmp_
     with pytest.raises(ValueError, match=message + ".*sample.py: --num"):
         generation.generate(config, None, None, None, out_dir=str(tmp_path / "samples"), tag="x", with_metrics=True)
     assert list(tmp_path.iterdir()) == []
-    assert generation.sample_metrics_problem(apply_overrides(config_fn(), {"sampling.num_samples": 2})) is None
+    assert sample_metrics_problem(apply_overrides(config_fn(), {"sampling.num_samples": 2})) is None
 
 
 def test_bits_per_dim_of_2d_data_is_refused(swissroll_run):
@@ -775,6 +799,26 @@ def test_a_saved_mlp_run_with_the_dropout_it_ignored_loads_resumes_and_validates
     assert loaded.model.dropout == 0.0
     validate_config(loaded)
     run.restore_params(config, copy)  # the current config (no dropout) fits the checkpoint
+
+
+def test_a_saved_run_with_betas_its_schedule_ignored_loads_resumes_and_validates(swissroll_run, tmp_path):
+    # A cosine run saved with configs/swissroll.py's linear betas, which the cosine schedule never used.
+    config, workdir, _ = swissroll_run
+    copy = str(tmp_path / "run")
+    shutil.copytree(workdir, copy)
+    with open(os.path.join(copy, "config.json")) as f:
+        saved = json.load(f)
+    saved["diffusion"]["beta_schedule"] = "cosine"
+    with open(os.path.join(copy, "config.json"), "w") as f:
+        json.dump(saved, f)
+    loaded = run.load_config(copy, base=get_base_config())
+    assert (loaded.diffusion.beta_start, loaded.diffusion.beta_end) == (1e-4, 0.02)
+    validate_config(loaded)
+    cosine = apply_overrides(config.copy_and_resolve_references(), {
+        "diffusion.beta_schedule": "cosine", "diffusion.beta_start": 1e-4, "diffusion.beta_end": 0.02})
+    run.restore_params(cosine, copy)  # the current config (no betas) fits the checkpoint
+    with pytest.raises(ValueError, match=r"diffusion.beta_schedule: checkpoint cosine vs now linear"):
+        run.restore_params(config, copy)
 
 
 def test_validate_config_lists_every_problem_and_accepts_the_shipped_configs():
