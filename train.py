@@ -144,7 +144,8 @@ def _run(workdir: str) -> None:
 
 
 def config_file_given() -> bool:
-    return any(arg == "--config" or arg.startswith("--config=") for arg in sys.argv[1:])
+    """Whether a --config=FILE was given, in any of absl's spellings (-config, --flagfile)."""
+    return bool(FLAGS["config"].present)
 
 
 def eval_config(workdir: str):
@@ -164,7 +165,7 @@ def pretrained_config():
     """--pretrained: configs/cifar10.py (the paper's diffusion settings) unless a --config file is given."""
     if config_file_given():
         return FLAGS.config
-    if any(arg.startswith("--config.") for arg in sys.argv[1:]):  # they were applied to the default digits config
+    if config_flags.get_override_values(FLAGS["config"]):  # they were applied to the default digits config
         raise ValueError("with --pretrained, --config.* overrides need the config file too, e.g. "
                          "--config=configs/cifar10.py --config.data.data_dir=...")
     from configs.cifar10 import get_config

@@ -509,13 +509,15 @@ def test_eval_mode_uses_the_runs_own_config(killed_and_uninterrupted, tmp_path):
     saved["sampling"]["eta"] = 0.5
     with open(os.path.join(workdir, "config.json"), "w") as f:
         json.dump(saved, f)
-    proc = subprocess.run(
-        [sys.executable, os.path.join(REPO, "train.py"), f"--workdir={workdir}", "--mode=eval",
-         "--config.eval.batch_size=8"],
-        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert "error: bits/dim is defined for 8-bit images" in proc.stderr, proc.stderr[-3000:]
+    # A config file replaces config.json in any of absl's spellings (-config=FILE was ignored).
+    own, file_given = (subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "train.py"), f"--workdir={workdir}", "--mode=eval", *flags],
+        cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    ) for flags in (["--config.eval.batch_size=8"], ["-config=configs/digits.py"]))
+    for proc, message in ((own, "error: bits/dim is defined for 8-bit images"),
+                          (file_given, "were written with a different config (model.attn_resolutions")):
+        _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 1 and "Traceback" not in stderr and message in stderr, stderr[-3000:]
 
 
 def test_sample_py_draws_from_a_finished_run(killed_and_uninterrupted, tmp_path):
@@ -614,6 +616,10 @@ BAD_RUNS = {
     "workdir is a file": (["--workdir=/dev/null"], {}, r"error: cannot create the folder /dev/null: .*File exists"),
     "overrides without their config file": (
         ["--mode=eval", "--pretrained=weights", "--config.data.data_dir=/data"], {},
+        r"with --pretrained, --config.\* overrides need the config file too",
+    ),
+    "overrides without their config file, one dash": (  # absl's other spelling was not seen
+        ["--mode=eval", "--pretrained=weights", "-config.data.data_dir=/data"], {},
         r"with --pretrained, --config.\* overrides need the config file too",
     ),
 }  # the other invalid values are checked through validate_config in test_training.py
