@@ -41,6 +41,22 @@ def unused_beta_settings(diffusion: Mapping[str, Any]) -> dict[str, float]:
             if key not in taken and diffusion.get(key, default) != default}
 
 
+def prior_warning(config) -> str | None:
+    """Why x_T of a valid config's schedule is far from N(0, I), where sampling starts, or None.
+
+    The paper's T = 1000 linear betas end at alphas_cumprod = 4e-5; the same betas over fewer steps keep much more
+    of x_0 (T = 20: x_T = 0.90 x_0 + 0.43 eps), which the prior term L_T then counts and samples never see.
+    """
+    df = config.diffusion
+    alpha_bar = float(schedule_from_config(df).alphas_cumprod[-1])
+    if alpha_bar <= 1e-3:
+        return None
+    return (f"at diffusion.num_timesteps={df.num_timesteps} the {df.beta_schedule} schedule ends at alphas_cumprod "
+            f"= {alpha_bar:.3g}: x_T keeps {math.sqrt(alpha_bar):.2f} x_0, and sampling starts from N(0, I) (the "
+            "paper's T = 1000 ends at 4e-5); raise diffusion.beta_end (configs/swissroll.py: 0.2 at T = 100 ends "
+            "at 2e-5) or use diffusion.beta_schedule='cosine'")
+
+
 def has_digits_metrics(config) -> bool:
     """Whether the shipped digits classifier scores this run's samples: 8k x 8k digits, the pipeline's pixel
     repetitions of 8 x 8."""

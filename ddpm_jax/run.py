@@ -30,6 +30,7 @@ from ddpm_jax.config import (
     build_model,
     is_image_data,
     num_sampling_steps,
+    prior_warning,
     schedule_from_config,
     unused_beta_settings,
     validate_config,
@@ -272,6 +273,8 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> TrainS
     """
     maybe_initialize_distributed(config)
     validate_config(config, num_devices=jax.device_count(), process_count=jax.process_count(), training=True)
+    if warning := prior_warning(config):
+        say(f"warning: {warning}")
     tr = config.training
     writable_folder(workdir)
     checkpointer = Checkpointer(workdir, keep=tr.keep_checkpoints)

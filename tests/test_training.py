@@ -26,7 +26,13 @@ from configs import digits, mnist, swissroll
 from configs.base import get_base_config
 from ddpm_jax import generation, run
 from ddpm_jax.checkpoint import Checkpointer
-from ddpm_jax.config import build_model, sample_metrics_problem, schedule_from_config, validate_config
+from ddpm_jax.config import (
+    build_model,
+    prior_warning,
+    sample_metrics_problem,
+    schedule_from_config,
+    validate_config,
+)
 from ddpm_jax.data import make_dataset, uint8_to_float
 from ddpm_jax.parts import Parts, write_atomically
 from ddpm_jax.training import (
@@ -799,6 +805,16 @@ def test_a_saved_mlp_run_with_the_dropout_it_ignored_loads_resumes_and_validates
     assert loaded.model.dropout == 0.0
     validate_config(loaded)
     run.restore_params(config, copy)  # the current config (no dropout) fits the checkpoint
+
+
+def test_a_schedule_that_ends_far_from_the_prior_is_warned_about():
+    # The paper's betas over 20 steps: x_T = sqrt(0.817) x_0 + sqrt(0.183) eps, and sampling starts from N(0, I).
+    short = apply_overrides(digits.get_config(), {"diffusion.num_timesteps": 20})
+    expected = np.prod(1 - np.linspace(1e-4, 0.02, 20))
+    assert f"ends at alphas_cumprod = {expected:.3g}: x_T keeps {np.sqrt(expected):.2f} x_0" in prior_warning(short)
+    assert prior_warning(apply_overrides(short, {"diffusion.beta_schedule": "cosine"})) is None
+    for config in (digits.get_config(), swissroll.get_config()):  # 4e-5 and 2e-5
+        assert prior_warning(config) is None
 
 
 def test_a_saved_run_with_betas_its_schedule_ignored_loads_resumes_and_validates(swissroll_run, tmp_path):
