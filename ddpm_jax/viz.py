@@ -226,6 +226,16 @@ def _fit_extent(*point_sets) -> tuple[float, float, float, float]:
     return (centre[0] - half, centre[0] + half, centre[1] - half, centre[1] + half)
 
 
+def _central(points, fraction: float = 0.98) -> np.ndarray:
+    """The finite [N, 2] points within the central ``fraction`` of each coordinate (a few diverged samples out)."""
+    points = np.asarray(points, np.float64).reshape(-1, 2)
+    points = points[np.isfinite(points).all(axis=1)]
+    if len(points) == 0:
+        return points
+    low, high = np.quantile(points, [(1 - fraction) / 2, (1 + fraction) / 2], axis=0)
+    return points[((points >= low) & (points <= high)).all(axis=1)]
+
+
 def _to_pixels(points, extent, size: int) -> np.ndarray:
     """[N, 2] data coordinates -> [K, 2] (column, row) pixels of a size x size panel, y up; drops the points
     that are not finite or fall outside the panel (far ones would overflow int64)."""
@@ -243,8 +253,12 @@ def _scatter_panel(points, extent, size: int, color, name: str, radius: int) -> 
     canvas = Image.new("RGB", (size, size), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     draw.rectangle((0, 0, size - 1, size - 1), outline=(210, 210, 210))
-    for col, row in _to_pixels(points, extent, size):
+    pixels = _to_pixels(points, extent, size)
+    for col, row in pixels:
         draw.rectangle((col - radius, row - radius, col + radius, row + radius), fill=color)
+    total = len(np.asarray(points).reshape(-1, 2))
+    if len(pixels) < total:
+        name = f"{name} ({total - len(pixels)} of {total} off the panel)"
     return _add_labels(np.asarray(canvas), 255, top=[(size / 2, name)])
 
 
@@ -258,10 +272,11 @@ def _side_by_side(panels: list[np.ndarray], title: str | None) -> np.ndarray:
 def scatter_plot(samples, data=None, size: int = 512, extent=None, title: str | None = None, radius: int = 1):
     """2-D point clouds -> uint8 RGB: panel "data" (grey, if given) beside panel "samples" (blue).
 
-    Both panels share ``extent`` = (xmin, xmax, ymin, ymax), by default a square fitted to both sets; each point is
-    a (2 radius + 1)-pixel square, points outside the extent or not finite are not drawn.
+    Both panels share ``extent`` = (xmin, xmax, ymin, ymax), by default a square fitted to the samples, or with data
+    to the data and the central 98% of the samples (a few diverged ones shrank the data to a dot); each point is a
+    (2 radius + 1)-pixel square, points outside the extent or not finite are not drawn and counted in the header.
     """
-    extent = extent or (_fit_extent(samples) if data is None else _fit_extent(samples, data))
+    extent = extent or (_fit_extent(samples) if data is None else _fit_extent(_central(samples), data))
     panels = [] if data is None else [_scatter_panel(data, extent, size, DATA_COLOR, "data", radius)]
     panels.append(_scatter_panel(samples, extent, size, SAMPLE_COLOR, "samples", radius))
     return _side_by_side(panels, title)

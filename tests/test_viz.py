@@ -199,6 +199,19 @@ def test_scatter_default_extent_holds_all_points_with_equal_axis_scales():
     assert np.ptp(cols) > 0.8 * size  # the fitted extent is tight around the points
 
 
+def test_scatter_extent_with_data_is_not_set_by_a_few_far_samples():
+    # One diverged sample at 1e6 shrank the data panel of 200 points to one pixel.
+    data = np.random.default_rng(3).normal(size=(200, 2))
+    plain = viz.scatter_plot(data, data, size=100, radius=0)
+    with_far = viz.scatter_plot(np.concatenate([data, [[1e6, 1e6]]]), data, size=100, radius=0)
+    data_panel = lambda image: image[-100:, :100]  # noqa: E731
+    np.testing.assert_array_equal(data_panel(with_far), data_panel(plain))
+    assert colour_mask(data_panel(plain), viz.DATA_COLOR).sum() > 100
+    # The samples' header says what is not drawn, so that the picture does not hide it.
+    assert not np.array_equal(with_far[:-100, -100:], plain[:-100, -100:])
+    np.testing.assert_array_equal(with_far[-100:, -100:], plain[-100:, -100:])
+
+
 def test_scatter_trajectory_strip_has_one_panel_per_record():
     rng = np.random.default_rng(2)
     traj = rng.normal(size=(3, 50, 2)) * np.array([3.0, 2.0, 1.0])[:, None, None]
