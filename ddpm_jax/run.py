@@ -628,10 +628,16 @@ def load_pretrained(path: str, config, *, evaluate: bool = False):
     ``config`` supplies the diffusion and sampling settings (configs/cifar10.py: the paper's); the data shape and
     the network's settings in ``config.model`` are set from the weights' config, so that `validate_config` checks
     the network that runs. ``evaluate``: refuse weights for images larger than the data set's, which would
-    be upsampled to their size.
+    be upsampled to their size. A scheduler_config.json with the weights must describe the config's diffusion process.
     """
-    from ddpm_jax.models import UNet, load_diffusers_unet, read_diffusers_config
+    from ddpm_jax.models import UNet, diffusion_settings_from_scheduler, load_diffusers_unet, read_diffusers_config
 
+    trained_for = diffusion_settings_from_scheduler(path) or {}
+    differing = {key: value for key, value in trained_for.items() if config.diffusion[key] != value}
+    if differing:  # bits/dim and samples of another process than the weights learned would be wrong
+        raise ValueError(f"{path}: the weights were trained for another diffusion process than the config's "
+                         f"(scheduler_config.json): set " + " ".join(
+                             f"--config.diffusion.{key}={value}" for key, value in differing.items()))
     kwargs, params = load_diffusers_unet(path)
     diffusers_config = read_diffusers_config(path)
     size = diffusers_config.get("sample_size") or config.data.image_size  # diffusers writes null by default

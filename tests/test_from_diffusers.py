@@ -174,7 +174,7 @@ def test_converted_small_unet_matches_diffusers(tmp_path):
         convert_diffusers_state_dict(state, config)
 
 
-def test_pretrained_weights_without_sample_size_take_the_data_sets(tmp_path):
+def test_pretrained_weights_take_the_data_sets_size_and_their_schedulers_process(tmp_path):
     # diffusers writes sample_size null by default; without attention levels nothing else needs it (a TypeError).
     from configs.cifar10 import get_config
     from ddpm_jax import run
@@ -185,6 +185,20 @@ def test_pretrained_weights_without_sample_size_take_the_data_sets(tmp_path):
     run_config.data.dataset, run_config.data.image_size = "digits", 8
     unet = run.load_pretrained(str(tmp_path), run_config, evaluate=True)[0]
     assert run_config.data.image_size == 8 and unet.attn_resolutions == ()
+
+    # The diffusion process the weights were trained for (it was never read): the paper's loads, another is refused.
+    scheduler = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_schedule": "linear",
+                 "beta_start": 0.0001, "beta_end": 0.02, "trained_betas": None, "variance_type": "fixed_large"}
+    (tmp_path / "scheduler_config.json").write_text(json.dumps(scheduler))
+    run.load_pretrained(str(tmp_path), get_config())
+    (tmp_path / "scheduler_config.json").write_text(json.dumps(
+        scheduler | {"num_train_timesteps": 4000, "prediction_type": "v_prediction"}))
+    with pytest.raises(ValueError, match=r"trained for another diffusion process than the config's .*: set "
+                                         r"--config.diffusion.num_timesteps=4000 --config.diffusion.mean_type=v$"):
+        run.load_pretrained(str(tmp_path), get_config())
+    (tmp_path / "scheduler_config.json").write_text(json.dumps(scheduler | {"beta_schedule": "scaled_linear"}))
+    with pytest.raises(ValueError, match=r"beta schedule 'scaled_linear' .*has no equivalent here"):
+        run.load_pretrained(str(tmp_path), get_config())
 
 
 def test_converted_cifar10_unet_matches_diffusers(tmp_path):

@@ -2,6 +2,7 @@
 
 from ddpm_jax.models.from_diffusers import (
     convert_diffusers_state_dict,
+    diffusion_settings_from_scheduler,
     load_diffusers_unet,
     read_diffusers_config,
     read_safetensors,
@@ -17,6 +18,7 @@ __all__ = [
     "convert_diffusers_state_dict",
     "count_params",
     "denoiser_fn",
+    "diffusion_settings_from_scheduler",
     "inference_params",
     "load_diffusers_unet",
     "read_diffusers_config",

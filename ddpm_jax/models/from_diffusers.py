@@ -244,6 +244,36 @@ def read_diffusers_config(path_or_dir: str) -> dict:
         return json.load(f)
 
 
+_SCHEDULES = {"linear": "linear", "squaredcos_cap_v2": "cosine", "sigmoid": "sigmoid"}
+_PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
+
+
+def diffusion_settings_from_scheduler(path_or_dir: str) -> dict | None:
+    """config.diffusion fields from the scheduler_config.json beside a diffusers model (or in the pipeline's
+    scheduler/ folder beside its unet/), or None without one: the process the weights were trained for."""
+    folder = os.path.dirname(_paths(path_or_dir)[1])
+    candidates = [os.path.join(folder, "scheduler_config.json"),
+                  os.path.join(os.path.dirname(folder), "scheduler", "scheduler_config.json")]
+    path = next((p for p in candidates if os.path.exists(p)), None)
+    if path is None:
+        return None
+    with open(path) as f:
+        scheduler = json.load(f)
+    schedule = scheduler.get("beta_schedule", "linear")
+    if scheduler.get("trained_betas") is not None or schedule not in _SCHEDULES:
+        raise ValueError(f"{path}: beta schedule {schedule!r} (or trained_betas) has no equivalent here; "
+                         f"ours: {', '.join(sorted(_SCHEDULES))}")
+    prediction = scheduler.get("prediction_type", "epsilon")
+    if prediction not in _PREDICTIONS:
+        raise ValueError(f"{path}: prediction_type {prediction!r} is not one of {', '.join(_PREDICTIONS)}")
+    settings = {"num_timesteps": int(scheduler.get("num_train_timesteps", 1000)),
+                "beta_schedule": _SCHEDULES[schedule], "mean_type": _PREDICTIONS[prediction]}
+    if schedule != "squaredcos_cap_v2":  # the cosine schedule takes no betas
+        settings |= {"beta_start": float(scheduler.get("beta_start", 1e-4)),
+                     "beta_end": float(scheduler.get("beta_end", 0.02))}
+    return settings
+
+
 def load_diffusers_unet(path_or_dir: str) -> tuple[dict, dict]:
     """(UNet kwargs, params) from a diffusers UNet2DModel directory or its .safetensors file + config.json."""
     weights_path, _ = _paths(path_or_dir)
