@@ -791,16 +791,21 @@ def test_a_saved_image_run_with_the_num_train_it_ignored_loads_and_validates(tmp
     validate_config(config)
 
 
-def test_a_saved_mlp_run_with_the_dropout_it_ignored_loads_resumes_and_validates(swissroll_run, tmp_path):
-    # Runs of configs/swissroll.py saved model.dropout=0.1 from the base config; the MLP never used it.
-    config, workdir, _ = swissroll_run
-    copy = str(tmp_path / "run")
+def copy_with_saved_config(workdir: str, copy: str, group: str, **fields) -> str:
+    """A copy of the run in ``workdir`` whose config.json says ``fields`` in ``group``, as an older run saved it."""
     shutil.copytree(workdir, copy)
     with open(os.path.join(copy, "config.json")) as f:
         saved = json.load(f)
-    saved["model"]["dropout"] = 0.1
+    saved[group].update(fields)
     with open(os.path.join(copy, "config.json"), "w") as f:
         json.dump(saved, f)
+    return copy
+
+
+def test_a_saved_mlp_run_with_the_dropout_it_ignored_loads_resumes_and_validates(swissroll_run, tmp_path):
+    # Runs of configs/swissroll.py saved model.dropout=0.1 from the base config; the MLP never used it.
+    config, workdir, _ = swissroll_run
+    copy = copy_with_saved_config(workdir, str(tmp_path / "run"), "model", dropout=0.1)
     loaded = run.load_config(copy, base=get_base_config())
     assert loaded.model.dropout == 0.0
     validate_config(loaded)
@@ -820,13 +825,7 @@ def test_a_schedule_that_ends_far_from_the_prior_is_warned_about():
 def test_a_saved_run_with_betas_its_schedule_ignored_loads_resumes_and_validates(swissroll_run, tmp_path):
     # A cosine run saved with configs/swissroll.py's linear betas, which the cosine schedule never used.
     config, workdir, _ = swissroll_run
-    copy = str(tmp_path / "run")
-    shutil.copytree(workdir, copy)
-    with open(os.path.join(copy, "config.json")) as f:
-        saved = json.load(f)
-    saved["diffusion"]["beta_schedule"] = "cosine"
-    with open(os.path.join(copy, "config.json"), "w") as f:
-        json.dump(saved, f)
+    copy = copy_with_saved_config(workdir, str(tmp_path / "run"), "diffusion", beta_schedule="cosine")
     loaded = run.load_config(copy, base=get_base_config())
     assert (loaded.diffusion.beta_start, loaded.diffusion.beta_end) == (1e-4, 0.02)
     validate_config(loaded)
