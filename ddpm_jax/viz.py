@@ -232,7 +232,9 @@ def _central(points, fraction: float = 0.98) -> np.ndarray:
     points = points[np.isfinite(points).all(axis=1)]
     if len(points) == 0:
         return points
-    low, high = np.quantile(points, [(1 - fraction) / 2, (1 + fraction) / 2], axis=0)
+    # The nearest points outward, so that a few points keep their extremes (interpolation dropped both ends).
+    low = np.quantile(points, (1 - fraction) / 2, axis=0, method="lower")
+    high = np.quantile(points, (1 + fraction) / 2, axis=0, method="higher")
     return points[((points >= low) & (points <= high)).all(axis=1)]
 
 

@@ -262,7 +262,7 @@ def diffusion_settings_from_scheduler(path_or_dir: str) -> dict | None:
     schedule = scheduler.get("beta_schedule", "linear")
     if scheduler.get("trained_betas") is not None or schedule not in _SCHEDULES:
         raise ValueError(f"{path}: beta schedule {schedule!r} (or trained_betas) has no equivalent here; "
-                         f"ours: {', '.join(sorted(_SCHEDULES))}")
+                         f"these have one: {', '.join(sorted(_SCHEDULES))}")
     prediction = scheduler.get("prediction_type", "epsilon")
     if prediction not in _PREDICTIONS:
         raise ValueError(f"{path}: prediction_type {prediction!r} is not one of {', '.join(_PREDICTIONS)}")
