@@ -17,7 +17,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from ddpm_jax.parts import write_atomically
-from ddpm_jax.schedules import SCHEDULE_ARGUMENTS
+from ddpm_jax.schedules import BETA_DEFAULTS, SCHEDULE_ARGUMENTS
 
 # Config groups and fields whose change makes a checkpoint incompatible: parameter shapes, optimizer state
 # structure or the learned process.
@@ -38,8 +38,8 @@ def _compatibility_view(config_dict: dict) -> dict:
         else:
             view.update({f"{key}.{field}": value for field, value in config_dict.get(key, {}).items()})
     ignored = _COMPUTE_ONLY_KEYS + (("model.dropout",) if view.get("model.name") == "mlp" else ())  # MLP: none
-    takes = SCHEDULE_ARGUMENTS.get(view.get("diffusion.beta_schedule"), {"beta_start", "beta_end"})
-    ignored += tuple(f"diffusion.{key}" for key in ("beta_start", "beta_end") if key not in takes)
+    takes = SCHEDULE_ARGUMENTS.get(view.get("diffusion.beta_schedule"), set(BETA_DEFAULTS))
+    ignored += tuple(f"diffusion.{key}" for key in BETA_DEFAULTS if key not in takes)
     return {key: value for key, value in view.items() if key not in ignored}
 
 

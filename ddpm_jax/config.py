@@ -17,27 +17,26 @@ from ddpm_jax.data import DATASETS, NUM_TOY_TEST, NUM_TOY_TRAIN
 from ddpm_jax.diffusion import LOSS_TYPES, MEAN_TYPES, VAR_TYPES
 from ddpm_jax.models import MLP, UNet
 from ddpm_jax.sampling import TIMESTEP_SPACINGS
-from ddpm_jax.schedules import SCHEDULE_ARGUMENTS, SCHEDULES, Schedule, make_schedule
+from ddpm_jax.schedules import BETA_DEFAULTS, SCHEDULE_ARGUMENTS, SCHEDULES, Schedule, make_schedule
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SAMPLERS = ("ddpm", "ddim")
 DEFAULT_DDIM_STEPS = 50  # sampling.num_steps = 0 with the ddim sampler
 OPTIMIZERS = ("adam", "adamw")
-_BETA_SETTINGS = {"beta_start": 1e-4, "beta_end": 0.02}  # and their defaults, the DDPM paper's
 
 
 def schedule_from_config(diffusion: Mapping[str, Any]) -> Schedule:
     """The beta schedule named by `config.diffusion`."""
     name = diffusion["beta_schedule"]
-    kwargs = {key: diffusion[key] for key in _BETA_SETTINGS if key in SCHEDULE_ARGUMENTS.get(name, ())}
+    kwargs = {key: diffusion[key] for key in BETA_DEFAULTS if key in SCHEDULE_ARGUMENTS.get(name, ())}
     return make_schedule(name, diffusion["num_timesteps"], **kwargs)
 
 
 def unused_beta_settings(diffusion: Mapping[str, Any]) -> dict[str, float]:
     """The diffusion.beta_start / beta_end that differ from their defaults and that the schedule does not take,
     with those defaults."""
-    taken = SCHEDULE_ARGUMENTS.get(diffusion["beta_schedule"], set(_BETA_SETTINGS))
-    return {key: default for key, default in _BETA_SETTINGS.items()
+    taken = SCHEDULE_ARGUMENTS.get(diffusion["beta_schedule"], set(BETA_DEFAULTS))
+    return {key: default for key, default in BETA_DEFAULTS.items()
             if key not in taken and diffusion.get(key, default) != default}
 
 

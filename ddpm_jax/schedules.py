@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 SCHEDULES = ("linear", "quadratic", "cosine", "sigmoid", "constant", "jsd")
+BETA_DEFAULTS = {"beta_start": 1e-4, "beta_end": 0.02}  # the DDPM paper's, where a schedule takes them
 SCHEDULE_ARGUMENTS = {  # the keyword arguments each schedule of `beta_schedule` takes
     "linear": {"beta_start", "beta_end"},
     "quadratic": {"beta_start", "beta_end"},
@@ -80,8 +81,8 @@ def beta_schedule(name: str, num_timesteps: int, **kwargs) -> np.ndarray:
     if unknown:
         raise ValueError(f"schedule {name!r} takes {sorted(SCHEDULE_ARGUMENTS[name])}, got unexpected "
                          f"{sorted(unknown)}")
-    beta_start = float(kwargs.get("beta_start", 1e-4))
-    beta_end = float(kwargs.get("beta_end", 0.02))
+    beta_start = float(kwargs.get("beta_start", BETA_DEFAULTS["beta_start"]))
+    beta_end = float(kwargs.get("beta_end", BETA_DEFAULTS["beta_end"]))
     max_beta = float(kwargs.get("max_beta", 0.999))
     if name == "linear":
         return np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
