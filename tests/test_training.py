@@ -466,6 +466,10 @@ def test_training_stops_when_every_update_is_skipped(monkeypatch, tmp_path):
     monkeypatch.setattr(Checkpointer, "close", lambda self: (closed.append(self.directory), close(self)))
     with pytest.raises(FloatingPointError, match=r"10 of the last 10 updates had a non-finite loss .*step 10"):
         run.train_and_evaluate(config, str(tmp_path / "all_bad"), progress=False)
+    # The window's loss is NaN, written as null: a bare NaN token is not JSON.
+    with open(tmp_path / "all_bad" / "metrics.jsonl") as f:
+        lines = [json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in metrics.jsonl")) for line in f]
+    assert [(line["step"], line["loss"], line["skipped"]) for line in lines] == [(10, None, 10)]
     # Closed on the way out too, so that an asynchronous save in flight completes.
     assert closed == [str(tmp_path / "all_bad" / "checkpoints")]
 

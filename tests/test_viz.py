@@ -3,6 +3,7 @@
 import os
 
 import jax
+import ml_dtypes
 import numpy as np
 import pytest
 from PIL import Image
@@ -24,6 +25,11 @@ def test_to_uint8_maps_clips_and_rounds():
     np.testing.assert_array_equal(viz.to_uint8(already), already)
     # A diverged sample is white, not black like a dark image (the cast made NaN 0).
     np.testing.assert_array_equal(viz.to_uint8(np.array([np.nan, np.inf, -np.inf])), [255, 255, 0])
+    # Integer pixels in [0, 255] are not [-1, 1] floats: read as such they were all white.
+    with pytest.raises(ValueError, match="cast integer pixels"):
+        viz.to_uint8(already.astype(np.int64))
+    np.testing.assert_array_equal(viz.to_uint8(np.asarray(x, ml_dtypes.bfloat16)), viz.to_uint8(
+        np.asarray(x, ml_dtypes.bfloat16).astype(np.float32)))
 
 
 def test_saving_diverged_samples_says_how_many(tmp_path, capsys):

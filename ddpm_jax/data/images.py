@@ -81,12 +81,17 @@ def uint8_to_float(images: np.ndarray) -> np.ndarray:
 def to_uint8(images) -> np.ndarray:
     """Floats in [-1, 1] -> uint8 via round((x + 1) * 127.5), clipped to [0, 255]; uint8 passes through.
 
+    Other dtypes are refused: int64 pixels in [0, 255] read as [-1, 1] floats would all be white.
+
     NaN becomes white (255), not the 0 of a cast: a diverged sample should stand out, not look like a dark image
     (or, in mid-grey, like the grid's border).
     """
     images = np.asarray(images)
     if images.dtype == np.uint8:
         return images
+    if images.dtype.kind in "biu":  # bools and integers; bfloat16 (kind V) is a float
+        raise ValueError(f"images must be floats in [-1, 1] or uint8, got {images.dtype}: cast integer pixels in "
+                         "[0, 255] to uint8")
     scaled = images.astype(np.float64)  # one float64 buffer, worked in place (50,000 CIFAR samples: 1.2 GB)
     np.nan_to_num(scaled, copy=False, nan=1.0, posinf=1.0, neginf=-1.0)
     scaled += 1.0
