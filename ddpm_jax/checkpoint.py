@@ -16,8 +16,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from ddpm_jax.config import unused_diffusion_settings
 from ddpm_jax.parts import write_atomically
-from ddpm_jax.schedules import BETA_DEFAULTS, SCHEDULE_ARGUMENTS
 
 # Config groups and fields whose change makes a checkpoint incompatible: parameter shapes, optimizer state
 # structure or the learned process.
@@ -38,8 +38,7 @@ def _compatibility_view(config_dict: dict) -> dict:
         else:
             view.update({f"{key}.{field}": value for field, value in config_dict.get(key, {}).items()})
     ignored = _COMPUTE_ONLY_KEYS + (("model.dropout",) if view.get("model.name") == "mlp" else ())  # MLP: none
-    takes = SCHEDULE_ARGUMENTS.get(view.get("diffusion.beta_schedule"), set(BETA_DEFAULTS))
-    ignored += tuple(f"diffusion.{key}" for key in BETA_DEFAULTS if key not in takes)
+    ignored += tuple(f"diffusion.{key}" for key in unused_diffusion_settings(config_dict.get("diffusion", {})))
     return {key: value for key, value in view.items() if key not in ignored}
 
 

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ddpm_jax.data import DATASETS, NUM_TOY_TEST, NUM_TOY_TRAIN
-from ddpm_jax.diffusion import LOSS_TYPES, MEAN_TYPES, VAR_TYPES
+from ddpm_jax.diffusion import LOSS_TYPES, MEAN_TYPES, VAR_TYPES, VLB_WEIGHT
 from ddpm_jax.models import MLP, UNet
 from ddpm_jax.sampling import TIMESTEP_SPACINGS
 from ddpm_jax.schedules import BETA_DEFAULTS, SCHEDULE_ARGUMENTS, SCHEDULES, Schedule, make_schedule
@@ -32,12 +32,22 @@ def schedule_from_config(diffusion: Mapping[str, Any]) -> Schedule:
     return make_schedule(name, diffusion["num_timesteps"], **kwargs)
 
 
-def unused_beta_settings(diffusion: Mapping[str, Any]) -> dict[str, float]:
-    """The diffusion.beta_start / beta_end that differ from their defaults and that the schedule does not take,
-    with those defaults."""
-    taken = SCHEDULE_ARGUMENTS.get(diffusion["beta_schedule"], set(BETA_DEFAULTS))
-    return {key: default for key, default in BETA_DEFAULTS.items()
-            if key not in taken and diffusion.get(key, default) != default}
+def unused_diffusion_settings(diffusion: Mapping[str, Any]) -> dict[str, tuple[float, str]]:
+    """{field: (default, what ignores it)} of the diffusion settings that the process does not use: the betas a
+    schedule does not take (cosine, jsd; beta_start of constant) and vlb_weight outside loss_type 'hybrid'."""
+    schedule = diffusion.get("beta_schedule")
+    taken = SCHEDULE_ARGUMENTS.get(schedule, set(BETA_DEFAULTS))
+    unused = {key: (default, f"the {schedule!r} schedule") for key, default in BETA_DEFAULTS.items()
+              if key not in taken}
+    if diffusion.get("loss_type") != "hybrid":
+        unused["vlb_weight"] = (VLB_WEIGHT, f"loss_type={diffusion.get('loss_type')!r} (only 'hybrid')")
+    return unused
+
+
+def ignored_diffusion_settings(diffusion: Mapping[str, Any]) -> dict[str, tuple[float, str]]:
+    """The `unused_diffusion_settings` that differ from their defaults: set, and silently without effect."""
+    return {key: (default, user) for key, (default, user) in unused_diffusion_settings(diffusion).items()
+            if diffusion.get(key, default) != default}
 
 
 def prior_warning(config) -> str | None:
@@ -194,9 +204,8 @@ def validate_config(config, *, num_devices: int = 1, process_count: int = 1, tra
         problems.append(f"training.weight_decay={tr.weight_decay} must be >= 0 and finite")
     elif tr.weight_decay and tr.optimizer == "adam":
         problems.append(f"training.weight_decay={tr.weight_decay} needs training.optimizer='adamw' (Adam has none)")
-    for key, default in unused_beta_settings(df).items():
-        problems.append(f"diffusion.{key}={df[key]} is not used by the {df.beta_schedule!r} schedule: leave it at "
-                        f"{default}")
+    for key, (default, user) in ignored_diffusion_settings(df).items():
+        problems.append(f"diffusion.{key}={df[key]} is not used by {user}: leave it at {default}")
     if not 0 <= df.vlb_weight < math.inf:
         problems.append(f"diffusion.vlb_weight={df.vlb_weight} must be >= 0 and finite")
     if not 0 <= s.eta <= 1:

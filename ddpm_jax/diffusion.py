@@ -23,6 +23,7 @@ from ddpm_jax.schedules import Schedule
 MEAN_TYPES = ("eps", "x0", "v", "xprev")
 VAR_TYPES = ("fixedsmall", "fixedlarge", "learned", "learned_range")
 LOSS_TYPES = ("mse", "l1", "huber", "kl", "hybrid")
+VLB_WEIGHT = 0.001  # lambda of L_hybrid (Improved DDPM, Sec. 3.1); only loss_type "hybrid" uses it
 
 ModelFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
 
@@ -31,6 +32,12 @@ def check_choice(kind: str, value: str, choices: tuple[str, ...]) -> None:
     """Raise a ValueError naming the valid choices when ``value`` is not one of them."""
     if value not in choices:
         raise ValueError(f"unknown {kind} {value!r}; choose one of {', '.join(choices)}")
+
+
+def check_float_data(x0: jnp.ndarray) -> None:
+    """Raise a ValueError for data that is not floats (uint8 images would be used unscaled, as 0..255)."""
+    if not jnp.issubdtype(x0.dtype, jnp.floating):
+        raise ValueError(f"x0 must be floats in [-1, 1], got {x0.dtype} (8-bit images: ddpm_jax.data.uint8_to_float)")
 
 
 def concrete_value(value) -> np.ndarray | None:
@@ -359,7 +366,7 @@ def training_losses(
     mean_type: str = "eps",
     var_type: str = "fixedlarge",
     loss_type: str = "mse",
-    vlb_weight: float = 0.001,
+    vlb_weight: float = VLB_WEIGHT,
     noise: jnp.ndarray | None = None,
 ) -> dict[str, jnp.ndarray]:
     """Per-example training losses at timesteps t: L_simple (Eq. 14), L1/Huber, L_vlb (Eq. 5) or L_hybrid.
@@ -380,8 +387,7 @@ def training_losses(
     if loss_type == "hybrid" and not learned_var:
         raise ValueError("loss_type 'hybrid' needs a learned variance (var_type 'learned' or 'learned_range')")
 
-    if not jnp.issubdtype(x0.dtype, jnp.floating):
-        raise ValueError(f"x0 must be floats in [-1, 1], got {x0.dtype} (8-bit images: ddpm_jax.data.uint8_to_float)")
+    check_float_data(x0)
     if noise is None:
         noise = jax.random.normal(key, x0.shape, x0.dtype)
     x_t = q_sample(schedule, x0, t, noise)

@@ -9,7 +9,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ddpm_jax.diffusion import ModelFn, mean_flat, q_mean_variance, q_sample, vb_terms_bpd
+from ddpm_jax.diffusion import ModelFn, check_float_data, mean_flat, q_mean_variance, q_sample, vb_terms_bpd
 from ddpm_jax.gaussians import discretized_gaussian_log_likelihood, normal_kl
 from ddpm_jax.schedules import Schedule
 
@@ -26,6 +26,7 @@ __all__ = [
 
 def prior_bpd(schedule: Schedule, x0: jnp.ndarray) -> jnp.ndarray:
     """L_T = KL(q(x_T | x_0) || N(0, I)) in bits/dim, Eq. 5: [batch]."""
+    check_float_data(x0)
     t = jnp.full((x0.shape[0],), schedule.num_timesteps - 1, dtype=jnp.int32)
     mean, _, log_variance = q_mean_variance(schedule, x0, t)
     kl = normal_kl(mean, jnp.broadcast_to(log_variance, mean.shape), 0.0, 0.0)
@@ -35,7 +36,7 @@ def prior_bpd(schedule: Schedule, x0: jnp.ndarray) -> jnp.ndarray:
 class BpdResult(NamedTuple):
     total_bpd: jnp.ndarray  # [batch]: L_T + sum_t L_{t-1} + L_0
     prior_bpd: jnp.ndarray  # [batch]: L_T
-    vb_terms: jnp.ndarray  # [batch, T]: L_0 at index 0, L_{t-1} at index t
+    vb_terms: jnp.ndarray  # [batch, T]: at index t the paper's L_t, the bits of x_t given x_{t+1} (L_0: decoder)
     x0_mse: jnp.ndarray  # [batch, T]: mean squared error of the predicted x_0 at each t
 
 
@@ -57,6 +58,7 @@ def calc_bpd_loop(
     single-sample estimate of the bound. ``progress_fn(t)``, if given, is called on the host after each term
     (an unordered `jax.debug.callback`: once per step, also when ``x0`` is sharded over several devices).
     """
+    check_float_data(x0)
     batch = x0.shape[0]
 
     def term(carry, t_scalar):

@@ -28,11 +28,11 @@ from ddpm_jax.checkpoint import Checkpointer
 from ddpm_jax.config import (
     DTYPES,
     build_model,
+    ignored_diffusion_settings,
     is_image_data,
     num_sampling_steps,
     prior_warning,
     schedule_from_config,
-    unused_beta_settings,
     validate_config,
 )
 from ddpm_jax.data import DATASETS, make_dataset
@@ -611,10 +611,11 @@ def load_config(workdir: str, base=None):
 def _without_ignored_settings(config):
     """A saved config with the settings its run ignored reset, now that they are refused: an eta of the ddpm
     sampler (DDIM's noise, which that sampler never used), data.num_train of an image set (2-D sets only) and
-    the MLP's model.dropout (it has none), and the betas of a schedule that takes none (cosine, jsd)."""
+    the MLP's model.dropout (it has none), the betas of a schedule that takes none (cosine, jsd) and the
+    vlb_weight of a loss other than 'hybrid'."""
     if config.sampling.get("sampler") == "ddpm" and config.sampling.get("eta"):
         config.sampling.eta = 0.0
-    for key, default in unused_beta_settings(config.diffusion).items():
+    for key, (default, _) in ignored_diffusion_settings(config.diffusion).items():
         config.diffusion[key] = default
     if config.model.get("name") == "mlp" and config.model.get("dropout"):
         config.model.dropout = 0.0

@@ -19,8 +19,8 @@ from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ddpm_jax.config import data_shape
-from ddpm_jax.diffusion import training_losses
+from ddpm_jax.config import OPTIMIZERS, data_shape
+from ddpm_jax.diffusion import check_choice, training_losses
 from ddpm_jax.models.conv import cpu_conv_compiler_options
 from ddpm_jax.schedules import Schedule
 
@@ -57,6 +57,7 @@ class Optimizer(NamedTuple):
 
 def make_optimizer(training: Mapping[str, Any]) -> Optimizer:
     """clip_by_global_norm then Adam/AdamW with a linear learning-rate warm-up (DDPM: 5,000 steps to 2e-4)."""
+    check_choice("training.optimizer", training["optimizer"], OPTIMIZERS)
     lr = training["lr"]
     warmup = training["warmup_steps"]
     schedule = optax.linear_schedule(0.0, lr, warmup) if warmup > 0 else optax.constant_schedule(lr)
@@ -136,9 +137,11 @@ def make_train_step(config, model: nn.Module, schedule: Schedule) -> Callable:
     The K steps run under `lax.scan` (several optimizer steps per call). With ``training.microbatches`` = m > 1
     each step's gradient is the mean of m sequential parts' gradients (a `lax.scan`; part j holds rows j, j + m,
     ...), drawn with the same t and noise as the whole batch: the same update as one pass when dropout is off,
-    with the activations of B/m examples at a time. A step whose loss or gradient is not
-    finite leaves the state unchanged except for ``num_skipped``. The library's `Optimizer` in ``state.tx`` is
-    applied in one pass (`Optimizer.apply`); any other optax transformation through ``apply_gradients``.
+    with the activations of B/m examples at a time. A step whose loss or gradient is not finite leaves the state
+    unchanged except for ``step`` and ``num_skipped``: the optimizer's counts (and so the learning-rate warm-up)
+    do not advance, while the EMA warm-up, which reads ``step``, does. The library's `Optimizer` in
+    ``state.tx`` is applied in one pass (`Optimizer.apply`); any other optax transformation through
+    ``apply_gradients``.
     Metrics are per step: loss, gradient norm, and per-quartile-of-t loss sums and counts
     (``loss_by_t_sum``/``loss_by_t_count``, [K, 4]).
     """

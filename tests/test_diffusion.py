@@ -351,6 +351,11 @@ def test_shapes_that_would_broadcast_into_wrong_values_are_refused():
         dj.q_sample(SCHEDULE, x0, jnp.full((4,), 2.0), noise)
     with pytest.raises(ValueError, match=r"x0 must be floats in \[-1, 1\], got uint8"):
         dj.training_losses(SCHEDULE, model_fn, jnp.zeros((4, 3), jnp.uint8), jnp.arange(4), jax.random.PRNGKey(0))
+    # The bound's functions too: the prior term of 0..255 was 728 bits/dim, and the loop failed inside JAX.
+    with pytest.raises(ValueError, match=r"x0 must be floats in \[-1, 1\], got uint8"):
+        dj.prior_bpd(SCHEDULE, jnp.zeros((4, 3), jnp.uint8))
+    with pytest.raises(ValueError, match=r"x0 must be floats in \[-1, 1\], got uint8"):
+        dj.calc_bpd_loop(SCHEDULE, model_fn, jnp.zeros((4, 3), jnp.uint8), jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match=re.escape("got shapes (4,), (4, 10), (4, 9)")):
         dj.rate_distortion(jnp.zeros(4), jnp.zeros((4, 10)), jnp.zeros((4, 9)))
     # A scalar t, and t [B] as a Python list, are timesteps as before.

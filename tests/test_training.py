@@ -294,6 +294,8 @@ def test_optimizer_is_clipped_adam_with_warmup_like_a_numpy_reference(optimizer)
     shapes = {"a": (3, 4), "b": {"c": (5,), "d": (2, 2, 2)}}
     params = jax.tree.map(lambda s: rng.normal(size=s), shapes, is_leaf=lambda s: isinstance(s, tuple))
     tx = make_optimizer(training)
+    with pytest.raises(ValueError, match="unknown training.optimizer 'sgd'; choose one of adam, adamw"):
+        make_optimizer({**training, "optimizer": "sgd"})  # was Adam, silently
     apply, optax_update = jax.jit(tx.apply), jax.jit(tx.update)  # op by op, optax's update compiled ~60 small programs
     p = jax.tree.map(jnp.float32, params)
     state = tx.init(p)
@@ -734,6 +736,8 @@ def test_kept_pieces_that_are_damaged_are_redone_and_none_are_left_behind(tmp_pa
          r"diffusion.beta_end=0.5 is not used by the 'cosine' schedule: leave it at 0.02"),
         (digits.get_config, {"diffusion.beta_schedule": "constant", "diffusion.beta_start": 0.3}, 1,
          r"diffusion.beta_start=0.3 is not used by the 'constant' schedule: leave it at 0.0001"),
+        (digits.get_config, {"diffusion.loss_type": "kl", "diffusion.vlb_weight": 0.5}, 1,
+         r"diffusion.vlb_weight=0.5 is not used by loss_type='kl' \(only 'hybrid'\): leave it at 0.001"),
         # Infinite: every update was 0 (adam_eps), or the parameters NaN after one step (weight_decay).
         (digits.get_config, {"training.adam_eps": float("inf")}, 1, r"adam_eps=inf must be > 0 and finite"),
         (digits.get_config, {"training.optimizer": "adamw", "training.weight_decay": float("inf")}, 1,
@@ -827,11 +831,12 @@ def test_a_schedule_that_ends_far_from_the_prior_is_warned_about():
 
 
 def test_a_saved_run_with_betas_its_schedule_ignored_loads_resumes_and_validates(swissroll_run, tmp_path):
-    # A cosine run saved with configs/swissroll.py's linear betas, which the cosine schedule never used.
+    # A cosine run saved with configs/swissroll.py's linear betas, which the cosine schedule never used, and a
+    # vlb_weight, which its loss (mse) never used.
     config, workdir, _ = swissroll_run
-    copy = copy_with_saved_config(workdir, str(tmp_path / "run"), "diffusion", beta_schedule="cosine")
+    copy = copy_with_saved_config(workdir, str(tmp_path / "run"), "diffusion", beta_schedule="cosine", vlb_weight=0.5)
     loaded = run.load_config(copy, base=get_base_config())
-    assert (loaded.diffusion.beta_start, loaded.diffusion.beta_end) == (1e-4, 0.02)
+    assert (loaded.diffusion.beta_start, loaded.diffusion.beta_end, loaded.diffusion.vlb_weight) == (1e-4, 0.02, 1e-3)
     validate_config(loaded)
     cosine = apply_overrides(config.copy_and_resolve_references(), {
         "diffusion.beta_schedule": "cosine", "diffusion.beta_start": 1e-4, "diffusion.beta_end": 0.02})
