@@ -80,7 +80,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     sampling.num_samples = 64
     sampling.batch_size = 256  # samples per chain of sample.py, split over the devices (0: all in one chain)
     sampling.clip_denoised = True
-    sampling.trajectory_every = 0  # steps between pictures of the chain (sample.py --trajectory); 0: a tenth
+    # Steps between pictures of the chain (sample.py --trajectory); 0, or more than the chain has (a value for
+    # T = 1000 sampled in 50 DDIM steps): a tenth of its steps, about ten pictures.
+    sampling.trajectory_every = 0
 
     config.eval = evaluation = ml_collections.ConfigDict()
     evaluation.bpd_every = 0  # steps between held-out bits/dim evaluations (0: never during training)

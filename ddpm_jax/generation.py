@@ -288,7 +288,7 @@ def generate(config, model, schedule, params, *, out_dir: str, tag: str, traject
     check_generate(config, with_metrics=with_metrics, with_fid=fid_reference is not None, png_dir=png_dir)
     num_steps = num_sampling_steps(config, schedule)
     trajectory_every = None
-    if trajectory:  # sampling.trajectory_every, or about ten pictures of the chain
+    if trajectory:  # sampling.trajectory_every, or about ten pictures where it is 0 or more than the chain has
         every = s.trajectory_every if 0 < s.trajectory_every <= num_steps else num_steps // 10
         trajectory_every = max(1, every)
     chain_size = min(s.batch_size or s.num_samples, s.num_samples)

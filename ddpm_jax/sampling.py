@@ -70,7 +70,7 @@ def _run_chain(
     if trajectory_every is None:
         x, _ = jax.lax.scan(lambda x, inp: (step(x, inp)[0], None), x_init, per_step)
         return x
-    k = int(trajectory_every)
+    k = check_integer("trajectory_every", trajectory_every)
     if not 1 <= k <= num_steps:
         raise ValueError(f"trajectory_every must be in [1, {num_steps}], got {trajectory_every}")
     # The first num_steps % k steps run unrecorded, then chunks of k steps each record their last step,
@@ -91,6 +91,13 @@ def _run_chain(
 
     x, (xs, pred_x0s, ts) = jax.lax.scan(chunk, x, chunks)
     return x, Trajectory(xs, pred_x0s, ts)
+
+
+def _batch_size(shape: tuple[int, ...]) -> int:
+    """The batch of a samples ``shape`` [batch, ...]."""
+    if len(shape) < 1:
+        raise ValueError(f"shape must be [batch, ...], got {tuple(shape)}")
+    return int(shape[0])
 
 
 def _at_kept_timesteps(model_fn: ModelFn, kept: jnp.ndarray, x: jnp.ndarray, i: jnp.ndarray) -> jnp.ndarray:
@@ -139,13 +146,14 @@ def ddpm_sample(
     init_key, step_key = chain_keys(key)
     num_timesteps = schedule.num_timesteps
     num_steps = None if num_steps is None else check_integer("num_steps", num_steps)
+    batch = _batch_size(shape)
     if num_steps is not None and num_steps != num_timesteps:
+        kept = ddim_timesteps(num_timesteps, num_steps, spacing)[::-1]  # increasing; refuses num_steps > T
         if x_start is not None or start_t is not None:
             raise ValueError("a respaced chain (num_steps < T) starts from x_T; x_start and start_t need all T steps")
         if var_type == "learned":
             raise ValueError("var_type='learned' predicts the variance of one step of the T-step chain, not of a "
                              "respaced chain's longer steps (num_steps < T): sample all T steps, or use ddim_sample")
-        kept = ddim_timesteps(num_timesteps, num_steps, spacing)[::-1]  # increasing
         if mean_type == "xprev":
             model_fn = partial(_x0_from_xprev_at_kept_timesteps, model_fn, schedule, jnp.asarray(kept), var_type)
             mean_type = "x0"
@@ -169,7 +177,6 @@ def ddpm_sample(
         raise ValueError(f"x_start has shape {tuple(x_start.shape)}, the samples {tuple(shape)}")
     else:
         x_init = jnp.asarray(x_start, jnp.promote_types(jnp.result_type(x_start), jnp.float32))
-    batch = shape[0]
 
     def step(x, inp):  # "i" indexes the (respaced) schedule, "t" is the original timestep
         i = jnp.full((batch,), inp["i"], dtype=jnp.int32)
@@ -315,12 +322,12 @@ def ddim_sample(
     if eta_value is not None and not np.all((eta_value >= 0) & (eta_value <= 1)):
         # Above 1, sigma^2 can exceed 1 - abar_s, which leaves no real coefficient for eps_hat.
         raise ValueError(f"eta must be in [0, 1], got {eta}")
+    batch = _batch_size(shape)
     timesteps = ddim_timesteps(schedule.num_timesteps, num_steps, spacing)
     # The step after t = 0 goes to "timestep -1", index T here, where alpha_bar is 1: it returns the predicted x_0.
     prev_timesteps = np.append(timesteps[1:], schedule.num_timesteps).astype(np.int32)
     init_key, step_key = chain_keys(key)
     x_init = jax.random.normal(init_key, shape)
-    batch = shape[0]
     # From square roots: alphas_cumprod itself underflows float32 at the end of long chains (T > 10^4 for the
     # linear schedule), where abar_t / abar_s would be 0 / 0.
     sqrt_alphas_cumprod_prev_step = jnp.append(schedule.sqrt_alphas_cumprod, 1.0)

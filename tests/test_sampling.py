@@ -1,6 +1,7 @@
 """Samplers and the bound in bits/dim against the analytic oracle for Gaussian data x_0 ~ N(mu, s^2 I)."""
 
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -303,6 +304,16 @@ def test_sampler_errors():
         dj.ddim_sample(model_fn, SMALL, jax.random.PRNGKey(0), (2, 2), num_steps=5, mean_type="xprev")
     with pytest.raises(ValueError, match="trajectory_every"):
         dj.ddpm_sample(model_fn, SMALL, jax.random.PRNGKey(0), (2, 2), trajectory_every=0)
+    for every in (2.5, True):  # were truncated: records every 2 steps, or every step
+        with pytest.raises(ValueError, match=f"trajectory_every must be an integer, got {every}"):
+            dj.ddim_sample(model_fn, SMALL, jax.random.PRNGKey(0), (2, 2), num_steps=5, trajectory_every=every)
+    # Out of range with x_start: the range is the problem, not x_start (it was blamed).
+    with pytest.raises(ValueError, match=rf"num_steps must be in \[1, {SMALL_T}\] \(the schedule's T\), got 25"):
+        dj.ddpm_sample(model_fn, SMALL, jax.random.PRNGKey(0), (2, 2), num_steps=25, x_start=jnp.zeros((2, 2)),
+                       start_t=5)
+    for sampler in (dj.ddpm_sample, partial(dj.ddim_sample, num_steps=5)):  # an IndexError before
+        with pytest.raises(ValueError, match=r"shape must be \[batch, ...\], got \(\)"):
+            sampler(model_fn, SMALL, jax.random.PRNGKey(0), ())
     with pytest.raises(ValueError, match="'learned' predicts the variance of one step"):
         dj.ddpm_sample(exact_reverse_fn(SMALL, MU, S), SMALL, jax.random.PRNGKey(0), (2, 2), var_type="learned",
                        num_steps=5)
