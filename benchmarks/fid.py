@@ -7,8 +7,8 @@
 Inception: `ddpm_jax.metrics.inception_forward` (on XLA:CPU its convolutions run on Eigen) against the same
 function jitted with XLA's default options (on jaxlib 0.10's CPU: YNNPACK convolutions), timed alternately
 in one process, on random weights and 8x8 grey images resized to 299x299 as the digits samples are.
-Fréchet distance: the library's (symmetric eigenvalues) against pytorch-fid's route, `scipy.linalg.sqrtm` of
-the product of the covariances, on the statistics of random features.
+Fréchet distance: the library's (symmetric square roots and the singular values of their product) against
+pytorch-fid's route, `scipy.linalg.sqrtm` of the product of the covariances, on the statistics of random features.
 Statistics: mean and covariance of 50,000 random 2048-d feature vectors arriving in batches of 100, as the
 Inception pass delivers them: all rows kept and `gaussian_stats` (np.cov) at the end, as compute_stats did
 before, against `RunningGaussianStats`, which merges each batch; time, and the peak of memory allocated
