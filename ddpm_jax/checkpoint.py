@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from ddpm_jax.config import unused_diffusion_settings
+from ddpm_jax.config import unused_diffusion_settings, unused_shape_settings
 from ddpm_jax.parts import write_atomically
 
 # Config groups and fields whose change makes a checkpoint incompatible: parameter shapes, optimizer state
@@ -37,7 +37,7 @@ def _compatibility_view(config_dict: dict) -> dict:
             view[".".join(key)] = config_dict.get(key[0], {}).get(key[1])
         else:
             view.update({f"{key}.{field}": value for field, value in config_dict.get(key, {}).items()})
-    ignored = _COMPUTE_ONLY_KEYS + (("model.dropout",) if view.get("model.name") == "mlp" else ())  # MLP: none
+    ignored = _COMPUTE_ONLY_KEYS + unused_shape_settings(config_dict)
     ignored += tuple(f"diffusion.{key}" for key in unused_diffusion_settings(config_dict.get("diffusion", {})))
     return {key: value for key, value in view.items() if key not in ignored}
 

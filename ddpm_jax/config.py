@@ -44,6 +44,24 @@ def unused_diffusion_settings(diffusion: Mapping[str, Any]) -> dict[str, tuple[f
     return unused
 
 
+# The model fields each network reads in `build_model`: the other network's are ignored.
+NETWORK_FIELDS = {
+    "unet": ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout", "resamp_with_conv", "num_groups"),
+    "mlp": ("mlp_hidden", "mlp_layers"),
+}
+
+
+def unused_shape_settings(config_dict: Mapping[str, Any]) -> tuple[str, ...]:
+    """The "group.field" names of the network and data-shape settings a run does not read: the other network's
+    fields, and the image size and channels of a 2-D set."""
+    name = config_dict.get("model", {}).get("name")
+    unused = tuple(f"model.{field}" for other, fields in NETWORK_FIELDS.items() if other != name for field in fields)
+    spec = DATASETS.get(config_dict.get("data", {}).get("dataset"))
+    if spec is not None and spec.kind == "toy":
+        unused += ("data.image_size", "data.num_channels")
+    return unused
+
+
 def ignored_diffusion_settings(diffusion: Mapping[str, Any]) -> dict[str, tuple[float, str]]:
     """The `unused_diffusion_settings` that differ from their defaults: set, and silently without effect."""
     return {key: (default, user) for key, (default, user) in unused_diffusion_settings(diffusion).items()

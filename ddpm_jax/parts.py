@@ -27,6 +27,44 @@ def writable_folder(path: str) -> str:
     return path
 
 
+class FolderLock:
+    """An exclusive lock on ``folder/.lock`` (``fcntl.flock``), held until `release` or the end of the process, a
+    crash or ``kill -9`` included; the file stays and says who holds the lock."""
+
+    def __init__(self, folder: str):
+        self.path = os.path.join(folder, ".lock")
+        self.holder: str | None = None  # who held it when `acquire` failed
+        self._file = None
+
+    def acquire(self) -> bool:
+        """Take the lock if no other process (or other `FolderLock`) holds it; True where the file system has no
+        locks to take."""
+        import fcntl
+        import socket
+
+        lock = open(self.path, "a+")  # held open: closing it releases the lock
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            self.holder = lock.read().strip() or "a process that did not say"
+            lock.close()
+            return False
+        except OSError:  # e.g. ENOLCK on a network file system without locks
+            lock.close()
+            return True
+        lock.truncate(0)
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        lock.flush()
+        self._file = lock
+        return True
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
 def write_atomically(path: str, content: str | Callable[[BinaryIO], None]) -> None:
     """Write ``content`` (text, or a function writing to a binary file) to ``path`` through a temporary file beside
     it, synced to disk before the rename: a crash of the process or of the machine leaves the old file or the new

@@ -41,7 +41,7 @@ from ddpm_jax.interrupts import ChainWatch, StopVote, interrupts_deferred, progr
 from ddpm_jax.likelihood import RateDistortion, calc_bpd_loop, rate_distortion
 from ddpm_jax.models.conv import cpu_conv_compiler_options
 from ddpm_jax.models.layers import denoiser_fn
-from ddpm_jax.parts import Parts, fingerprint, savez_atomically, writable_folder, write_atomically
+from ddpm_jax.parts import FolderLock, Parts, fingerprint, savez_atomically, writable_folder, write_atomically
 from ddpm_jax.training import (
     NUM_LOSS_QUARTILES,
     TrainState,
@@ -193,7 +193,7 @@ class MetricsWriter:
         self.enabled = jax.process_index() == 0
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.tb = None
-        self._kept: list[dict] = []
+        self._lines: list[dict] = []
         if not self.enabled:
             return
         # Lines past the restored checkpoint belong to a run that died; the resumed run rewrites them.
@@ -201,16 +201,17 @@ class MetricsWriter:
             with open(self.path) as f:
                 kept = [line.rstrip("\n") + "\n" for line in f if _metrics_step(line) <= resume_step]
             write_atomically(self.path, "".join(kept))
-            self._kept = [json.loads(line) for line in kept]
+            self._lines = [json.loads(line) for line in kept]
         from tensorboardX import SummaryWriter
 
         # TensorBoard hides the events a run that died wrote past the checkpoint, as metrics.jsonl drops them.
         self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
 
     def logged(self, step: int, name: str, *, since: int | None = None) -> bool:
-        """Whether a line kept from before the resume has ``name`` at ``step`` (or at a step in [since, step])."""
+        """Whether a line kept from before the resume or written since has ``name`` at ``step`` (or at a step in
+        [since, step])."""
         first = step if since is None else since
-        return any(first <= line.get("step", -1) <= step and name in line for line in self._kept)
+        return any(first <= line.get("step", -1) <= step and name in line for line in self._lines)
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -219,6 +220,7 @@ class MetricsWriter:
         finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **finite}, allow_nan=False) + "\n")
+        self._lines.append({"step": step, **finite})
         for name, value in metrics.items():
             if isinstance(value, (int, float)) and math.isfinite(value):
                 self.tb.add_scalar(name, value, step)
@@ -279,11 +281,19 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> TrainS
         say(f"warning: {warning}")
     tr = config.training
     writable_folder(workdir)
-    checkpointer = Checkpointer(workdir, keep=tr.keep_checkpoints)
+    # A second run in the same folder would rewrite the first one's logs and checkpoints under it.
+    lock = FolderLock(workdir)
+    if not _on_process_0(lock.acquire):
+        raise ValueError(f"another training run is using {workdir} ({lock.holder or 'see process 0'}): run this "
+                         "again once it has stopped to resume from its checkpoint, or train in another --workdir")
     try:
-        return _train(config, workdir, checkpointer, progress)
+        checkpointer = Checkpointer(workdir, keep=tr.keep_checkpoints)
+        try:
+            return _train(config, workdir, checkpointer, progress)
+        finally:
+            checkpointer.close()  # on errors too: a pending save completes and Orbax's background threads end
     finally:
-        checkpointer.close()  # on errors too: a pending save completes and Orbax's background threads end
+        lock.release()
 
 
 def _train(config, workdir: str, checkpointer: Checkpointer, progress: bool) -> TrainState:
@@ -346,6 +356,7 @@ def _train(config, workdir: str, checkpointer: Checkpointer, progress: bool) -> 
     train_start = None  # the time budget starts after the first call, i.e. after compilation
     step = start_step
     bpd_fn = eval_dataset = None  # compiled and read at the first held-out evaluation, then reused
+    grid_step = None  # the step of the last grid this run drew or copied
 
     def missing(every: int, done_since: Callable[[int], bool]) -> bool:
         """Whether the output due every ``every`` steps was last due at a multiple m <= ``step`` and not done at
@@ -362,7 +373,7 @@ def _train(config, workdir: str, checkpointer: Checkpointer, progress: bool) -> 
         """The sample grid and held-out bits/dim due after the call of ``num`` steps that ended at ``step``;
         ``only_missing``: those that the run resumed at ``step`` left undone (see `missing`).
         Their time is left out of the next window's steps_per_sec."""
-        nonlocal bpd_fn, eval_dataset, window_start
+        nonlocal bpd_fn, eval_dataset, window_start, grid_step
         grid = os.path.join("samples", f"step_{step:08d}.png")
         if only_missing:
             draw_grid = missing(tr.sample_every, grid_drawn)
@@ -376,6 +387,8 @@ def _train(config, workdir: str, checkpointer: Checkpointer, progress: bool) -> 
             return
         jax.block_until_ready(state.step)  # the training steps enqueued so far count as training
         began = time.perf_counter()
+        if draw_grid:
+            grid_step = step
         if draw_grid and only_missing and final_drawn:  # a finished run trained on: its samples.png is this grid
             if jax.process_index() == 0:
                 os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
@@ -435,8 +448,9 @@ def _train(config, workdir: str, checkpointer: Checkpointer, progress: bool) -> 
             if interrupted:
                 raise KeyboardInterrupt(f"signal {vote.signal}" if vote.signal else "signal in another process")
             if out_of_time:
-                stop_logged()
-                save_now()
+                with interrupts_deferred():  # a signal now would log the same steps again, from the except below
+                    stop_logged()
+                    save_now()
                 say(f"stopped after training.max_seconds={tr.max_seconds:g} s at step {step}")
                 break
             num = min(k, tr.num_steps - step)
@@ -473,7 +487,12 @@ def _train(config, workdir: str, checkpointer: Checkpointer, progress: bool) -> 
         vote.disarm()
         bar.close()
     checkpointer.wait()
-    write_samples(step, "samples.png")
+    if grid_step == step:  # a training.max_seconds stop at a grid's step: the same chain and key drew that grid
+        if jax.process_index() == 0:
+            with open(os.path.join(workdir, "samples", f"step_{step:08d}.png"), "rb") as picture:
+                write_atomically(final_samples, partial(shutil.copyfileobj, picture))
+    else:
+        write_samples(step, "samples.png")
     writer.close()
     return state
 

@@ -259,6 +259,39 @@ def test_a_sample_grid_cut_short_after_its_checkpoint_is_drawn_by_the_resumed_ru
 
 
 
+def test_a_time_limit_reached_at_a_grid_step_does_not_draw_the_grid_again(tmp_path, monkeypatch):
+    """training.max_seconds stops the run after the call that drew step 10's grid: samples.png is that grid, with the
+    same chain and key, copied rather than drawn again and logged a second time."""
+    config = swissroll_config(training__num_steps=40, training__sample_every=10, training__steps_per_call=10,
+                             training__max_seconds=1e-9)
+    drawn, real = [], run.sample_metrics
+    monkeypatch.setattr(run, "sample_metrics", lambda *args, **kwargs: (drawn.append(1), real(*args, **kwargs))[1])
+    workdir = str(tmp_path / "run")
+    state = run.train_and_evaluate(config, workdir, progress=False)
+    assert int(state.step) == 10 and len(drawn) == 1
+    assert [line["step"] for line in read_metrics(workdir) if "sample_swd" in line] == [10]
+    with open(os.path.join(workdir, "samples.png"), "rb") as final, \
+            open(os.path.join(workdir, "samples", "step_00000010.png"), "rb") as grid:
+        assert final.read() == grid.read()
+
+
+def test_a_second_run_in_a_busy_workdir_is_refused_before_touching_it(tmp_path):
+    """Two runs in one workdir rewrote each other's metrics.jsonl and broke each other's Orbax saves."""
+    from ddpm_jax.parts import FolderLock
+
+    config = swissroll_config(training__num_steps=10)
+    workdir = str(tmp_path / "run")
+    os.makedirs(workdir)
+    first = FolderLock(workdir)  # what a running train.py holds
+    assert first.acquire()
+    with pytest.raises(ValueError, match=rf"another training run is using .*run \(pid {os.getpid()} on "):
+        run.train_and_evaluate(config, workdir, progress=False)
+    assert os.listdir(workdir) == [".lock"]
+    first.release()
+    assert int(run.train_and_evaluate(config, workdir, progress=False).step) == 10
+    assert FolderLock(workdir).acquire()  # released at the end of the run
+
+
 def test_generate_writes_png_npz_trajectory_and_metrics(swissroll_run, tmp_path):
     from ddpm_jax import metrics
 
@@ -818,6 +851,11 @@ def test_a_saved_mlp_run_with_the_dropout_it_ignored_loads_resumes_and_validates
     assert loaded.model.dropout == 0.0
     validate_config(loaded)
     run.restore_params(config, copy)  # the current config (no dropout) fits the checkpoint
+    # Nor does it read the U-Net's fields, nor a 2-D set the image shape (they were refused); its own fields count.
+    unread = {"model.ch": 64, "model.num_groups": 8, "data.image_size": 16, "data.num_channels": 3}
+    run.restore_params(apply_overrides(config.copy_and_resolve_references(), unread), copy)
+    with pytest.raises(ValueError, match=r"model.mlp_hidden: checkpoint 32 vs now 64"):
+        run.restore_params(apply_overrides(config.copy_and_resolve_references(), {"model.mlp_hidden": 64}), copy)
 
 
 def test_a_schedule_that_ends_far_from_the_prior_is_warned_about():
