@@ -100,7 +100,8 @@ class Checkpointer:
         current = json.loads(json.dumps(config_dict, default=str))
         old, new = _compatibility_view(saved), _compatibility_view(current)
         # Fields the saved config lacks were added to the library since; their defaults keep old runs' behaviour.
-        diff = [k for k in old if old[k] != new.get(k)]
+        # A field either run does not read is not compared (another network: its model.name differs).
+        diff = [k for k in old if k in new and old[k] != new[k]]
         if diff:
             details = "; ".join(f"{k}: checkpoint {old[k]} vs now {new.get(k)}" for k in diff)
             raise ValueError(

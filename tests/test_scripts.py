@@ -515,7 +515,7 @@ def test_eval_mode_uses_the_runs_own_config(killed_and_uninterrupted, tmp_path):
         cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     ) for flags in (["--config.eval.batch_size=8"], ["-config=configs/digits.py"]))
     for proc, message in ((own, "error: bits/dim is defined for 8-bit images"),
-                          (file_given, "were written with a different config (model.attn_resolutions")):
+                          (file_given, "written with a different config (model.name: checkpoint mlp vs now unet;")):
         _, stderr = proc.communicate(timeout=120)
         assert proc.returncode == 1 and "Traceback" not in stderr and message in stderr, stderr[-3000:]
 
