@@ -219,7 +219,7 @@ class MetricsWriter:
         # NaN and inf are not JSON (strict parsers such as jq refuse the line): they are written as null.
         finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
         with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **finite}, allow_nan=False) + "\n")
+            f.write(json.dumps({"step": step, **finite}) + "\n")
         self._lines.append({"step": step, **finite})
         for name, value in metrics.items():
             if isinstance(value, (int, float)) and math.isfinite(value):
