@@ -69,7 +69,7 @@ def _load():
             raise ValueError("--workdir and --pretrained each name a model to sample from: give one of them")
         config = get_config()
         model, schedule, params = run.load_pretrained(FLAGS.pretrained, config)
-        return config, model, schedule, params, f"pretrained_{os.path.basename(os.path.normpath(FLAGS.pretrained))}"
+        return config, model, schedule, params, run.pretrained_name(FLAGS.pretrained)
     from configs.base import get_base_config
 
     config = run.load_config(FLAGS.workdir, base=get_base_config())

@@ -5,7 +5,7 @@ the latest checkpoint there. `--mode=eval` computes the test-set bits/dim and ra
 checkpoint in --workdir, under the run's own config (its config.json) with any --config.* overrides on top (a
 --config=FILE replaces it); with `--pretrained=DIR` those of released weights (a diffusers UNet2DModel folder,
 e.g. google/ddpm-cifar10-32) under configs/cifar10.py or the --config given, written to --workdir (default
-runs/pretrained_<DIR's name>).
+runs/pretrained_<DIR's name>_<digest of its absolute path>).
 """
 
 import os
@@ -51,7 +51,7 @@ FLAGS = flags.FLAGS
 
 def default_workdir() -> str:
     if FLAGS.pretrained:
-        return os.path.join("runs", "pretrained_" + os.path.basename(os.path.normpath(FLAGS.pretrained)))
+        return os.path.join("runs", run.pretrained_name(FLAGS.pretrained))
     name = os.path.splitext(os.path.basename(FLAGS["config"].config_filename))[0]
     return os.path.join("runs", name)
 

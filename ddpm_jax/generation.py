@@ -303,8 +303,10 @@ def generate(config, model, schedule, params, *, out_dir: str, tag: str, traject
     sampler += f"_{s.spacing}" if s.spacing != "linear" and num_steps < schedule.num_timesteps else ""  # T: all steps
     sampler += f"_eta{s.eta:g}" if s.sampler == "ddim" and s.eta else ""
     tag = f"{sampler}_seed{seed}_{tag}"
+    # A chain compiled to record its trajectory rounds differently (1.9e-6 for an MLP): kept apart.
+    recorded = f"traj{trajectory_every}_" if trajectory else ""
     parts = Parts(os.path.join(out_dir, f"samples_{tag}.parts"),
-                  f"{_chain_fingerprint(config, params, seed)}_chain{chain_size}_")
+                  f"{_chain_fingerprint(config, params, seed)}_chain{chain_size}_{recorded}")
     todo = [c for c in range(num_chains) if not parts.done(c) or (trajectory and c == 0)]
 
     watch = ChainWatch()

@@ -8,6 +8,7 @@ on top of the pure pieces in `training` and `likelihood`; drawing samples into f
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -642,6 +643,13 @@ def _without_ignored_settings(config):
     if config.data.get("num_train") and spec is not None and spec.kind == "image":
         config.data.num_train = 0
     return config
+
+
+def pretrained_name(path: str) -> str:
+    """"pretrained_<folder name>_<digest of its absolute path>", which names the files of released weights: two
+    folders of one name (a/unet, b/unet) wrote each other's samples and evaluation."""
+    real = os.path.realpath(path)
+    return f"pretrained_{os.path.basename(real)}_{hashlib.sha256(real.encode()).hexdigest()[:8]}"
 
 
 def load_pretrained(path: str, config, *, evaluate: bool = False):

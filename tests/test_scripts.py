@@ -313,6 +313,31 @@ def test_ctrl_c_on_a_chain_that_runs_to_its_end_keeps_it(killed_and_uninterrupte
     assert calls == []
 
 
+def test_a_trajectory_call_does_not_take_the_chains_a_plain_call_kept(killed_and_uninterrupted, monkeypatch, tmp_path):
+    """A chain compiled to record its trajectory rounds differently (1.9e-6 apart for a small swiss-roll MLP): a
+    --trajectory call after an interrupted plain one draws every chain, not a mix of the two kinds under one name."""
+    _, workdir, _ = killed_and_uninterrupted
+    config = run.load_config(workdir, base=swissroll.get_config())
+    config.sampling.num_samples, config.sampling.batch_size = 48, 16
+    model, schedule, params, _ = run.restore_params(config, workdir)
+    out_dir = str(tmp_path / "samples")
+    interrupt_chains_at_step(monkeypatch, 2 * schedule.num_timesteps + 5)  # chains 0 and 1 kept
+    with pytest.raises(KeyboardInterrupt):
+        generation.generate(config, model, schedule, params, out_dir=out_dir, tag="t")
+    interrupt_chains_at_step(monkeypatch, None)
+    traced = generation.generate(config, model, schedule, params, out_dir=out_dir, tag="t", trajectory=True)
+    assert (traced["chains_drawn"], traced["num_chains"]) == (3, 3)  # chain 1 was taken from the plain call
+
+
+def test_released_weights_in_two_folders_of_one_name_get_their_own_files(tmp_path, monkeypatch):
+    # A pipeline keeps its network in unet/: two of them wrote the same samples_*_pretrained_unet files.
+    first, second = tmp_path / "a" / "unet", tmp_path / "b" / "unet"
+    names = {run.pretrained_name(str(folder)) for folder in (first, second)}
+    assert len(names) == 2 and all(name.startswith("pretrained_unet_") for name in names)
+    monkeypatch.chdir(tmp_path)
+    assert run.pretrained_name("a/unet/") == run.pretrained_name(str(first))  # one folder, however spelled
+
+
 def test_sample_py_goes_on_from_the_chains_it_kept(killed_and_uninterrupted, monkeypatch, tmp_path, capsys):
     """50 samples in chains of 16 (the last one 2 of 16), interrupted in the third: a rerun draws only the
     third and the fourth, and the samples equal those of an uninterrupted call."""
