@@ -140,8 +140,8 @@ def draw_interpolations(config, model, schedule, params, *, out_dir: str, tag: s
     if not 0 <= t < schedule.num_timesteps or num_pairs < 1 or num_lambdas < 2:
         raise ValueError(f"interpolation needs 0 <= t < T = {schedule.num_timesteps}, at least one pair and two "
                          f"lambdas; got t={t}, {num_pairs} pairs, {num_lambdas} lambdas")
-    writable_folder(out_dir)  # now, not after the chain
     images = _test_images(config, 2 * num_pairs, "interpolation")
+    writable_folder(out_dir)  # now, not after the chain; after the test images, which may be too few
     x0_a, x0_b, lambdas = images[0::2], images[1::2], np.linspace(0.0, 1.0, num_lambdas)
     d = config.diffusion
 
@@ -178,8 +178,8 @@ def draw_latent_samples(config, model, schedule, params, *, out_dir: str, tag: s
                          f"draw; got t={ts}, {num_images} images, {num_draws} draws")
     if len(set(ts)) < len(ts):  # a step's draws come from fold_in(key, t): a repeated step repeats its rows
         raise ValueError(f"samples from latents need different steps, got t={ts}")
-    writable_folder(out_dir)  # now, not after the chains
     x0 = _test_images(config, num_images, "latent-sample")
+    writable_folder(out_dir)  # now, not after the chains; after the test images, which may be too few
     d = config.diffusion
 
     def draw(params, key, progress_fn):

@@ -445,6 +445,10 @@ def test_interpolation_pictures_decode_pairs_of_test_images(tmp_path):
     open(a_file, "w").close()
     with pytest.raises(ValueError, match="cannot create the folder"):  # before the chain (it was after)
         generation.draw_interpolations(config, None, schedule, None, out_dir=a_file, tag="x")
+    with pytest.raises(ValueError, match="interpolation pictures need 4000 test images"):  # no empty folder left
+        generation.draw_interpolations(config, None, schedule, None, out_dir=str(tmp_path / "new"), num_pairs=2000,
+                                       tag="x")
+    assert not os.path.exists(tmp_path / "new")
 
 
 def test_latent_sample_pictures_draw_from_frozen_latents_of_test_images(tmp_path):
@@ -484,6 +488,10 @@ def test_latent_sample_pictures_draw_from_frozen_latents_of_test_images(tmp_path
     open(a_file, "w").close()
     with pytest.raises(ValueError, match="cannot create the folder"):  # before the chains (they ran first)
         generation.draw_latent_samples(config, None, schedule, None, out_dir=a_file, tag="x")
+    with pytest.raises(ValueError, match="latent-sample pictures need 4000 test images"):  # no empty folder left
+        generation.draw_latent_samples(config, None, schedule, None, out_dir=str(tmp_path / "new"), num_images=4000,
+                                       tag="x")
+    assert not os.path.exists(tmp_path / "new")
 
 
 def test_ctrl_c_stops_bits_per_dim_within_its_batch(monkeypatch):
