@@ -190,7 +190,7 @@ def main(argv):
             print(f"  {key}: {result[key]}")
     if "metrics" in result:
         if result["metrics"]:
-            print(json.dumps(result["metrics"], indent=2))
+            print(json.dumps(run.strict_json(result["metrics"]), indent=2))
         else:
             print(f"--metrics: no built-in metric for {config.data.dataset} at {config.data.image_size}x"
                   f"{config.data.image_size} (2-D sets and digits at multiples of 8 have one); --fid_stats=train "

@@ -179,6 +179,18 @@ def valid_rows_of_all_processes(rows: dict[str, np.ndarray], mask: np.ndarray) -
     return {k: np.asarray(v)[np.asarray(mask)] for k, v in rows.items()}
 
 
+def strict_json(value):
+    """``value`` with NaN and inf floats, at any depth, as None: they are not JSON, and strict readers (jq, most
+    languages' parsers) refuse the bare tokens that `json.dumps` writes for them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
 def _metrics_step(line: str) -> float:
     """The step of a metrics.jsonl line; infinite for a line a killed run left half-written (it is dropped)."""
     try:
@@ -217,11 +229,10 @@ class MetricsWriter:
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
-        # NaN and inf are not JSON (strict parsers such as jq refuse the line): they are written as null.
-        finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
+        line = strict_json({"step": step, **metrics})
         with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **finite}) + "\n")
-        self._lines.append({"step": step, **finite})
+            f.write(json.dumps(line, allow_nan=False) + "\n")
+        self._lines.append(line)
         for name, value in metrics.items():
             if isinstance(value, (int, float)) and math.isfinite(value):
                 self.tb.add_scalar(name, value, step)
@@ -575,7 +586,7 @@ def evaluate_model(config, model, schedule, params, *, out_dir: str, num_example
         title = ("" if step is None else f"step {step}: ") + (
             f"rate and distortion on {result['bpd_examples']} {config.eval.split} images")
         viz.save_png(files["png"], viz.rate_distortion_plot(*curve, title=title))
-        write_atomically(files["json"], json.dumps(result, indent=2))
+        write_atomically(files["json"], json.dumps(strict_json(result), indent=2, allow_nan=False))
     if parts is not None:
         parts.remove()
     return {**result, "files": files}

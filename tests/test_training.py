@@ -505,6 +505,9 @@ def test_training_stops_when_every_update_is_skipped(monkeypatch, tmp_path):
     with open(tmp_path / "all_bad" / "metrics.jsonl") as f:
         lines = [json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in metrics.jsonl")) for line in f]
     assert [(line["step"], line["loss"], line["skipped"]) for line in lines] == [(10, None, 10)]
+    # At any depth, as in eval.json's rate-distortion rows.
+    assert run.strict_json({"a": [1.0, float("nan")], "b": {"c": float("-inf"), "d": 2}, "e": "x"}) == {
+        "a": [1.0, None], "b": {"c": None, "d": 2}, "e": "x"}
     # Closed on the way out too, so that an asynchronous save in flight completes.
     assert closed == [str(tmp_path / "all_bad" / "checkpoints")]
 
