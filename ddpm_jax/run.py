@@ -370,6 +370,13 @@ def _train(config, workdir: str, checkpointer: Checkpointer, progress: bool) -> 
     bpd_fn = eval_dataset = None  # compiled and read at the first held-out evaluation, then reused
     grid_step = None  # the step of the last grid this run drew or copied
 
+    def grid_name(at: int) -> str:
+        return os.path.join("samples", f"step_{at:08d}.png")
+
+    def copy_picture(source: str, path: str) -> None:
+        with open(source, "rb") as picture:
+            write_atomically(path, partial(shutil.copyfileobj, picture))
+
     def missing(every: int, done_since: Callable[[int], bool]) -> bool:
         """Whether the output due every ``every`` steps was last due at a multiple m <= ``step`` and not done at
         any step in [m, step]: a resumed run's checkpoint may lie past m (a stop off the grid, or calls of
@@ -386,7 +393,7 @@ def _train(config, workdir: str, checkpointer: Checkpointer, progress: bool) -> 
         ``only_missing``: those that the run resumed at ``step`` left undone (see `missing`).
         Their time is left out of the next window's steps_per_sec."""
         nonlocal bpd_fn, eval_dataset, window_start, grid_step
-        grid = os.path.join("samples", f"step_{step:08d}.png")
+        grid = grid_name(step)
         if only_missing:
             draw_grid = missing(tr.sample_every, grid_drawn)
             evaluate = missing(config.eval.bpd_every, lambda since: writer.logged(step, "bpd", since=since))
@@ -404,8 +411,7 @@ def _train(config, workdir: str, checkpointer: Checkpointer, progress: bool) -> 
         if draw_grid and only_missing and final_drawn:  # a finished run trained on: its samples.png is this grid
             if jax.process_index() == 0:
                 os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-                with open(final_samples, "rb") as picture:
-                    write_atomically(os.path.join(workdir, grid), partial(shutil.copyfileobj, picture))
+                copy_picture(final_samples, os.path.join(workdir, grid))
         elif draw_grid:
             write_samples(step, grid)
         if evaluate:
@@ -501,8 +507,7 @@ def _train(config, workdir: str, checkpointer: Checkpointer, progress: bool) -> 
     checkpointer.wait()
     if grid_step == step:  # a training.max_seconds stop at a grid's step: the same chain and key drew that grid
         if jax.process_index() == 0:
-            with open(os.path.join(workdir, "samples", f"step_{step:08d}.png"), "rb") as picture:
-                write_atomically(final_samples, partial(shutil.copyfileobj, picture))
+            copy_picture(os.path.join(workdir, grid_name(step)), final_samples)
     else:
         write_samples(step, "samples.png")
     writer.close()
