@@ -307,80 +307,82 @@ def generate(config, model, schedule, params, *, out_dir: str, tag: str, traject
     recorded = f"traj{trajectory_every}_" if trajectory else ""
     parts = Parts(os.path.join(out_dir, f"samples_{tag}.parts"),
                   f"{_chain_fingerprint(config, params, seed)}_chain{chain_size}_{recorded}")
-    todo = [c for c in range(num_chains) if not parts.done(c) or (trajectory and c == 0)]
+    with parts.claimed("these samples"):  # the same call run twice at once
+        todo = [c for c in range(num_chains) if not parts.done(c) or (trajectory and c == 0)]
 
-    watch = ChainWatch()
-    sample_fn = make_sample_fn(
-        config, model, schedule, num_samples=chain_size, mesh=mesh, trajectory_every=trajectory_every,
-        progress_fn=watch,
-    )
-    params = jax.device_put(params, replicated(mesh))
-    key = jax.random.PRNGKey(seed)
-    seconds, traj = 0.0, None
-    try:
-        with progress_bar(total=len(todo) * num_steps, desc=f"{s.sampler} sampling", unit="step",
-                           leave=False, disable=not progress) as bar:
-            for c in todo:
-                # Kept inside: a Ctrl-C that did not stop the chain (on several devices) arrives after the save.
-                with watch.watching(on_step=lambda t: bar.update(1), stop=mesh.size == 1):
-                    start = time.perf_counter()
-                    out = jax.device_get(sample_fn(params, jax.random.fold_in(key, c)))
-                    seconds += time.perf_counter() - start
-                    if trajectory:
-                        out, traj = out[0], (out[1] if c == 0 else traj)
-                    parts.save(c, samples=np.asarray(out))
-    except KeyboardInterrupt:
-        kept = sum(parts.done(c) for c in range(num_chains))
-        if kept:
-            print(f"interrupted: {kept} of {num_chains} chains of {chain_size} samples kept in {parts.directory}; "
-                  "the same command goes on from them", file=sys.stderr)
-        else:
-            print("interrupted: no samples written", file=sys.stderr)
-        raise
-    samples = np.concatenate([parts.load(c)["samples"] for c in range(num_chains)])[: s.num_samples]
+        watch = ChainWatch()
+        sample_fn = make_sample_fn(
+            config, model, schedule, num_samples=chain_size, mesh=mesh, trajectory_every=trajectory_every,
+            progress_fn=watch,
+        )
+        params = jax.device_put(params, replicated(mesh))
+        key = jax.random.PRNGKey(seed)
+        seconds, traj = 0.0, None
+        try:
+            with progress_bar(total=len(todo) * num_steps, desc=f"{s.sampler} sampling", unit="step",
+                               leave=False, disable=not progress) as bar:
+                for c in todo:
+                    # Kept inside: a Ctrl-C that did not stop the chain (on several devices) arrives after the save.
+                    with watch.watching(on_step=lambda t: bar.update(1), stop=mesh.size == 1):
+                        start = time.perf_counter()
+                        out = jax.device_get(sample_fn(params, jax.random.fold_in(key, c)))
+                        seconds += time.perf_counter() - start
+                        if trajectory:
+                            out, traj = out[0], (out[1] if c == 0 else traj)
+                        parts.save(c, samples=np.asarray(out))
+        except KeyboardInterrupt:
+            kept = sum(parts.done(c) for c in range(num_chains))
+            if kept:
+                print(f"interrupted: {kept} of {num_chains} chains of {chain_size} samples kept in {parts.directory}; "
+                      "the same command goes on from them", file=sys.stderr)
+            else:
+                print("interrupted: no samples written", file=sys.stderr)
+            raise
+        samples = np.concatenate([parts.load(c)["samples"] for c in range(num_chains)])[: s.num_samples]
 
-    result = {"seconds": seconds, "chains_drawn": len(todo), "num_chains": num_chains,
-              "png": os.path.join(out_dir, f"samples_{tag}.png"), "npz": os.path.join(out_dir, f"samples_{tag}.npz")}
-    reference = None
-    if not is_image_data(config):
-        reference = make_dataset(config.data, "test", batch_size=1, seed=0).examples[: len(samples)]
-    save_samples(config, samples, result["png"], reference)
-    arrays = {"samples": samples}
-    if is_image_data(config):
-        arrays["uint8"] = viz.to_uint8(samples)
-    savez_atomically(result["npz"], **arrays)
-    if traj is not None:
-        result["trajectory_png"] = os.path.join(out_dir, f"chain_{tag}.png")
+        result = {"seconds": seconds, "chains_drawn": len(todo), "num_chains": num_chains,
+                  "png": os.path.join(out_dir, f"samples_{tag}.png"),
+                  "npz": os.path.join(out_dir, f"samples_{tag}.npz")}
+        reference = None
+        if not is_image_data(config):
+            reference = make_dataset(config.data, "test", batch_size=1, seed=0).examples[: len(samples)]
+        save_samples(config, samples, result["png"], reference)
+        arrays = {"samples": samples}
         if is_image_data(config):
-            style = {**_grid_style(config), "x_label": "x_after"}  # each record: the state after step t
-            strip = viz.chain_strip(traj.x, traj.pred_x0, traj.timesteps, **style)
-            viz.save_png(result["trajectory_png"], strip)
-            result["trajectory_gif"] = os.path.join(out_dir, f"chain_{tag}.gif")
-            viz.save_chain_gif(result["trajectory_gif"], traj.x, traj.pred_x0, traj.timesteps, **style)
-        else:
-            viz.save_png(result["trajectory_png"], viz.scatter_trajectory_strip(traj.x, traj.timesteps))
-    try:  # the chains stay on disk until the PNGs and metrics are done: a rerun after a Ctrl-C here draws none
-        if png_dir is not None:
-            os.makedirs(png_dir, exist_ok=True)
-            for name in os.listdir(png_dir):  # a larger earlier run's files would join these samples
-                if re.fullmatch(r"\d{6}\.png", name) and int(name[:6]) >= len(samples):
-                    os.remove(os.path.join(png_dir, name))
-            for index, image in enumerate(tqdm(arrays["uint8"], desc="PNGs", unit="image", leave=False,
-                                               disable=not progress)):
-                viz.save_png(os.path.join(png_dir, f"{index:06d}.png"), image)
-            result["png_dir"] = png_dir
-        if with_metrics or fid_reference is not None:
-            result["metrics"] = sample_metrics(config, samples, seed=seed) if with_metrics else {}
-        if fid_reference is not None:
-            from ddpm_jax.metrics import inception_metrics
+            arrays["uint8"] = viz.to_uint8(samples)
+        savez_atomically(result["npz"], **arrays)
+        if traj is not None:
+            result["trajectory_png"] = os.path.join(out_dir, f"chain_{tag}.png")
+            if is_image_data(config):
+                style = {**_grid_style(config), "x_label": "x_after"}  # each record: the state after step t
+                strip = viz.chain_strip(traj.x, traj.pred_x0, traj.timesteps, **style)
+                viz.save_png(result["trajectory_png"], strip)
+                result["trajectory_gif"] = os.path.join(out_dir, f"chain_{tag}.gif")
+                viz.save_chain_gif(result["trajectory_gif"], traj.x, traj.pred_x0, traj.timesteps, **style)
+            else:
+                viz.save_png(result["trajectory_png"], viz.scatter_trajectory_strip(traj.x, traj.timesteps))
+        try:  # the chains stay on disk until the PNGs and metrics are done: a rerun after a Ctrl-C here draws none
+            if png_dir is not None:
+                os.makedirs(png_dir, exist_ok=True)
+                for name in os.listdir(png_dir):  # a larger earlier run's files would join these samples
+                    if re.fullmatch(r"\d{6}\.png", name) and int(name[:6]) >= len(samples):
+                        os.remove(os.path.join(png_dir, name))
+                for index, image in enumerate(tqdm(arrays["uint8"], desc="PNGs", unit="image", leave=False,
+                                                   disable=not progress)):
+                    viz.save_png(os.path.join(png_dir, f"{index:06d}.png"), image)
+                result["png_dir"] = png_dir
+            if with_metrics or fid_reference is not None:
+                result["metrics"] = sample_metrics(config, samples, seed=seed) if with_metrics else {}
+            if fid_reference is not None:
+                from ddpm_jax.metrics import inception_metrics
 
-            stats, variables = fid_reference
-            with progress_bar(total=len(samples), desc="Inception", unit="image", leave=False,
-                               disable=not progress) as bar:
-                result["metrics"].update(inception_metrics(samples, stats, variables, on_batch=bar.update))
-    except KeyboardInterrupt:
-        print(f"interrupted after sampling: the samples are in {result['npz']}, and the same command goes on from "
-              f"the chains kept in {parts.directory}", file=sys.stderr)
-        raise
-    parts.remove(range(num_chains))
-    return result
+                stats, variables = fid_reference
+                with progress_bar(total=len(samples), desc="Inception", unit="image", leave=False,
+                                   disable=not progress) as bar:
+                    result["metrics"].update(inception_metrics(samples, stats, variables, on_batch=bar.update))
+        except KeyboardInterrupt:
+            print(f"interrupted after sampling: the samples are in {result['npz']}, and the same command goes on from "
+                  f"the chains kept in {parts.directory}", file=sys.stderr)
+            raise
+        parts.remove(range(num_chains))
+        return result

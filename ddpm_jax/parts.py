@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import zipfile
 from collections.abc import Callable, Iterable
 from typing import BinaryIO
@@ -28,31 +29,39 @@ def writable_folder(path: str) -> str:
 
 
 class FolderLock:
-    """An exclusive lock on ``folder/.lock`` (``fcntl.flock``), held until `release` or the end of the process, a
-    crash or ``kill -9`` included; the file stays and says who holds the lock."""
+    """An exclusive lock on ``folder/name`` (``fcntl.flock``), held until `release` or the end of the process, a
+    crash or ``kill -9`` included; the file stays and says who holds the lock, unless its holder deletes it."""
 
-    def __init__(self, folder: str):
-        self.path = os.path.join(folder, ".lock")
+    def __init__(self, folder: str, name: str = ".lock"):
+        self.path = os.path.join(folder, name)
         self.holder: str | None = None  # who held it when `acquire` failed
         self._file = None
 
     def acquire(self) -> bool:
         """Take the lock if no other process (or other `FolderLock`) holds it; True where the file system has no
-        locks to take."""
+        locks to take. The folder is created if missing."""
         import fcntl
         import socket
 
-        lock = open(self.path, "a+")  # held open: closing it releases the lock
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            self.holder = lock.read().strip() or "a process that did not say"
+        while True:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            lock = open(self.path, "a+")  # held open: closing it releases the lock
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.seek(0)
+                self.holder = lock.read().strip() or "a process that did not say"
+                lock.close()
+                return False
+            except OSError:  # e.g. ENOLCK on a network file system without locks
+                lock.close()
+                return True
+            try:  # the holder before us may have deleted the file after we opened it: that lock guards nothing
+                if os.stat(self.path).st_ino == os.fstat(lock.fileno()).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
             lock.close()
-            return False
-        except OSError:  # e.g. ENOLCK on a network file system without locks
-            lock.close()
-            return True
         lock.truncate(0)
         lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         lock.flush()
@@ -141,8 +150,8 @@ class Parts:
         """The file names of the pieces with this prefix on disk, and of any left half-written."""
         if not os.path.isdir(self.directory):
             return []
-        return [name for name in os.listdir(self.directory)
-                if name.startswith(self.prefix) and name.endswith((".npz", ".npz.tmp"))]
+        piece = re.compile(re.escape(self.prefix) + r"\d{5,}\.npz(\.tmp)?")  # not those of a longer prefix
+        return [name for name in os.listdir(self.directory) if piece.fullmatch(name)]
 
     def count(self) -> int:
         """The number of pieces with this prefix on disk."""
@@ -151,6 +160,25 @@ class Parts:
     def load(self, index: int) -> dict[str, np.ndarray]:
         with np.load(self.path(index)) as arrays:
             return dict(arrays)
+
+    @contextlib.contextmanager
+    def claimed(self, what: str):
+        """Hold this job's lock while computing it. A second process on the same job (the same command run twice)
+        is refused with ValueError: it would draw every piece again, and the first one's `remove` would take the
+        pieces it was about to read. Other jobs in the directory run beside it."""
+        lock = FolderLock(self.directory, f"{self.prefix}lock")
+        if not lock.acquire():
+            raise ValueError(f"another process ({lock.holder}) is computing {what} in {self.directory}: wait for "
+                             "it to finish, or write into another folder")
+        try:
+            yield
+        finally:
+            if not self._names():  # none kept for a rerun: no lock file or empty folder stays behind
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(lock.path)
+                with contextlib.suppress(OSError):
+                    os.rmdir(self.directory)
+            lock.release()
 
     def remove(self, indices: Iterable[int] | None = None) -> None:
         """Delete this job's pieces (``indices``; default: all with this prefix), and the directory once empty:

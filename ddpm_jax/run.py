@@ -8,6 +8,7 @@ on top of the pure pieces in `training` and `likelihood`; drawing samples into f
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -564,36 +565,38 @@ def evaluate_model(config, model, schedule, params, *, out_dir: str, num_example
     if jax.process_count() == 1:  # several processes would have to agree on which batches to skip
         digest = _eval_fingerprint(config, params, num_examples)
         parts = Parts(os.path.join(out_dir, f"eval{suffix}.parts"), f"{digest}_")
-    try:
-        result = evaluate_bpd(
-            config, params, model, schedule, num_examples=num_examples, per_step=True, parts=parts,
-            key=jax.random.PRNGKey(config.seed + 2), mesh=mesh_dividing(config.eval.batch_size), progress=progress,
-        )
-    except KeyboardInterrupt:
-        kept = parts.count() if parts else 0
-        print(f"interrupted: {kept} finished batches kept in {parts.directory}; the same command goes on from them"
-              if kept else "interrupted: no bits/dim written", file=sys.stderr)
-        raise
-    result["split"] = config.eval.split
-    if step is not None:
-        result["step"] = step
-    curve = result.pop("rate_distortion")
-    every = max(1, len(curve.reverse_steps) // 10)
-    result["rate_distortion"] = [
-        {"reverse_step": int(curve.reverse_steps[i]), "rate_bpd": float(curve.rate_bpd[i]),
-         "distortion_rmse": float(curve.distortion_rmse[i])}
-        for i in range(len(curve.reverse_steps) - 1, -1, -every)
-    ]
-    files = {name: os.path.join(out_dir, f"{stem}{suffix}.{name}")
-             for stem, name in (("eval", "json"), ("rate_distortion", "npz"), ("rate_distortion", "png"))}
-    if jax.process_index() == 0:
-        savez_atomically(files["npz"], **curve._asdict())
-        title = ("" if step is None else f"step {step}: ") + (
-            f"rate and distortion on {result['bpd_examples']} {config.eval.split} images")
-        viz.save_png(files["png"], viz.rate_distortion_plot(*curve, title=title))
-        write_atomically(files["json"], json.dumps(strict_json(result), indent=2, allow_nan=False))
-    if parts is not None:
-        parts.remove()
+    with parts.claimed("this evaluation") if parts else contextlib.nullcontext():  # the call run twice at once
+        try:
+            result = evaluate_bpd(
+                config, params, model, schedule, num_examples=num_examples, per_step=True, parts=parts,
+                key=jax.random.PRNGKey(config.seed + 2), mesh=mesh_dividing(config.eval.batch_size),
+                progress=progress,
+            )
+        except KeyboardInterrupt:
+            kept = parts.count() if parts else 0
+            print(f"interrupted: {kept} finished batches kept in {parts.directory}; the same command goes on from "
+                  "them" if kept else "interrupted: no bits/dim written", file=sys.stderr)
+            raise
+        result["split"] = config.eval.split
+        if step is not None:
+            result["step"] = step
+        curve = result.pop("rate_distortion")
+        every = max(1, len(curve.reverse_steps) // 10)
+        result["rate_distortion"] = [
+            {"reverse_step": int(curve.reverse_steps[i]), "rate_bpd": float(curve.rate_bpd[i]),
+             "distortion_rmse": float(curve.distortion_rmse[i])}
+            for i in range(len(curve.reverse_steps) - 1, -1, -every)
+        ]
+        files = {name: os.path.join(out_dir, f"{stem}{suffix}.{name}")
+                 for stem, name in (("eval", "json"), ("rate_distortion", "npz"), ("rate_distortion", "png"))}
+        if jax.process_index() == 0:
+            savez_atomically(files["npz"], **curve._asdict())
+            title = ("" if step is None else f"step {step}: ") + (
+                f"rate and distortion on {result['bpd_examples']} {config.eval.split} images")
+            viz.save_png(files["png"], viz.rate_distortion_plot(*curve, title=title))
+            write_atomically(files["json"], json.dumps(strict_json(result), indent=2, allow_nan=False))
+        if parts is not None:
+            parts.remove()
     return {**result, "files": files}
 
 

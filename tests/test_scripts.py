@@ -24,6 +24,7 @@ from ddpm_jax.data import load_split, uint8_to_float
 from ddpm_jax.interrupts import ChainWatch, interrupts_deferred
 from ddpm_jax.metrics import digits_class_agreement
 from ddpm_jax.models import denoiser_fn
+from ddpm_jax.parts import Parts
 from ddpm_jax.training import make_mesh
 from tests.multihost_worker import REPO, TINY_SWISSROLL, apply_overrides, subprocess_env, tiny_unet, tiny_unet_bpd
 
@@ -353,6 +354,15 @@ def test_sample_py_goes_on_from_the_chains_it_kept(killed_and_uninterrupted, mon
     assert 2 * num_steps + 5 <= len(calls) < 3 * num_steps
     assert "interrupted: 2 of 4 chains of 16 samples kept in" in capsys.readouterr().err
 
+    # The same call while another process draws these samples is refused before it draws any.
+    (parts_dir,) = [os.path.join(out_dir, name) for name in os.listdir(out_dir)]
+    prefix = next(name for name in os.listdir(parts_dir) if name.endswith("00000.npz"))[: -len("00000.npz")]
+    calls = interrupt_chains_at_step(monkeypatch, None)
+    with Parts(parts_dir, prefix).claimed("the first call's samples"):
+        with pytest.raises(ValueError, match=rf"another process \(pid {os.getpid()} on .*\) is computing these "):
+            generation.generate(config, model, schedule, params, out_dir=out_dir, tag="t")
+    assert calls == [] and len(os.listdir(parts_dir)) == 3  # the two chains and the lock file
+
     # Another model's samples in the same folder draw their own chains and leave this job's kept ones alone.
     calls = interrupt_chains_at_step(monkeypatch, None)
     other_params = jax.tree.map(lambda a: a * 1.01, params)
@@ -512,14 +522,19 @@ def test_interrupted_evaluation_goes_on_from_the_batches_it_kept(monkeypatch, tm
     with pytest.raises(KeyboardInterrupt):
         evaluate(out_dir=out_dir, num_examples=20)
     assert "interrupted: 2 finished batches kept in" in capsys.readouterr().err
-    assert len(os.listdir(os.path.join(out_dir, "eval.parts"))) == 2 and not os.path.exists(f"{out_dir}/eval.json")
+    parts = Parts(os.path.join(out_dir, "eval.parts"), f"{run._eval_fingerprint(config, params, 20)}_")
+    assert parts.count() == 2 and not os.path.exists(f"{out_dir}/eval.json")
     calls = interrupt_chains_at_step(monkeypatch, None)
+    with parts.claimed("the first call's evaluation"):  # the same call in another process, still running
+        with pytest.raises(ValueError, match=r"another process \(pid .*\) is computing this evaluation in"):
+            evaluate(out_dir=out_dir, num_examples=20)
+    assert calls == [] and parts.count() == 2
     resumed = evaluate(out_dir=out_dir, num_examples=20)
     assert calls == list(range(9, -1, -1))  # the third batch's chain only
     assert {**resumed, "files": None} == {**uninterrupted, "files": None}
     assert sorted(os.listdir(out_dir)) == ["eval.json", "rate_distortion.npz", "rate_distortion.png"]
     # Batches kept for other examples, parameters or settings are not reused: their digests differ.
-    digest = run._eval_fingerprint(config, params, 20)
+    digest = parts.prefix[:-1]
     other_params = jax.tree.map(lambda a: a + 1e-3, params)
     fixedsmall = config.copy_and_resolve_references()
     fixedsmall.diffusion.var_type = "fixedsmall"

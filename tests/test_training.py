@@ -720,6 +720,30 @@ def test_kept_pieces_that_are_damaged_are_redone_and_none_are_left_behind(tmp_pa
     assert not os.path.exists(parts.directory)
 
 
+def test_a_job_is_computed_by_one_process_at_a_time_and_leaves_no_lock_behind(tmp_path):
+    """The same sample.py or --mode=eval command run twice at once would draw every piece twice, and the first one
+    to finish would delete the pieces the other reads at its end."""
+    job, other = Parts(str(tmp_path / "job.parts"), "abc_"), Parts(str(tmp_path / "job.parts"), "abc_traj5_")
+    with job.claimed("these samples"):
+        with pytest.raises(ValueError, match=rf"another process \(pid {os.getpid()} on .*\) is computing these "
+                                             "samples in .*job.parts: wait for it"):
+            with Parts(job.directory, job.prefix).claimed("these samples"):
+                pass
+        with other.claimed("other samples"):  # another job in the same folder runs beside it
+            other.save(0, samples=np.zeros(2))
+        assert other.count() == 1 and job.count() == 0  # the longer prefix's pieces are not this job's
+        job.save(0, samples=np.ones(2))
+    assert sorted(os.listdir(job.directory)) == ["abc_00000.npz", "abc_lock", "abc_traj5_00000.npz", "abc_traj5_lock"]
+    with job.claimed("these samples"):  # released at the end, also with pieces kept for a rerun
+        job.remove()
+    with other.claimed("other samples"):
+        other.remove()
+    assert not os.path.exists(job.directory)  # no lock file keeps the folder
+    with job.claimed("these samples"):  # one that computed nothing leaves nothing either
+        pass
+    assert not os.path.exists(job.directory)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Config validation (the train.py paths are in test_scripts.py)
 # ----------------------------------------------------------------------------------------------------------
