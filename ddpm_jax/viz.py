@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ddpm_jax.data.images import to_uint8
+from ddpm_jax.data.images import to_uint8, uint8_to_float
 from ddpm_jax.diffusion import q_sample
 from ddpm_jax.parts import write_atomically
 from ddpm_jax.schedules import Schedule
@@ -41,8 +41,9 @@ def image_grid(images, ncols: int | None = None, padding: int = 1, pad_value: in
     if images.ndim != 4 or images.shape[-1] not in (1, 3) or not len(images):
         raise ValueError(f"image_grid needs at least one image [N, H, W, C] with C = 1 or 3, got shape "
                          f"{images.shape}")
-    if scale < 1 or padding < 0:
-        raise ValueError(f"scale must be >= 1 and padding >= 0, got scale={scale}, padding={padding}")
+    if scale < 1 or padding < 0 or (ncols is not None and ncols < 1):
+        raise ValueError(f"scale and ncols must be >= 1 and padding >= 0, got scale={scale}, ncols={ncols}, "
+                         f"padding={padding}")
     num, height, width, channels = images.shape
     ncols = min(num, ncols or math.ceil(math.sqrt(num)))
     nrows = math.ceil(num / ncols)
@@ -90,6 +91,20 @@ def _column_centres(num_cols: int, tile_width: int, padding: int) -> list[float]
     return [padding + j * (tile_width + padding) + tile_width / 2 for j in range(num_cols)]
 
 
+def _trajectories_uint8(traj_x, traj_pred_x0, num_examples: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """The first ``num_examples`` of the records [R, N, H, W, C] x and predicted x_0 (or None) as uint8, each
+    converted once."""
+    traj_x = np.asarray(traj_x)
+    if traj_x.ndim != 5:
+        raise ValueError(f"a trajectory is [records, examples, H, W, C], got shape {traj_x.shape}")
+    if traj_pred_x0 is not None:
+        traj_pred_x0 = np.asarray(traj_pred_x0)
+        if traj_pred_x0.shape != traj_x.shape:
+            raise ValueError(f"traj_pred_x0 {traj_pred_x0.shape} must have the shape of traj_x {traj_x.shape}")
+        traj_pred_x0 = to_uint8(traj_pred_x0[:, :num_examples])
+    return to_uint8(traj_x[:, :num_examples]), traj_pred_x0
+
+
 def chain_strip(
     traj_x,
     traj_pred_x0=None,
@@ -106,14 +121,13 @@ def chain_strip(
     blocks are named in a left band and the columns labelled with ``timesteps`` in a header band. ``scale`` None
     -> tiles ~32 px. A sampler's Trajectory holds the state after the step at each t ("x_after").
     """
-    traj_x = to_uint8(traj_x)
+    traj_x, traj_pred_x0 = _trajectories_uint8(traj_x, traj_pred_x0, num_examples)
     num_records, _, height, width, channels = traj_x.shape
-    num_examples = min(num_examples, traj_x.shape[1])
     scale = scale or _auto_scale(height)
-    blocks = [(x_label, traj_x)] + ([("x0_hat", to_uint8(traj_pred_x0))] if traj_pred_x0 is not None else [])
+    blocks = [(x_label, traj_x)] + ([("x0_hat", traj_pred_x0)] if traj_pred_x0 is not None else [])
     grids, left_labels, top = [], [], 0
     for name, traj in blocks:
-        tiles = np.swapaxes(traj[:, :num_examples], 0, 1).reshape(-1, height, width, channels)
+        tiles = np.swapaxes(traj, 0, 1).reshape(-1, height, width, channels)
         grid = image_grid(tiles, ncols=num_records, padding=padding, pad_value=pad_value, scale=scale)
         left_labels.append((top + grid.shape[0] / 2, name))
         grids += [grid, np.full((_BLOCK_GAP,) + grid.shape[1:], pad_value, np.uint8)]
@@ -162,6 +176,12 @@ def latent_samples_grid(
     return _add_labels(grid, pad_value, top=list(top), left=left)
 
 
+def _widened(panel: np.ndarray, width: int, pad_value: int) -> np.ndarray:
+    """``panel`` centred in ``width`` columns of ``pad_value`` where it is narrower."""
+    extra = max(0, width - panel.shape[1])
+    return np.pad(panel, ((0, 0), (extra // 2, extra - extra // 2), (0, 0)), constant_values=pad_value)
+
+
 def chain_frames(
     traj_x,
     traj_pred_x0=None,
@@ -173,18 +193,20 @@ def chain_frames(
     x_label: str = "x_t",
 ) -> np.ndarray:
     """Animation frames uint8 [R, H', W', C]: at each record a grid of x (``x_label``), beside it predicted x_0."""
-    traj_x = to_uint8(traj_x)
-    num_records, num, height = traj_x.shape[:3]
-    num_examples = min(num_examples, num)
+    traj_x, traj_pred_x0 = _trajectories_uint8(traj_x, traj_pred_x0, num_examples)
+    num_records, height = traj_x.shape[0], traj_x.shape[2]
     grid_kw = dict(padding=padding, pad_value=pad_value, scale=scale or _auto_scale(height))
+    x_labels = [x_label + ("" if timesteps is None else f", t={int(t)}") for t in (
+        [None] * num_records if timesteps is None else np.asarray(timesteps))]
+    # Panels as wide as their longest label in any frame: a few small images cut it off, and frames of one size.
+    min_width = int(max(_FONT.getlength(text) for text in [*x_labels, "x0_hat"])) + 2
     frames = []
     for r in range(num_records):
-        t_text = "" if timesteps is None else f", t={int(np.asarray(timesteps)[r])}"
-        panels = [image_grid(traj_x[r, :num_examples], **grid_kw)]
-        labels = [(panels[0].shape[1] / 2, x_label + t_text)]
+        panels = [_widened(image_grid(traj_x[r], **grid_kw), min_width, pad_value)]
+        labels = [(panels[0].shape[1] / 2, x_labels[r])]
         if traj_pred_x0 is not None:
             gap = np.full((panels[0].shape[0], _BLOCK_GAP * 2, traj_x.shape[-1]), pad_value, np.uint8)
-            panels += [gap, image_grid(to_uint8(traj_pred_x0)[r, :num_examples], **grid_kw)]
+            panels += [gap, _widened(image_grid(traj_pred_x0[r], **grid_kw), min_width, pad_value)]
             labels.append((panels[0].shape[1] + gap.shape[1] + panels[2].shape[1] / 2, "x0_hat"))
         frames.append(_add_labels(np.concatenate(panels, axis=1), pad_value, top=labels))
     return np.stack(frames)
@@ -199,12 +221,16 @@ def forward_process_strip(
     padding: int = 1,
     pad_value: int = 255,
 ) -> np.ndarray:
-    """x_t ~ q(x_t | x_0) (Eq. 4) of ``image`` [H, W, C] or [N, H, W, C] in [-1, 1] at ``timesteps``, one row each.
+    """x_t ~ q(x_t | x_0) (Eq. 4) of ``image`` [H, W, C] or [N, H, W, C] (in [-1, 1], or uint8) at ``timesteps``, one
+    row each.
 
     One noise draw eps ~ N(0, I) from ``key`` is shared by all t, so the row shows the same image gradually
     drowned. ``timesteps`` default: 0, T/10, 2T/10, ..., T-1 (index t is the paper's t + 1).
     """
-    images = np.asarray(image, np.float32)
+    images = np.asarray(image)
+    if images.dtype.kind in "biu" and images.dtype != np.uint8:  # as to_uint8: read as floats, all white
+        raise ValueError(f"images must be floats in [-1, 1] or uint8, got {images.dtype}")
+    images = uint8_to_float(images) if images.dtype == np.uint8 else images.astype(np.float32)
     images = images[None] if images.ndim == 3 else images
     if timesteps is None:
         last = schedule.num_timesteps - 1
@@ -271,6 +297,14 @@ def _side_by_side(panels: list[np.ndarray], title: str | None) -> np.ndarray:
     return _add_labels(row, 255, top=[(row.shape[1] / 2, title)]) if title else row
 
 
+def _points(points, name: str) -> np.ndarray:
+    """``points`` [..., 2] as an array; others are refused (a reshape to pairs would scramble [N, 3] points)."""
+    points = np.asarray(points)
+    if points.ndim < 2 or points.shape[-1] != 2:
+        raise ValueError(f"{name} must be 2-D points [..., 2], got shape {points.shape}")
+    return points
+
+
 def scatter_plot(samples, data=None, size: int = 512, extent=None, title: str | None = None, radius: int = 1):
     """2-D point clouds -> uint8 RGB: panel "data" (grey, if given) beside panel "samples" (blue).
 
@@ -278,6 +312,7 @@ def scatter_plot(samples, data=None, size: int = 512, extent=None, title: str | 
     to the data and the central 98% of the samples (a few diverged ones shrank the data to a dot); each point is a
     (2 radius + 1)-pixel square, points outside the extent or not finite are not drawn and counted in the header.
     """
+    samples, data = _points(samples, "samples"), None if data is None else _points(data, "data")
     extent = extent or (_fit_extent(samples) if data is None else _fit_extent(_central(samples), data))
     panels = [] if data is None else [_scatter_panel(data, extent, size, DATA_COLOR, "data", radius)]
     panels.append(_scatter_panel(samples, extent, size, SAMPLE_COLOR, "samples", radius))
@@ -289,7 +324,9 @@ def scatter_trajectory_strip(traj_x, timesteps=None, size: int = 160, extent=Non
 
     The default ``extent`` fits all records, so the panels show the cloud contracting onto the data.
     """
-    traj_x = np.asarray(traj_x)
+    traj_x = _points(traj_x, "traj_x")
+    if traj_x.ndim != 3:
+        raise ValueError(f"traj_x must be [records, N, 2], got shape {traj_x.shape}")
     extent = extent or _fit_extent(traj_x)
     names = [""] * len(traj_x) if timesteps is None else [f"t={int(t)}" for t in np.asarray(timesteps)]
     panels = [_scatter_panel(x, extent, size, SAMPLE_COLOR, n, radius) for x, n in zip(traj_x, names, strict=True)]
@@ -346,9 +383,13 @@ def save_png(path, image: np.ndarray) -> Path:
 
     Written atomically: a run killed while writing leaves no truncated picture that a resume would take as drawn.
     """
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in (1, 3):
+        raise ValueError(f"save_png writes uint8 [H, W, C] pictures with C = 1 or 3, got {image.dtype} "
+                         f"{image.shape}: convert images in [-1, 1] with to_uint8 (or use save_image_grid)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    picture = _to_pil(np.asarray(image, np.uint8))
+    picture = _to_pil(image)
     write_atomically(str(path), lambda f: picture.save(f, format="PNG"))
     return path
 

@@ -236,6 +236,8 @@ def test_bad_batching_arguments_raise():
     np.testing.assert_array_equal(only["image"][:20], uint8_to_float(images))
     with pytest.raises(ValueError, match="process_index"):
         ArrayDataset(images, np.zeros(20), batch_size=10, seed=0, process_index=2, process_count=2)
+    with pytest.raises(ValueError, match=r"num_examples must be at least 1 \(None: all\), got -3"):  # no batch
+        list(larger.ordered_batches(num_examples=-3))
     # uint8 images without their channel axis were batched as they are, 0..255 instead of [-1, 1].
     with pytest.raises(ValueError, match=r"uint8 examples must be images \[N, H, W, C\], got shape \(20, 6, 6\)"):
         ArrayDataset(images[..., 0], np.zeros(20), batch_size=10, seed=0)

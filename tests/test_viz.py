@@ -6,10 +6,11 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import ddpm_jax as dj
 from ddpm_jax import generation, viz
+from ddpm_jax.data import uint8_to_float
 
 
 def upscaled(tile: np.ndarray, scale: int) -> np.ndarray:
@@ -166,6 +167,69 @@ def test_save_chain_gif_has_one_frame_per_record_and_holds_the_last(tmp_path):
             # Grayscale GIF frames are lossless: the read-back frame is the computed one.
             np.testing.assert_array_equal(np.asarray(gif.convert("L")), frames[r][..., 0])
     assert durations == [50, 50, 50, 900]
+
+
+def test_chain_pictures_convert_each_trajectory_once(monkeypatch):
+    """chain_frames converted the whole predicted-x_0 trajectory once per frame: 100 records of 64 CIFAR-sized
+    images took 25 s instead of 0.8 s. Only the examples shown are converted, once."""
+    converted, to_uint8 = [], viz.to_uint8
+
+    def counting(images):
+        if np.asarray(images).dtype != np.uint8:
+            converted.append(np.asarray(images).size)
+        return to_uint8(images)
+
+    monkeypatch.setattr(viz, "to_uint8", counting)
+    records, shown = 6, 2
+    traj_x = np.linspace(-1, 1, records * 5 * 4 * 4).reshape(records, 5, 4, 4, 1)
+    for draw in (viz.chain_frames, viz.chain_strip):
+        converted.clear()
+        draw(traj_x, -traj_x, np.arange(records)[::-1], num_examples=shown)
+        assert converted == [records * shown * 16] * 2
+    # A predicted x_0 of another shape filled the wrong tiles (chain_strip) or raised an IndexError (chain_frames).
+    for draw in (viz.chain_frames, viz.chain_strip):
+        with pytest.raises(ValueError, match=r"traj_pred_x0 \(6, 4, 4, 4, 1\) must have the shape of traj_x"):
+            draw(traj_x, -traj_x[:, :4])
+    with pytest.raises(ValueError, match=r"a trajectory is \[records, examples, H, W, C\], got shape \(5, 4, 4, 1\)"):
+        viz.chain_strip(traj_x[0])
+
+
+def test_a_label_wider_than_its_panel_is_drawn_whole():
+    """On one 8x8 digit (a 34-pixel panel) the frame's label "x_t, t=999" came out as "_t, t=999"."""
+    timesteps = [999, 5]
+    frames = viz.chain_frames(np.zeros((2, 1, 8, 8, 1)), None, timesteps)
+    for frame, t in zip(frames, timesteps, strict=True):
+        text = f"x_t, t={t}"
+        alone = Image.new("L", (200, 40), 255)  # the text drawn alone on a wide canvas: its ink's width
+        ImageDraw.Draw(alone).text((50, 5), text, fill=0, font=viz._FONT)
+        expected = np.flatnonzero((np.asarray(alone) < 128).any(axis=0))
+        inked = np.flatnonzero((frame[: viz._LABEL_HEIGHT, :, 0] < 128).any(axis=0))
+        assert inked[0] > 0 and inked[-1] < frame.shape[1] - 1  # inside the picture
+        assert inked[-1] - inked[0] == expected[-1] - expected[0]  # and as wide as the whole text
+
+
+def test_pictures_refuse_input_they_would_draw_wrong(tmp_path):
+    image = np.linspace(-1, 1, 16).reshape(4, 4, 1)
+    # uint8 pixels in forward_process_strip were read as [-1, 1] floats: all white.
+    schedule = dj.make_schedule_from_betas(np.linspace(0.01, 0.3, 25))
+    key = jax.random.PRNGKey(0)
+    np.testing.assert_array_equal(viz.forward_process_strip(schedule, viz.to_uint8(image), key),
+                                  viz.forward_process_strip(schedule, uint8_to_float(viz.to_uint8(image)), key))
+    with pytest.raises(ValueError, match="images must be floats in \\[-1, 1\\] or uint8, got int64"):
+        viz.forward_process_strip(schedule, viz.to_uint8(image).astype(np.int64), key)
+    # save_png cast [-1, 1] floats to garbage.
+    with pytest.raises(ValueError, match=r"save_png writes uint8 \[H, W, C\] pictures .* got float64 \(4, 4, 1\)"):
+        viz.save_png(tmp_path / "x.png", image)
+    assert not (tmp_path / "x.png").exists()
+    # ncols=0 took the default layout; -1 a numpy error.
+    for ncols in (0, -1):
+        with pytest.raises(ValueError, match=f"scale and ncols must be >= 1 .* ncols={ncols}"):
+            viz.image_grid(image[None], ncols=ncols)
+    # [N, 3] points were drawn as scrambled pairs.
+    with pytest.raises(ValueError, match=r"samples must be 2-D points \[..., 2\], got shape \(5, 3\)"):
+        viz.scatter_plot(np.zeros((5, 3)))
+    with pytest.raises(ValueError, match=r"data must be 2-D points"):
+        viz.scatter_plot(np.zeros((5, 2)), np.zeros((6, 3)))
 
 
 def colour_mask(image, colour):

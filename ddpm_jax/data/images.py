@@ -381,6 +381,8 @@ class ArrayDataset:
         last one is padded with copies of the last example, and its ``mask`` (bool [B_local]) marks real rows.
         """
         batch_size = batch_size or self.batch_size
+        if num_examples is not None and num_examples < 1:  # would yield no batch at all
+            raise ValueError(f"num_examples must be at least 1 (None: all), got {num_examples}")
         if batch_size % self.process_count:
             raise ValueError(
                 f"batch size {batch_size} is not divisible by the process count {self.process_count}"
