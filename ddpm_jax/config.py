@@ -148,6 +148,14 @@ def data_shape(config) -> tuple[int, ...]:
     return (config.data.image_size, config.data.image_size, config.data.num_channels)
 
 
+def integer_problem(path: str, value, least: int) -> str | None:
+    """What is wrong with setting ``path`` = ``value`` where an integer >= ``least`` belongs (a bool is refused), or
+    None."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        return f"{path}={value!r} must be an integer >= {least}"
+    return None
+
+
 def validate_config(config, *, num_devices: int = 1, process_count: int = 1, training: bool = False) -> None:
     """Raise one ValueError listing every problem of ``config`` for a run on ``num_devices`` devices.
 
@@ -160,8 +168,8 @@ def validate_config(config, *, num_devices: int = 1, process_count: int = 1, tra
             problems.append(f"{path}={value!r} is not one of {', '.join(map(str, choices))}")
 
     def positive(path: str, value, allow_zero=False):
-        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
-            problems.append(f"{path}={value!r} must be an integer >= {0 if allow_zero else 1}")
+        if problem := integer_problem(path, value, 0 if allow_zero else 1):
+            problems.append(problem)
 
     d, m, df, tr, s, ev = config.data, config.model, config.diffusion, config.training, config.sampling, config.eval
     choice("data.dataset", d.dataset, sorted(DATASETS))

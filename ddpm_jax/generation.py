@@ -19,7 +19,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ddpm_jax import viz
-from ddpm_jax.config import data_shape, has_digits_metrics, is_image_data, num_sampling_steps, sample_metrics_problem
+from ddpm_jax.config import (
+    data_shape,
+    has_digits_metrics,
+    integer_problem,
+    is_image_data,
+    num_sampling_steps,
+    sample_metrics_problem,
+)
 from ddpm_jax.data import load_split, make_dataset, uint8_to_float
 from ddpm_jax.interrupts import ChainWatch, progress_bar, say
 from ddpm_jax.models.conv import cpu_conv_compiler_options
@@ -258,7 +265,10 @@ def _chain_fingerprint(config, params, seed: int) -> str:
 def check_generate(config, *, with_metrics: bool = False, with_fid: bool = False, png_dir: str | None = None) -> None:
     """Raise ValueError if `generate` with these arguments would refuse them: before the FID reference is computed
     and the folders made."""
-    n = config.sampling.num_samples
+    n, chain = config.sampling.num_samples, config.sampling.batch_size
+    for path, value, least in (("sampling.num_samples", n, 1), ("sampling.batch_size", chain, 0)):
+        if problem := integer_problem(path, value, least):
+            raise ValueError(problem)
     if with_fid and not is_image_data(config):
         raise ValueError(f"FID is defined for images; {config.data.dataset} is a 2-D data set")
     if with_fid and n < 2:

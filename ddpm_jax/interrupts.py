@@ -29,7 +29,8 @@ def sigterm_interrupts() -> None:
 
 @contextlib.contextmanager
 def interrupts_deferred():
-    """Hold SIGINT and SIGTERM (where Python handles them) until the block ends, then deliver the first.
+    """Hold SIGINT and SIGTERM (where Python handles them) until the block ends, then deliver the first; a block
+    that raised ends with its own error (a KeyboardInterrupt put in its place hid it, e.g. a diverged run's).
 
     For the blocks a KeyboardInterrupt must not cut short:
     - the train step, which donates the state: interrupted after the call returned but before ``state`` named its
@@ -52,9 +53,9 @@ def interrupts_deferred():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        if received:
-            signum, frame = received[0]
-            previous[signum](signum, frame)
+    if received:
+        signum, frame = received[0]
+        previous[signum](signum, frame)
 
 
 class ChainStopped(Exception):
@@ -180,6 +181,10 @@ class StopVote:
             return False, False
         interrupted, timed_out = (bool(v) for v in np.asarray(previous.addressable_data(0)))
         return interrupted, timed_out
+
+    def interruption(self) -> KeyboardInterrupt:
+        """What every process raises when the vote is to stop: it names the signal where it came to this one."""
+        return KeyboardInterrupt(f"signal {self.signal}" if self.signal else "signal in another process")
 
     def last(self) -> bool:
         """After the last train call and its evaluations: whether a signal reached any process since the last vote

@@ -141,22 +141,30 @@ def evaluate_bpd(
     params = jax.device_put(params, replicated(mesh))
     num_batches = math.ceil(min(num_examples, dataset.num_examples) / config.eval.batch_size)
     rows, masks = [], []
-    with progress_bar(
-        total=num_batches * schedule.num_timesteps, desc=f"bits/dim ({config.eval.split})", unit="step", leave=False,
-        disable=not progress or jax.process_index() != 0,
-    ) as bar:
-        for i, batch in enumerate(dataset.ordered_batches(num_examples=num_examples)):
-            masks.append(batch["mask"])  # the last batch is padded to full size; its padding is not counted
-            if parts is not None and parts.done(i):
-                rows.append(parts.load(i))
-                bar.update(schedule.num_timesteps)
-                continue
-            x0 = jax.make_array_from_process_local_data(batch_sharding(mesh), batch["image"])
-            # Kept inside: a Ctrl-C that did not stop the chain (on several devices) arrives after the save.
-            with watch.watching(on_step=lambda t: bar.update(1), stop=mesh.size == 1):
-                rows.append(_process_rows(bpd_fn(params, x0, jax.random.fold_in(key, i)), mesh))
-                if parts is not None:
-                    parts.save(i, **rows[-1])
+    # Several processes stop together, after the same batch: one stopping alone left the others in a collective.
+    vote = StopVote(mesh)
+    vote.arm()
+    try:
+        with progress_bar(
+            total=num_batches * schedule.num_timesteps, desc=f"bits/dim ({config.eval.split})", unit="step",
+            leave=False, disable=not progress or jax.process_index() != 0,
+        ) as bar:
+            for i, batch in enumerate(dataset.ordered_batches(num_examples=num_examples)):
+                masks.append(batch["mask"])  # the last batch is padded to full size; its padding is not counted
+                if parts is not None and parts.done(i):
+                    rows.append(parts.load(i))
+                    bar.update(schedule.num_timesteps)
+                    continue
+                x0 = jax.make_array_from_process_local_data(batch_sharding(mesh), batch["image"])
+                # Kept inside: a Ctrl-C that did not stop the chain (on several devices) arrives after the save.
+                with watch.watching(on_step=lambda t: bar.update(1), stop=mesh.size == 1):
+                    rows.append(_process_rows(bpd_fn(params, x0, jax.random.fold_in(key, i)), mesh))
+                    if parts is not None:
+                        parts.save(i, **rows[-1])
+                if vote.last():
+                    raise vote.interruption()
+    finally:
+        vote.disarm()
     per_example = valid_rows_of_all_processes(jax.tree.map(lambda *r: np.concatenate(r), *rows), np.concatenate(masks))
     result = {k: float(per_example[k].mean()) for k in ("bpd", "bpd_prior", "bpd_decoder")}
     result["bpd_examples"] = len(per_example["bpd"])
@@ -465,7 +473,7 @@ def _train(config, workdir: str, checkpointer: Checkpointer, progress: bool) -> 
                 bool(tr.max_seconds and train_start and time.perf_counter() - train_start > tr.max_seconds)
             )
             if interrupted:
-                raise KeyboardInterrupt(f"signal {vote.signal}" if vote.signal else "signal in another process")
+                raise vote.interruption()
             if out_of_time:
                 with interrupts_deferred():  # a signal now would log the same steps again, from the except below
                     stop_logged()
@@ -494,7 +502,16 @@ def _train(config, workdir: str, checkpointer: Checkpointer, progress: bool) -> 
                 save()
             periodic_outputs(num)
         if vote.last():  # a signal during the last calls or evaluations stops the run as at any other step
-            raise KeyboardInterrupt(f"signal {vote.signal}" if vote.signal else "signal in another process")
+            raise vote.interruption()
+        bar.close()
+        checkpointer.wait()
+        if grid_step == step:  # a training.max_seconds stop at a grid's step: the same chain and key drew that grid
+            if jax.process_index() == 0:
+                copy_picture(os.path.join(workdir, grid_name(step)), final_samples)
+        else:
+            write_samples(step, "samples.png")
+        if vote.last():  # one during the final samples (drawn by then on several processes), all processes too
+            raise vote.interruption()
     except KeyboardInterrupt:
         with interrupts_deferred():  # a second Ctrl-C arrives once the checkpoint is saved and said so
             stop_logged()
@@ -505,12 +522,6 @@ def _train(config, workdir: str, checkpointer: Checkpointer, progress: bool) -> 
     finally:
         vote.disarm()
         bar.close()
-    checkpointer.wait()
-    if grid_step == step:  # a training.max_seconds stop at a grid's step: the same chain and key drew that grid
-        if jax.process_index() == 0:
-            copy_picture(os.path.join(workdir, grid_name(step)), final_samples)
-    else:
-        write_samples(step, "samples.png")
     writer.close()
     return state
 

@@ -13,6 +13,10 @@ python tests/multihost_worker.py interrupted|interrupted_at_the_end WORKDIR PORT
     The same kind of run, long, with a SIGTERM to process 0 alone once the first metrics line is written (or
     short, with the SIGTERM as the last train call is logged); writes what each process's
     run.train_and_evaluate raised to WORKDIR/interrupted_PROCESS_ID.txt.
+python tests/multihost_worker.py interrupted_chains WORKDIR PORT PROCESS_ID NUM_PROCESSES
+    A short run with a SIGTERM to process 1 alone in its final samples, then bits/dim over both processes with
+    one to process 0 alone in its chain; writes what each process raised in each to
+    WORKDIR/interrupted_PROCESS_ID.txt.
 
 Also the helpers the test files share: the tiny swiss-roll overrides, the environment for subprocesses (the
 tests' persistent compilation cache), a free local port.
@@ -244,6 +248,43 @@ def interrupted_run(config, workdir: str, process_id: int, at_the_end: bool) -> 
         f.write(outcome)
 
 
+def interrupted_chains(config, workdir: str, process_id: int) -> None:
+    """Process 1 alone gets a SIGTERM from its first step of the run's final samples (each process draws them on
+    one of its devices), then process 0 alone from the third step of a bits/dim chain evaluated over both
+    processes (only process 0 runs that chain's callbacks); records what each process raised in each."""
+    import signal
+
+    from ddpm_jax import run
+    from ddpm_jax.interrupts import ChainWatch
+    from ddpm_jax.training import make_mesh
+
+    config.training.num_steps = config.training.checkpoint_every = NUM_CALLS * STEPS_PER_CALL
+    config.training.log_every = STEPS_PER_CALL
+    config.training.sample_every = 0
+    watch_call, steps = ChainWatch.__call__, []
+
+    def terminated_at_step(at: int, process: int):
+        def call(self, t):
+            steps.append(t)
+            if len(steps) == at and process_id == process:
+                os.kill(os.getpid(), signal.SIGTERM)
+            watch_call(self, t)
+        return call
+
+    outcomes = []
+    for at, process, job in ((1, 1, lambda: run.train_and_evaluate(config, workdir, progress=False)),
+                             (3, 0, lambda: tiny_unet_bpd(make_mesh()))):
+        steps.clear()
+        ChainWatch.__call__ = terminated_at_step(at, process)
+        try:
+            job()
+            outcomes.append("finished")
+        except KeyboardInterrupt as interrupt:
+            outcomes.append(f"KeyboardInterrupt: {interrupt}")
+    with open(os.path.join(workdir, f"interrupted_{process_id}.txt"), "w") as f:
+        f.write("\n".join(outcomes))
+
+
 def main(argv: list[str]) -> None:
     mode, out = argv[1], argv[2]
     jax.config.update("jax_platforms", "cpu")
@@ -269,7 +310,7 @@ def main(argv: list[str]) -> None:
         arrays["mesh_errors"] = np.array([error_message(lambda: tiny_unet_bpd(three)),
                                           error_message(lambda: tiny_unet_samples(three, out + ".3"))])
         np.savez(out, **arrays)
-    elif mode in ("multihost", "interrupted", "interrupted_at_the_end"):
+    elif mode in ("multihost", "interrupted", "interrupted_at_the_end", "interrupted_chains"):
         port, process_id, num_processes = int(argv[3]), int(argv[4]), int(argv[5])
         jax.distributed.initialize(
             coordinator_address=f"127.0.0.1:{port}", num_processes=num_processes, process_id=process_id,
@@ -279,6 +320,10 @@ def main(argv: list[str]) -> None:
         from ddpm_jax import run
 
         config = tiny_config()
+        if mode == "interrupted_chains":
+            interrupted_chains(config, out, process_id)
+            jax.distributed.shutdown()
+            return
         if mode.startswith("interrupted"):
             interrupted_run(config, out, process_id, at_the_end=mode == "interrupted_at_the_end")
             jax.distributed.shutdown()

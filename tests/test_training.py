@@ -842,6 +842,18 @@ def test_a_sample_count_the_metrics_cannot_score_is_refused_before_any_work(tmp_
     assert sample_metrics_problem(apply_overrides(config_fn(), {"sampling.num_samples": 2})) is None
 
 
+@pytest.mark.parametrize("overrides, message", [
+    ({"sampling.num_samples": 0}, r"sampling.num_samples=0 must be an integer >= 1"),  # ZeroDivisionError
+    ({"sampling.batch_size": -4}, r"sampling.batch_size=-4 must be an integer >= 0"),  # no array to concatenate
+])
+def test_generate_refuses_sample_counts_it_cannot_draw(tmp_path, overrides, message):
+    """sample.py validates its config first; a library call got numpy's or Python's error from inside."""
+    config = apply_overrides(swissroll.get_config(), overrides)
+    with pytest.raises(ValueError, match=message):
+        generation.generate(config, None, None, None, out_dir=str(tmp_path / "samples"), tag="x")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_bits_per_dim_of_2d_data_is_refused(swissroll_run):
     config, workdir, _ = swissroll_run
     with pytest.raises(ValueError, match="bits/dim is defined for 8-bit images"):
@@ -1137,3 +1149,16 @@ def test_a_signal_to_one_process_stops_both_at_one_checkpoint(tmp_path, mode):
     assert training_lines(read_metrics(workdir))[-1]["step"] <= steps[0]
     if mode == "interrupted_at_the_end":
         assert steps == [6] and not os.path.exists(os.path.join(workdir, "samples.png"))
+
+
+def test_a_signal_to_one_process_in_a_chain_stops_both_after_it(tmp_path):
+    """SIGTERM to one process alone in the run's final samples, then in a bits/dim chain over both processes: it
+    stopped that process alone, and the other ended in an error (a failed shutdown barrier, rc 134; Gloo's
+    "Connection closed by peer")."""
+    workdir, outputs = run_two_workers_to_success(tmp_path, "interrupted_chains")
+    outcomes = [open(os.path.join(workdir, f"interrupted_{i}.txt")).read().splitlines() for i in range(2)]
+    assert outcomes == [["KeyboardInterrupt: signal in another process", "KeyboardInterrupt: signal 15"],
+                        ["KeyboardInterrupt: signal 15", "KeyboardInterrupt: signal in another process"]]
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["6"]
+    assert os.path.exists(os.path.join(workdir, "samples.png"))  # several processes finish the chain first
+    assert [output.count("interrupted: checkpoint saved at step 6") for output in outputs] == [1, 0], outputs
