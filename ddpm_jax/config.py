@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from ddpm_jax.data import DATASETS, NUM_TOY_TEST, NUM_TOY_TRAIN
@@ -178,6 +179,9 @@ def validate_config(config, *, num_devices: int = 1, process_count: int = 1, tra
     choice("model.attn_implementation", m.attn_implementation, ("", "cudnn"))
     if m.attn_implementation == "cudnn" and m.dtype != "bfloat16":
         problems.append("model.attn_implementation='cudnn' needs model.dtype='bfloat16' (cuDNN attention is 16-bit)")
+    if m.attn_implementation == "cudnn" and jax.default_backend() != "gpu":  # JAX raised it at the first call
+        problems.append(f"model.attn_implementation='cudnn' needs an NVIDIA GPU, and JAX runs on "
+                        f"{jax.default_backend()} here: leave it at '' (XLA's attention)")
     choice("diffusion.beta_schedule", df.beta_schedule, SCHEDULES)
     choice("diffusion.mean_type", df.mean_type, MEAN_TYPES)
     choice("diffusion.var_type", df.var_type, VAR_TYPES)
@@ -332,6 +336,7 @@ def validate_config(config, *, num_devices: int = 1, process_count: int = 1, tra
         else:
             if m.name != "unet":
                 problems.append(f"data.dataset={d.dataset!r} holds images: use model.name='unet'")
+            positive("data.num_channels", d.num_channels)
             if d.num_channels != spec.num_channels:
                 problems.append(f"data.num_channels={d.num_channels} but {d.dataset!r} has {spec.num_channels}")
             positive("data.image_size", d.image_size)
@@ -342,17 +347,27 @@ def validate_config(config, *, num_devices: int = 1, process_count: int = 1, tra
             problems.append(f"training.batch_size={tr.batch_size} exceeds the {num_train} examples of "
                             f"{d.dataset!r}'s train split")
 
-    if not problems:
+    # Python's bool and float pass ml_collections' int fields of a config built in code (True: 1 res block).
+    for key in {"unet": ("ch", "num_res_blocks", "num_groups"), "mlp": ("mlp_hidden", "mlp_layers")}.get(m.name, ()):
+        positive(f"model.{key}", m[key])
+    for key in ("ch_mult", "attn_resolutions") if m.name == "unet" else ():
+        if not isinstance(m[key], (tuple, list)) or any(integer_problem(key, v, 1) for v in m[key]):
+            problems.append(f"model.{key}={m[key]!r} must be a tuple of integers >= 1")
+    # Building the network and the schedule needs their own settings valid (not every other one: all in one list).
+    if not any(problem.startswith(("model.", "data.")) for problem in problems):
         try:
             model = build_model(config)
             if m.name == "unet":
                 model.check_resolution(d.image_size, d.image_size)
         except ValueError as err:
             problems.append(f"model: {err}")
-    if not problems:
+    if not any(problem.startswith("diffusion.") for problem in problems):
         try:
             schedule_from_config(df)
         except ValueError as err:
-            problems.append(f"diffusion: {err}")
+            taken = ["num_timesteps",
+                     *(key for key in BETA_DEFAULTS if key in SCHEDULE_ARGUMENTS.get(df.beta_schedule, ()))]
+            settings = ", ".join(f"diffusion.{key}={df[key]}" for key in taken)
+            problems.append(f"the {df.beta_schedule!r} schedule of {settings}: {err}")
     if problems:
         raise ValueError("invalid config:\n  - " + "\n  - ".join(problems))

@@ -662,7 +662,8 @@ def _without_ignored_settings(config):
     """A saved config with the settings its run ignored reset, now that they are refused: an eta of the ddpm
     sampler (DDIM's noise, which that sampler never used), data.num_train of an image set (2-D sets only) and
     the MLP's model.dropout (it has none), the betas of a schedule that takes none (cosine, jsd) and the
-    vlb_weight of a loss other than 'hybrid'."""
+    vlb_weight of a loss other than 'hybrid'; and cuDNN's attention where JAX has no GPU (a compute setting: the
+    network is the same)."""
     if config.sampling.get("sampler") == "ddpm" and config.sampling.get("eta"):
         config.sampling.eta = 0.0
     for key, (default, _) in ignored_diffusion_settings(config.diffusion).items():
@@ -672,6 +673,8 @@ def _without_ignored_settings(config):
     spec = DATASETS.get(config.data.get("dataset"))
     if config.data.get("num_train") and spec is not None and spec.kind == "image":
         config.data.num_train = 0
+    if config.model.get("attn_implementation") == "cudnn" and jax.default_backend() != "gpu":
+        config.model.attn_implementation = ""
     return config
 
 

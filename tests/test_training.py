@@ -778,7 +778,7 @@ def test_a_job_is_computed_by_one_process_at_a_time_and_leaves_no_lock_behind(tm
          r"num_steps=100 respaces the ancestral chain, and diffusion.var_type='learned' predicts the variance"),
         (swissroll.get_config, {"eval.bpd_every": 100}, 1, "eval.bpd_every=100: bits/dim is defined for 8-bit images"),
         (swissroll.get_config, {"model.mlp_hidden": 3}, 1, r"model: hidden must be >= 4"),
-        (digits.get_config, {"model.num_groups": 0}, 1, r"model: num_groups must be >= 1"),
+        (digits.get_config, {"model.num_groups": 0}, 1, r"model.num_groups=0 must be an integer >= 1"),
         (digits.get_config, {"sampling.sampler": "ddim", "sampling.spacing": "log"}, 1,
          r"sampling.spacing='log' .*linear.*quadratic"),
         # Ignored or aliased before, or failing only after the workdir was made:
@@ -871,6 +871,25 @@ def test_a_saved_image_run_with_the_num_train_it_ignored_loads_and_validates(tmp
     validate_config(config)
 
 
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="cuDNN's attention runs there")
+def test_cudnn_attention_without_a_gpu_is_refused_for_training_and_dropped_from_a_saved_run(tmp_path):
+    """It passed validation on a CPU, and the run died at its first step in JAX's "cuDNN is not detected" with
+    its checkpoints folder made."""
+    on_gpu = apply_overrides(digits.get_config(), {"model.dtype": "bfloat16", "model.attn_implementation": "cudnn"})
+    with pytest.raises(ValueError, match=r"attn_implementation='cudnn' needs an NVIDIA GPU, and JAX runs on cpu"):
+        validate_config(on_gpu, training=True)
+    with pytest.raises(ValueError, match="needs an NVIDIA GPU"):
+        run.train_and_evaluate(on_gpu, str(tmp_path / "run"), progress=False)
+    assert not os.path.exists(tmp_path / "run")
+    # A run trained with it on a GPU samples and evaluates here with XLA's attention: the same network.
+    os.makedirs(tmp_path / "gpu_run")
+    with open(tmp_path / "gpu_run" / "config.json", "w") as f:
+        json.dump(on_gpu.to_dict(), f, default=list)
+    loaded = run.load_config(str(tmp_path / "gpu_run"), base=get_base_config())
+    assert (loaded.model.attn_implementation, loaded.model.dtype) == ("", "bfloat16")
+    validate_config(loaded)
+
+
 def copy_with_saved_config(workdir: str, copy: str, group: str, **fields) -> str:
     """A copy of the run in ``workdir`` whose config.json says ``fields`` in ``group``, as an older run saved it."""
     shutil.copytree(workdir, copy)
@@ -933,6 +952,35 @@ def test_validate_config_lists_every_problem_and_accepts_the_shipped_configs():
     with pytest.raises(ValueError) as info:
         validate_config(config)
     assert "training.batch_size=0" in str(info.value) and "sampling.sampler='plms'" in str(info.value)
+    # The network's and the schedule's own checks ran only in a config without any other problem: three rounds.
+    config = apply_overrides(digits.get_config(), {"training.lr": 0.0, "model.num_groups": 3,
+                                                   "diffusion.beta_end": 1.5})
+    with pytest.raises(ValueError) as info:
+        validate_config(config)
+    lines = str(info.value).splitlines()[1:]
+    assert len(lines) == 3 and lines[0] == "  - training.lr=0.0 must be in (0, 1)"
+    assert lines[1].startswith("  - model: num_groups=3 must divide every channel count [32, 64]")
+    assert lines[2].startswith("  - the 'linear' schedule of diffusion.num_timesteps=1000, diffusion.beta_start")
+    assert "diffusion.beta_end=1.5: betas must lie in the open interval (0, 1)" in str(info.value)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("model.num_res_blocks", True),  # built 1 res block per level
+    ("model.ch_mult", (1, True)),  # (1, 1)
+    ("model.ch", 32.0), ("model.num_groups", 8.0), ("data.num_channels", 1.0),  # TypeErrors from inside Flax
+    ("model.ch_mult", 2), ("model.attn_resolutions", (4.0,)),
+])
+def test_network_settings_of_the_wrong_type_are_refused(field, value):
+    """ml_collections lets a bool into an int field, and a config built in code any type."""
+    config = digits.get_config()
+    with config.ignore_type():
+        apply_overrides(config, {field: value})
+    with pytest.raises(ValueError, match=rf"invalid config:\n  - {re.escape(field)}={re.escape(repr(value))} must "
+                                         r"be an? (integer|tuple of integers) >= 1$"):
+        validate_config(config)
+    mlp = apply_overrides(swissroll.get_config(), {"model.mlp_layers": True})
+    with pytest.raises(ValueError, match="model.mlp_layers=True must be an integer >= 1"):
+        validate_config(mlp)
 
 
 # ----------------------------------------------------------------------------------------------------------
