@@ -97,6 +97,9 @@ def _mmd_rbf(x: jax.Array, y: jax.Array, bandwidth: jax.Array) -> jax.Array:
         sq = jnp.sum(a * a, 1)[:, None] + jnp.sum(b * b, 1)[None, :] - 2.0 * a @ b.T
         return jnp.exp(-jnp.maximum(sq, 0.0) / (2.0 * bandwidth**2))
 
+    # Centred: |a|^2 + |b|^2 - 2 a.b cancels in float32 far from the origin (38% off for sets around 1000).
+    centre = jnp.mean(jnp.concatenate([x, y]), axis=0)
+    x, y = x - centre, y - centre
     n, m = x.shape[0], y.shape[0]
     k_xx, k_yy, k_xy = kernel(x, x), kernel(y, y), kernel(x, y)
     # Unbiased U-statistic (Gretton et al. 2012, eq. 3): drop the i == j terms, whose kernel value is 1.
