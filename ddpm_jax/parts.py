@@ -166,6 +166,10 @@ class Parts:
         """Hold this job's lock while computing it. A second process on the same job (the same command run twice)
         is refused with ValueError: it would draw every piece again, and the first one's `remove` would take the
         pieces it was about to read. Other jobs in the directory run beside it."""
+        directory = folder = os.path.abspath(self.directory)
+        created = None  # the outermost of the folders that taking the lock creates
+        while not os.path.exists(folder):
+            created, folder = folder, os.path.dirname(folder)
         lock = FolderLock(self.directory, f"{self.prefix}lock")
         if not lock.acquire():
             raise ValueError(f"another process ({lock.holder}) is computing {what} in {self.directory}: wait for "
@@ -173,11 +177,15 @@ class Parts:
         try:
             yield
         finally:
-            if not self._names():  # none kept for a rerun: no lock file or empty folder stays behind
+            if not self._names():  # none kept for a rerun: no lock file or folder made for it stays behind
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(lock.path)
-                with contextlib.suppress(OSError):
-                    os.rmdir(self.directory)
+                folder = directory
+                with contextlib.suppress(OSError):  # not empty
+                    os.rmdir(folder)
+                    while created is not None and folder != created:
+                        folder = os.path.dirname(folder)
+                        os.rmdir(folder)
             lock.release()
 
     def remove(self, indices: Iterable[int] | None = None) -> None:

@@ -742,6 +742,11 @@ def test_a_job_is_computed_by_one_process_at_a_time_and_leaves_no_lock_behind(tm
     with job.claimed("these samples"):  # one that computed nothing leaves nothing either
         pass
     assert not os.path.exists(job.directory)
+    deeper = Parts(str(tmp_path / "out" / "samples" / "job.parts"), "abc_")  # nor the folders made for it
+    os.makedirs(tmp_path / "out")
+    with deeper.claimed("these samples"):
+        assert os.path.exists(deeper.directory)
+    assert os.listdir(tmp_path) == ["out"] and os.listdir(tmp_path / "out") == []
 
 
 # ----------------------------------------------------------------------------------------------------------
