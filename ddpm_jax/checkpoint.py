@@ -123,6 +123,9 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise ValueError(f"no checkpoint found in {self.directory}")
+        if step not in self.manager.all_steps():  # it was taken as damaged, and a folder to move named
+            raise ValueError(f"no checkpoint of step {step} in {self.directory}; it has steps "
+                             f"{sorted(self.manager.all_steps())}")
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_like)
         try:
             # Compared before any array is read: a restore that fails part-way leaves Orbax's reads pending.

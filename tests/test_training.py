@@ -614,6 +614,9 @@ def test_compute_dtype_may_change_on_resume_but_not_the_optimizer(swissroll_run,
         saved = f.read()
     checkpointer = Checkpointer(copy, read_only=True)
     checkpointer.check_config(swissroll_config(model__dtype="bfloat16").to_dict())
+    # A step it does not have was called unreadable, with the advice to move its (absent) folder away.
+    with pytest.raises(ValueError, match=r"no checkpoint of step 7 in .*checkpoints; it has steps \[\d+"):
+        checkpointer.restore(None, step=7)
     checkpointer.close()
     with pytest.raises(ValueError, match=r"training.optimizer: checkpoint adam vs now adamw"):
         run.train_and_evaluate(swissroll_config(training__optimizer="adamw"), copy, progress=False)
