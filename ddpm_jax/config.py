@@ -149,6 +149,11 @@ def data_shape(config) -> tuple[int, ...]:
     return (config.data.image_size, config.data.image_size, config.data.num_channels)
 
 
+def cudnn_missing(model: Mapping[str, Any]) -> bool:
+    """Whether ``model`` (a config's model group) asks for cuDNN's attention where JAX has no GPU."""
+    return model.get("attn_implementation") == "cudnn" and jax.default_backend() != "gpu"
+
+
 def integer_problem(path: str, value, least: int) -> str | None:
     """What is wrong with setting ``path`` = ``value`` where an integer >= ``least`` belongs (a bool is refused), or
     None."""
@@ -179,7 +184,7 @@ def validate_config(config, *, num_devices: int = 1, process_count: int = 1, tra
     choice("model.attn_implementation", m.attn_implementation, ("", "cudnn"))
     if m.attn_implementation == "cudnn" and m.dtype != "bfloat16":
         problems.append("model.attn_implementation='cudnn' needs model.dtype='bfloat16' (cuDNN attention is 16-bit)")
-    if m.attn_implementation == "cudnn" and jax.default_backend() != "gpu":  # JAX raised it at the first call
+    if cudnn_missing(m):  # JAX raised it at the first call
         problems.append(f"model.attn_implementation='cudnn' needs an NVIDIA GPU, and JAX runs on "
                         f"{jax.default_backend()} here: leave it at '' (XLA's attention)")
     choice("diffusion.beta_schedule", df.beta_schedule, SCHEDULES)

@@ -30,6 +30,7 @@ from ddpm_jax.checkpoint import Checkpointer
 from ddpm_jax.config import (
     DTYPES,
     build_model,
+    cudnn_missing,
     ignored_diffusion_settings,
     is_image_data,
     num_sampling_steps,
@@ -673,7 +674,7 @@ def _without_ignored_settings(config):
     spec = DATASETS.get(config.data.get("dataset"))
     if config.data.get("num_train") and spec is not None and spec.kind == "image":
         config.data.num_train = 0
-    if config.model.get("attn_implementation") == "cudnn" and jax.default_backend() != "gpu":
+    if cudnn_missing(config.model):
         config.model.attn_implementation = ""
     return config
 
