@@ -110,8 +110,8 @@ def sample_metrics(config, samples: np.ndarray, *, seed: int = 0) -> dict:
 
 def _split_images(config, split: str, num_examples: int | None = None) -> np.ndarray:
     """The first ``num_examples`` (default: all) images of a data split at the run's size, uint8 [N, H, W, C]."""
-    images = load_split(config.data, split, data_dir=config.data.data_dir or None, download=config.data.download)[0]
-    return images[:num_examples]
+    return load_split(config.data, split, data_dir=config.data.data_dir or None, download=config.data.download,
+                      num_examples=num_examples)[0]
 
 
 def _require_images(config, what: str) -> None:

@@ -102,18 +102,20 @@ def make_bpd_fn(config, model, schedule, mesh, *, per_step: bool = False, progre
     return jax.jit(bpd, out_shardings=batch_sharding(mesh), compiler_options=cpu_conv_compiler_options())
 
 
-def _process_dataset(config, split: str, batch_size: int):
-    """This process's rows of the batches of ``batch_size`` of ``split`` (an `ArrayDataset`)."""
+def _process_dataset(config, split: str, batch_size: int, num_examples: int | None = None):
+    """This process's rows of the batches of ``batch_size`` of ``split`` (an `ArrayDataset`), of its first
+    ``num_examples`` (all when None)."""
     return make_dataset(
         config.data, split, batch_size=batch_size, seed=config.seed,
         process_index=jax.process_index(), process_count=jax.process_count(),
-        data_dir=config.data.data_dir or None, download=config.data.download,
+        data_dir=config.data.data_dir or None, download=config.data.download, num_examples=num_examples,
     )
 
 
-def make_eval_dataset(config):
-    """This process's rows of the ``eval.split`` batches of ``eval.batch_size``."""
-    return _process_dataset(config, config.eval.split, config.eval.batch_size)
+def make_eval_dataset(config, num_examples: int | None = None):
+    """This process's rows of the ``eval.batch_size`` batches of the first ``num_examples`` (all when None) of
+    ``eval.split``; the rest of the split is not read."""
+    return _process_dataset(config, config.eval.split, config.eval.batch_size, num_examples)
 
 
 def evaluate_bpd(
@@ -130,13 +132,13 @@ def evaluate_bpd(
     evaluations, given with its ``watch``; made here if None. Ctrl-C stops a batch's chain after the step in
     progress on a one-device mesh; on several devices the KeyboardInterrupt comes when the batch is done and kept.
     ``parts``: keep each batch's rows there as it finishes and read those of batches already kept (one process).
-    ``dataset``: a `make_eval_dataset(config)` to reuse across evaluations (read here if None).
+    ``dataset``: a `make_eval_dataset(config, num_examples)` to reuse across evaluations (read here if None).
     """
     mesh = make_mesh() if mesh is None else mesh
     if config.eval.batch_size % mesh.size:
         raise ValueError(f"eval.batch_size={config.eval.batch_size} does not split over the mesh's {mesh.size} "
                          "devices: use a multiple of its size, or a mesh whose size divides it")
-    dataset = make_eval_dataset(config) if dataset is None else dataset
+    dataset = make_eval_dataset(config, num_examples) if dataset is None else dataset
     watch = watch or ChainWatch()  # a bpd_fn given without its watch has no per-step progress or early stop
     bpd_fn = bpd_fn or make_bpd_fn(config, model, schedule, mesh, per_step=per_step, progress_fn=watch)
     params = jax.device_put(params, replicated(mesh))
@@ -429,8 +431,8 @@ def _train(config, workdir: str, checkpointer: Checkpointer, progress: bool) -> 
             write_samples(step, grid)
         if evaluate:
             bpd_fn = bpd_fn or make_bpd_fn(config, model, schedule, mesh, progress_fn=watch)
-            if eval_dataset is None:  # the whole split is read and decoded once
-                eval_dataset = make_eval_dataset(config)
+            if eval_dataset is None:  # read and decoded once
+                eval_dataset = make_eval_dataset(config, config.eval.num_bpd_examples)
             result = evaluate_bpd(
                 config, state.ema_params, model, schedule, num_examples=config.eval.num_bpd_examples,
                 key=jax.random.fold_in(eval_key, step), mesh=mesh, progress=progress, bpd_fn=bpd_fn, watch=watch,

@@ -100,6 +100,40 @@ def test_digits_upsampled_to_16_by_pixel_repetition(digits_dir):
             np.testing.assert_array_equal(blocks[:, :, i, :, j], small)
 
 
+def test_first_examples_read_alone(digits_dir, monkeypatch):
+    """num_examples reads only the split's first examples (an eval of 64 CelebA images decoded all 19,962) and
+    they are those of the whole split."""
+    config = data_config(dataset="digits", image_size=16, num_channels=1, random_flip=False)
+    whole, whole_labels = load_split(config, "test", data_dir=digits_dir)
+    read = set()
+    open_source = images_module._open_tfds_source
+
+    class Watched:
+        def __init__(self, source):
+            self.source = source
+
+        def __len__(self):
+            return len(self.source)
+
+        def __getitem__(self, i):
+            read.add(i)
+            return self.source[i]
+
+    monkeypatch.setattr(images_module, "_open_tfds_source", lambda *args: Watched(open_source(*args)))
+    first, first_labels = load_split(config, "test", data_dir=digits_dir, num_examples=10)
+    assert read == set(range(10))
+    np.testing.assert_array_equal(first, whole[:10])
+    np.testing.assert_array_equal(first_labels, whole_labels[:10])
+    dataset = make_dataset(config, "test", batch_size=4, seed=0, data_dir=digits_dir, num_examples=1000)
+    assert dataset.num_examples == len(whole)
+    np.testing.assert_array_equal(dataset.examples, make_dataset(config, "test", batch_size=4, seed=0,
+                                                                 data_dir=digits_dir).examples)
+    points, _ = load_split(data_config(dataset="swissroll"), "test", num_examples=7)
+    np.testing.assert_array_equal(points, load_split(data_config(dataset="swissroll"), "test")[0][:7])
+    with pytest.raises(ValueError, match="num_examples must be at least 1"):
+        load_split(config, "test", data_dir=digits_dir, num_examples=0)
+
+
 def test_digits_dataset_batches_in_range(digits_dir):
     config = data_config(dataset="digits", image_size=16, num_channels=1, random_flip=False)
     ds = make_dataset(config, "train", batch_size=100, seed=0, data_dir=digits_dir)

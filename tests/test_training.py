@@ -541,7 +541,7 @@ def test_a_run_resumed_past_a_grid_step_draws_and_evaluates_only_what_it_left_un
     monkeypatch.setattr(run, "validate_config", lambda *args, **kwargs: None)  # bits/dim of 2-D data, stubbed:
     monkeypatch.setattr(run, "is_image_data", lambda config: True)
     monkeypatch.setattr(run, "make_bpd_fn", lambda *args, **kwargs: None)
-    monkeypatch.setattr(run, "make_eval_dataset", lambda config: None)
+    monkeypatch.setattr(run, "make_eval_dataset", lambda config, num_examples=None: None)
     monkeypatch.setattr(run, "evaluate_bpd", lambda *args, **kwargs: {"bpd": 1.0, "bpd_examples": 1})
     every = dict(training__steps_per_call=10, training__checkpoint_every=10, training__sample_every=20,
                  eval__bpd_every=20)

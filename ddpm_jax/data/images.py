@@ -238,12 +238,16 @@ def _open_tfds_source(spec: DatasetSpec, name: str, split: str, data_dir: str | 
         ) from error
 
 
-def _read_images(source, spec: DatasetSpec, image_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """All examples of a data source as uint8 [N, image_size, image_size, C] and int32 labels [N]."""
+def _read_images(
+    source, spec: DatasetSpec, image_size: int, num_examples: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The first num_examples (all when None) of a data source as uint8 [N, image_size, image_size, C] and int32
+    labels [N]."""
     image_chunks, label_chunks = [], []
+    end = len(source) if num_examples is None else min(num_examples, len(source))
     # Chunks keep memory at the output size for sets whose source images are much larger (CelebA).
-    for start in range(0, len(source), _READ_CHUNK):
-        examples = [source[i] for i in range(start, min(start + _READ_CHUNK, len(source)))]
+    for start in range(0, end, _READ_CHUNK):
+        examples = [source[i] for i in range(start, min(start + _READ_CHUNK, end))]
         images = np.stack([np.asarray(example["image"], np.uint8) for example in examples])
         if images.ndim == 3:
             images = images[..., None]
@@ -260,16 +264,20 @@ def _read_images(source, spec: DatasetSpec, image_size: int) -> tuple[np.ndarray
 
 
 def load_split(
-    config_data: Mapping[str, Any], split: str, *, data_dir: str | None = None, download: bool = True
+    config_data: Mapping[str, Any], split: str, *, data_dir: str | None = None, download: bool = True,
+    num_examples: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """A whole split in memory: (uint8 images [N, H, W, C] or float32 points [N, 2], int32 labels [N]).
+    """A split in memory: (uint8 images [N, H, W, C] or float32 points [N, 2], int32 labels [N]).
 
     config_data: `config.data` (dataset, image_size, num_channels, data_dir, num_train for 2-D sets).
     data_dir overrides config_data.data_dir; None for both means tfds's default (~/tensorflow_datasets).
     download=False makes a tfds set that is not prepared fail at once instead of being downloaded.
     2-D sets: 'train' has config_data.num_train (default NUM_TOY_TRAIN) points drawn with seed 0, 'test'
     NUM_TOY_TEST points with seed 1.
+    num_examples: only the split's first ones are read (all when None); the rest are never decoded.
     """
+    if num_examples is not None and num_examples < 1:
+        raise ValueError(f"num_examples must be at least 1 (None: all), got {num_examples}")
     name = config_data["dataset"]
     if name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}; choose one of {sorted(DATASETS)}")
@@ -278,8 +286,8 @@ def load_split(
         if split not in _TOY_SPLIT_SEEDS:
             raise ValueError(f"2-D data set {name!r} has splits {sorted(_TOY_SPLIT_SEEDS)}, got {split!r}")
         num_points = (config_data.get("num_train") or NUM_TOY_TRAIN) if split == "train" else NUM_TOY_TEST
-        points = sample_toy(name, num_points, np.random.default_rng(_TOY_SPLIT_SEEDS[split]))
-        return points, np.zeros(num_points, np.int32)
+        points = sample_toy(name, num_points, np.random.default_rng(_TOY_SPLIT_SEEDS[split]))[:num_examples]
+        return points, np.zeros(len(points), np.int32)
 
     image_size = config_data.get("image_size") or spec.shape[0]
     num_channels = config_data.get("num_channels") or spec.num_channels
@@ -292,7 +300,7 @@ def load_split(
     if data_dir is not None:
         data_dir = os.path.expanduser(data_dir)  # tfds takes '~' literally (a folder '~' in the working directory)
     source = _open_tfds_source(spec, name, split, data_dir, download)
-    return _read_images(source, spec, image_size)
+    return _read_images(source, spec, image_size, num_examples)
 
 
 class ArrayDataset:
@@ -434,9 +442,10 @@ def make_dataset(
     process_count: int = 1,
     data_dir: str | None = None,
     download: bool = True,
+    num_examples: int | None = None,
 ) -> ArrayDataset:
     """load_split + ArrayDataset; random flips only on the 'train' split and if config_data.random_flip."""
-    examples, labels = load_split(config_data, split, data_dir=data_dir, download=download)
+    examples, labels = load_split(config_data, split, data_dir=data_dir, download=download, num_examples=num_examples)
     return ArrayDataset(
         examples,
         labels,
