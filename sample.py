@@ -20,6 +20,7 @@ from absl import app, flags, logging
 
 from ddpm_jax import generation, run
 from ddpm_jax.config import validate_config
+from ddpm_jax.data import show_tfds_progress
 from ddpm_jax.interrupts import sigterm_interrupts
 from ddpm_jax.parts import writable_folder
 
@@ -85,6 +86,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
+    if not FLAGS.progress:
+        show_tfds_progress(False)  # its bars while it prepares a data set on first use
     for name in ("workdir", "pretrained", "fid_stats", "inception_weights", "png_dir", "out_dir"):
         if FLAGS[name].value:  # the shell expands ~ at a word's start only, not in --workdir=~/x
             FLAGS[name].value = os.path.expanduser(FLAGS[name].value)

@@ -19,6 +19,7 @@ from ml_collections import config_flags
 from configs.base import get_base_config
 from ddpm_jax import run
 from ddpm_jax.config import validate_config
+from ddpm_jax.data import show_tfds_progress
 from ddpm_jax.interrupts import say, sigterm_interrupts
 
 
@@ -60,6 +61,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+    if not FLAGS.progress:
+        show_tfds_progress(False)  # its bars while it prepares a data set on first use
     for name in ("workdir", "pretrained"):  # the shell expands ~ at a word's start only, not in --workdir=~/x
         if FLAGS[name].value:
             FLAGS[name].value = os.path.expanduser(FLAGS[name].value)

@@ -16,6 +16,7 @@ from ddpm_jax.data import (
     make_dataset,
     resize_images,
     sample_toy,
+    show_tfds_progress,
     uint8_to_float,
 )
 from ddpm_jax.data import images as images_module
@@ -84,6 +85,22 @@ def test_digits_prepared_by_two_at_once(tmp_path, monkeypatch):
     assert [type(r) for r in results] == [np.ndarray, np.ndarray], results
     np.testing.assert_array_equal(results[0], results[1])
     assert results[0].shape == (297, 8, 8, 1)
+
+
+def test_tfds_progress_bars_switched_off(tmp_path, capfd):
+    """show_tfds_progress(False) (train.py and sample.py with --noprogress) silences tfds's bars while it prepares
+    a data set: they filled logs with carriage-return lines."""
+    config = data_config(dataset="digits", image_size=8, num_channels=1)
+    try:
+        show_tfds_progress(False)
+        load_split(config, "test", data_dir=str(tmp_path / "quiet"))
+        quiet = capfd.readouterr().err
+        show_tfds_progress(True)
+        load_split(config, "test", data_dir=str(tmp_path / "shown"))
+        shown = capfd.readouterr().err
+    finally:
+        show_tfds_progress(True)
+    assert "Generating splits" in shown and "Generating splits" not in quiet, quiet
 
 
 def test_digits_upsampled_to_16_by_pixel_repetition(digits_dir):

@@ -9,6 +9,7 @@ from ddpm_jax.data.images import (
     load_split,
     make_dataset,
     resize_images,
+    show_tfds_progress,
     to_uint8,
     uint8_to_float,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "make_dataset",
     "resize_images",
     "sample_toy",
+    "show_tfds_progress",
     "to_uint8",
     "uint8_to_float",
 ]

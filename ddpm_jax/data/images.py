@@ -238,6 +238,14 @@ def _open_tfds_source(spec: DatasetSpec, name: str, split: str, data_dir: str | 
         ) from error
 
 
+def show_tfds_progress(enable: bool) -> None:
+    """Whether tfds shows its progress bars while it downloads and prepares a data set (process-wide: tfds keeps
+    the switch in a global)."""
+    import tensorflow_datasets as tfds
+
+    tfds.display_progress_bar(enable)
+
+
 def _read_images(
     source, spec: DatasetSpec, image_size: int, num_examples: int | None
 ) -> tuple[np.ndarray, np.ndarray]:
