@@ -85,6 +85,23 @@ def prior_warning(config) -> str | None:
             "at 2e-5) or use diffusion.beta_schedule='cosine'")
 
 
+def short_run_warnings(config) -> list[str]:
+    """What a run of ``training.num_steps`` steps leaves undone by its end: the learning-rate warm-up, or the EMA of
+    the weights (samples and bits/dim use it), which keeps ema_decay^N of the initial weights without warm-up."""
+    tr = config.training
+    warnings = []
+    if tr.warmup_steps > tr.num_steps:
+        warnings.append(f"training.num_steps={tr.num_steps} ends inside the learning-rate warm-up of "
+                        f"training.warmup_steps={tr.warmup_steps}, at {tr.num_steps / tr.warmup_steps:.0%} of "
+                        f"training.lr={tr.lr}")
+    initial_weight = 0.0 if tr.ema_warmup else tr.ema_decay**tr.num_steps
+    if initial_weight > 0.1:
+        warnings.append(f"after training.num_steps={tr.num_steps} the EMA of the weights, which samples and bits/dim "
+                        f"use, is still {initial_weight:.0%} the initial random weights (training.ema_decay="
+                        f"{tr.ema_decay}): set training.ema_warmup=True or a smaller ema_decay")
+    return warnings
+
+
 def has_digits_metrics(config) -> bool:
     """Whether the shipped digits classifier scores this run's samples: 8k x 8k digits, the pipeline's pixel
     repetitions of 8 x 8."""

@@ -36,6 +36,7 @@ from ddpm_jax.config import (
     num_sampling_steps,
     prior_warning,
     schedule_from_config,
+    short_run_warnings,
     validate_config,
 )
 from ddpm_jax.data import DATASETS, make_dataset
@@ -301,7 +302,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> TrainS
     """
     maybe_initialize_distributed(config)
     validate_config(config, num_devices=jax.device_count(), process_count=jax.process_count(), training=True)
-    if warning := prior_warning(config):
+    for warning in filter(None, [prior_warning(config), *short_run_warnings(config)]):
         say(f"warning: {warning}")
     tr = config.training
     writable_folder(workdir)

@@ -22,7 +22,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from configs import digits, mnist, swissroll
+from configs import cifar10, digits, mnist, swissroll
 from configs.base import get_base_config
 from ddpm_jax import generation, run
 from ddpm_jax.checkpoint import Checkpointer
@@ -31,6 +31,7 @@ from ddpm_jax.config import (
     prior_warning,
     sample_metrics_problem,
     schedule_from_config,
+    short_run_warnings,
     validate_config,
 )
 from ddpm_jax.data import make_dataset, uint8_to_float
@@ -968,6 +969,19 @@ def test_a_schedule_that_ends_far_from_the_prior_is_warned_about():
     assert prior_warning(apply_overrides(short, {"diffusion.beta_schedule": "cosine"})) is None
     for config in (digits.get_config(), swissroll.get_config()):  # 4e-5 and 2e-5
         assert prior_warning(config) is None
+
+
+def test_a_run_too_short_for_its_warm_up_or_ema_is_warned_about():
+    """CIFAR-10's settings over 2,000 steps: the EMA the samples come from is still 0.9999^2000 = 82% the random
+    initial weights, and the learning rate has reached 2000 / 5000 of its peak."""
+    short = apply_overrides(cifar10.get_config(), {"training.num_steps": 2000})
+    lr_warning, ema_warning = short_run_warnings(short)
+    assert "at 40% of training.lr=0.0002" in lr_warning
+    assert f"still {0.9999**2000:.0%} the initial random weights" in ema_warning and "82%" in ema_warning
+    assert short_run_warnings(apply_overrides(short, {"training.ema_warmup": True, "training.warmup_steps": 2000})) \
+        == []
+    for config in (cifar10.get_config(), digits.get_config(), swissroll.get_config()):
+        assert short_run_warnings(config) == []
 
 
 def test_a_saved_run_with_betas_its_schedule_ignored_loads_resumes_and_validates(swissroll_run, tmp_path):
