@@ -81,10 +81,14 @@ MAX_GRID_SAMPLES = 256  # the PNG of an image run shows at most these (the .npz 
 def save_samples(config, samples: np.ndarray, path: str, reference: np.ndarray | None = None) -> None:
     """A PNG of samples: a grid of the first `MAX_GRID_SAMPLES` images, or for 2-D data a scatter plot beside the
     data. Samples holding NaN or inf, among all of them, are counted in a warning."""
-    diverged = int(np.sum(~np.isfinite(samples).reshape(len(samples), -1).all(axis=1)))
-    if diverged:
-        shown = "NaN drawn white" if is_image_data(config) else "left out of the plot"
-        say(f"warning: {diverged} of {len(samples)} samples hold NaN or inf ({shown} in {path})", file=sys.stderr)
+    diverged = ~np.isfinite(samples).reshape(len(samples), -1).all(axis=1)
+    if diverged.any():
+        if is_image_data(config):
+            shown = (f"{diverged[:MAX_GRID_SAMPLES].sum()} of them among the {min(len(samples), MAX_GRID_SAMPLES)} in "
+                     f"{path}, NaN and inf drawn white, -inf black")
+        else:
+            shown = f"left out of the plot in {path}"
+        say(f"warning: {diverged.sum()} of {len(samples)} samples hold NaN or inf ({shown})", file=sys.stderr)
     if is_image_data(config):
         viz.save_image_grid(path, samples[:MAX_GRID_SAMPLES], **_grid_style(config))
     else:

@@ -308,12 +308,12 @@ def _points(points, name: str) -> np.ndarray:
 def scatter_plot(samples, data=None, size: int = 512, extent=None, title: str | None = None, radius: int = 1):
     """2-D point clouds -> uint8 RGB: panel "data" (grey, if given) beside panel "samples" (blue).
 
-    Both panels share ``extent`` = (xmin, xmax, ymin, ymax), by default a square fitted to the samples, or with data
-    to the data and the central 98% of the samples (a few diverged ones shrank the data to a dot); each point is a
-    (2 radius + 1)-pixel square, points outside the extent or not finite are not drawn and counted in the header.
+    Both panels share ``extent`` = (xmin, xmax, ymin, ymax), by default a square fitted to the central 98% of the
+    samples and to the data (a few diverged samples shrank the rest to a dot); each point is a (2 radius + 1)-pixel
+    square, points outside the extent or not finite are not drawn and counted in the header.
     """
     samples, data = _points(samples, "samples"), None if data is None else _points(data, "data")
-    extent = extent or (_fit_extent(samples) if data is None else _fit_extent(_central(samples), data))
+    extent = extent or _fit_extent(_central(samples), *(() if data is None else (data,)))
     panels = [] if data is None else [_scatter_panel(data, extent, size, DATA_COLOR, "data", radius)]
     panels.append(_scatter_panel(samples, extent, size, SAMPLE_COLOR, "samples", radius))
     return _side_by_side(panels, title)
@@ -322,12 +322,13 @@ def scatter_plot(samples, data=None, size: int = 512, extent=None, title: str | 
 def scatter_trajectory_strip(traj_x, timesteps=None, size: int = 160, extent=None, radius: int = 0):
     """Reverse chain of 2-D points [R, N, 2] -> uint8 RGB: one panel per record, labelled with its timestep.
 
-    The default ``extent`` fits all records, so the panels show the cloud contracting onto the data.
+    The default ``extent`` fits the central 98% of every record, so the panels show the cloud contracting onto the
+    data (one diverged chain put the other points of each panel in one pixel).
     """
     traj_x = _points(traj_x, "traj_x")
     if traj_x.ndim != 3:
         raise ValueError(f"traj_x must be [records, N, 2], got shape {traj_x.shape}")
-    extent = extent or _fit_extent(traj_x)
+    extent = extent or _fit_extent(*map(_central, traj_x))
     names = [""] * len(traj_x) if timesteps is None else [f"t={int(t)}" for t in np.asarray(timesteps)]
     panels = [_scatter_panel(x, extent, size, SAMPLE_COLOR, n, radius) for x, n in zip(traj_x, names, strict=True)]
     return _side_by_side(panels, None)
@@ -335,6 +336,13 @@ def scatter_trajectory_strip(traj_x, timesteps=None, size: int = 160, extent=Non
 
 def _tick(value: float) -> str:
     return f"{value:.4g}"
+
+
+def _ticks(values: np.ndarray, lo: float, hi: float) -> tuple[float, float, float]:
+    """The ends and the middle of an axis from ``lo`` to ``hi``; the middle rounded down where ``values`` are
+    integers."""
+    middle = (lo + hi) / 2
+    return lo, float(np.floor(middle)) if np.all(values == np.round(values)) else middle, hi
 
 
 def line_panel(x, y, title: str, x_name: str, size: tuple[int, int] = (340, 240)) -> np.ndarray:
@@ -355,11 +363,13 @@ def line_panel(x, y, title: str, x_name: str, size: tuple[int, int] = (340, 240)
         cols = x0 + (x - xlo) / (xhi - xlo) * (x1 - x0)
         rows = y1 - (y - ylo) / (yhi - ylo) * (y1 - y0)
         draw.line(list(zip(cols.tolist(), rows.tolist(), strict=True)), fill=SAMPLE_COLOR, width=2)
-        for fraction in (0.0, 0.5, 1.0):
-            col, row = x0 + fraction * (x1 - x0), y1 - fraction * (y1 - y0)
+        # Integer data (reverse steps) get an integer middle tick, where it falls: 20.5 read as a step.
+        x_ticks, y_ticks = (_ticks(values, lo, hi) for values, lo, hi in ((x, xlo, xhi), (y, ylo, yhi)))
+        for x_value, y_value in zip(x_ticks, y_ticks, strict=True):
+            col, row = x0 + (x_value - xlo) / (xhi - xlo) * (x1 - x0), y1 - (y_value - ylo) / (yhi - ylo) * (y1 - y0)
             draw.line((col, y1, col, y1 + 3), fill=(120, 120, 120))
             draw.line((x0 - 3, row, x0, row), fill=(120, 120, 120))
-            x_text, y_text = _tick(xlo + fraction * (xhi - xlo)), _tick(ylo + fraction * (yhi - ylo))
+            x_text, y_text = _tick(x_value), _tick(y_value)
             x_left = min(max(col - _FONT.getlength(x_text) / 2, 0), width - _FONT.getlength(x_text))
             draw.text((x_left, y1 + 4), x_text, fill=(0, 0, 0), font=_FONT)
             draw.text((x0 - 5 - _FONT.getlength(y_text), row - _LABEL_HEIGHT / 2), y_text, fill=(0, 0, 0), font=_FONT)
@@ -413,7 +423,7 @@ def save_chain_gif(
     path, traj_x, traj_pred_x0=None, timesteps=None, duration_ms: int = 120, final_hold_ms: int = 2000, **frame_kw
 ) -> Path:
     """`chain_frames` written (atomically) as a looping GIF, the last frame (the samples) held for
-    ``final_hold_ms``."""
+    ``final_hold_ms``. GIF has 256 colours a frame: RGB frames are approximated (`chain_strip` is exact)."""
     frames = [_to_pil(f) for f in chain_frames(traj_x, traj_pred_x0, timesteps, **frame_kw)]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

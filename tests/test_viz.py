@@ -42,11 +42,15 @@ def test_saving_diverged_samples_says_how_many(tmp_path, capsys):
     samples[280] = np.nan  # past the 256 the grid shows: counted all the same
     path = str(tmp_path / "samples.png")
     generation.save_samples(get_config(), samples, path)
-    assert (f"warning: 3 of 300 samples hold NaN or inf (NaN drawn white in {path})"
-            in capsys.readouterr().err)
+    samples[3, 0, 0] = -np.inf
+    path = str(tmp_path / "samples.png")
+    generation.save_samples(get_config(), samples, path)
+    # The picture shows 3 of the 4 (the first 256), and -inf black, not white as the message had it.
+    assert (f"warning: 4 of 300 samples hold NaN or inf (3 of them among the 256 in {path}, NaN and inf drawn "
+            "white, -inf black)" in capsys.readouterr().err)
     grid = viz.image_grid(samples[:256], **generation._grid_style(get_config()))  # the first 256 only
     assert Image.open(path).size == (grid.shape[1], grid.shape[0])
-    generation.save_samples(get_config(), samples[[0, 3]], path)
+    generation.save_samples(get_config(), samples[[0, 4]], path)
     assert "warning" not in capsys.readouterr().err
 
 
@@ -292,6 +296,15 @@ def test_scatter_trajectory_strip_has_one_panel_per_record():
     # A shared extent: the shrinking cloud covers fewer pixels from record to record.
     spans = [np.ptp(np.nonzero(p)[1]) for p in panels]
     assert spans[0] > spans[1] > spans[2] > 0
+    # One diverged chain of 500 (at 1e4 in every record) put the other 499 points of each panel in one pixel.
+    traj = rng.normal(size=(3, 500, 2)) * np.array([3.0, 2.0, 1.0])[:, None, None]
+    traj[:, 0] = 1e4
+    strip = viz.scatter_trajectory_strip(traj, np.array([20, 10, 0]), size=60)
+    panels = [colour_mask(strip[:, s : s + 60], viz.SAMPLE_COLOR) for s in starts]
+    spans = [np.ptp(np.nonzero(p)[1]) for p in panels]
+    assert spans[0] > spans[1] > spans[2] > 10 and panels[0].sum() > 200
+    wild = viz.scatter_plot(traj[0], size=60, radius=0)  # the same without data beside the samples
+    assert colour_mask(wild, viz.SAMPLE_COLOR).sum() > 200
 
 
 def test_line_panel_draws_the_curve_on_its_axes():
@@ -306,6 +319,14 @@ def test_line_panel_draws_the_curve_on_its_axes():
         col = round(left + fraction * (right - left))
         expected_row = bottom - fraction**2 * (bottom - top)
         assert abs(rows[cols == col].mean() - expected_row) <= 2
+
+
+def test_line_panel_ticks_integer_steps_with_integers(monkeypatch):
+    """The reverse-steps axis of 1..40 was labelled 1, 20.5, 40."""
+    ticks = []
+    monkeypatch.setattr(viz, "_tick", lambda value: ticks.append(value) or f"{value:.4g}")
+    viz.line_panel(np.arange(1, 41), np.linspace(0.5, 1.0, 40), "title", "steps")
+    assert ticks == [1, 0.5, 20, 0.75, 40, 1.0]  # x and y of each of the three ticks
 
 
 def test_rate_distortion_plot_has_the_papers_three_panels():
