@@ -33,6 +33,7 @@ from ddpm_jax.config import (
     cudnn_missing,
     ignored_diffusion_settings,
     is_image_data,
+    is_learned_variance,
     num_sampling_steps,
     prior_warning,
     schedule_from_config,
@@ -714,6 +715,18 @@ def load_pretrained(path: str, config, *, evaluate: bool = False, process_from_w
                              f"--config.diffusion.{key}={value}" for key, value in differing.items()))
     kwargs, params = load_diffusers_unet(path)
     diffusers_config = read_diffusers_config(path)
+    in_channels = diffusers_config.get("in_channels", 3)
+    predicts_variance = kwargs["out_channels"] == 2 * in_channels
+    if predicts_variance != is_learned_variance(config):  # its output had the wrong size at the first step
+        if process_from_weights:
+            fix = f"variance_type {'learned_range' if predicts_variance else 'fixed_large'} in scheduler_config.json"
+        elif predicts_variance:
+            fix = "--config.diffusion.var_type=learned_range --config.diffusion.loss_type=hybrid (or 'learned')"
+        else:
+            fix = "a fixed --config.diffusion.var_type"
+        raise ValueError(f"{path}: the weights output {kwargs['out_channels']} channels for {in_channels}-channel "
+                         f"images, and diffusion.var_type={config.diffusion.var_type!r} takes "
+                         f"{in_channels * (2 if is_learned_variance(config) else 1)}: set {fix}")
     size = diffusers_config.get("sample_size") or config.data.image_size  # diffusers writes null by default
     height, width = size if isinstance(size, (list, tuple)) else (size, size)  # diffusers writes either
     if height != width:
@@ -724,7 +737,7 @@ def load_pretrained(path: str, config, *, evaluate: bool = False, process_from_w
                          f"{config.data.dataset!r} has {native}x{native}: its images would be upsampled to the "
                          "weights' size. Use them with the data set they were trained on (config.data.dataset)")
     config.data.image_size = int(height)
-    config.data.num_channels = int(diffusers_config.get("in_channels", config.data.num_channels))
+    config.data.num_channels = int(in_channels)
     for name, value in kwargs.items():
         if name in config.model:
             config.model[name] = value

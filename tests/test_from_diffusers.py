@@ -19,6 +19,7 @@ from ddpm_jax.models import (
     read_safetensors,
     unet_kwargs_from_diffusers_config,
 )
+from tests.multihost_worker import apply_overrides
 
 # google/ddpm-cifar10-32's config.json (the DDPM authors' CIFAR-10 network as diffusers distributes it).
 CIFAR10_CONFIG = {
@@ -203,6 +204,25 @@ def test_pretrained_weights_take_the_data_sets_size_and_their_schedulers_process
     (tmp_path / "scheduler_config.json").write_text(json.dumps(scheduler | {"beta_schedule": "scaled_linear"}))
     with pytest.raises(ValueError, match=r"beta schedule 'scaled_linear' .*has no equivalent here"):
         run.load_pretrained(str(tmp_path), get_config())
+
+    # Weights that predict their variances too (out_channels = 2 in_channels) were refused only at the first
+    # sampling step, by a shape error; a learned_range scheduler is their process, and sample.py adopts it.
+    (tmp_path / "scheduler_config.json").write_text(json.dumps(scheduler))
+    with pytest.raises(ValueError, match=r"diffusion.var_type='learned_range' takes 2: set a fixed"):
+        run.load_pretrained(str(tmp_path), apply_overrides(get_config(), {"diffusion.var_type": "learned_range"}))
+    learned = tmp_path / "learned"
+    _saved_random_diffusers_unet(config | {"out_channels": 2}, learned)
+    with pytest.raises(ValueError, match=r"output 2 channels for 1-channel images, and diffusion.var_type="
+                                         r"'fixedlarge' takes 1: set --config.diffusion.var_type=learned_range"):
+        run.load_pretrained(str(learned), get_config())
+    (learned / "scheduler_config.json").write_text(json.dumps(scheduler | {"variance_type": "learned_range"}))
+    sample_config = apply_overrides(get_config(), {"data.dataset": "digits", "data.image_size": 8})
+    run.load_pretrained(str(learned), sample_config, process_from_weights=True)
+    assert (sample_config.diffusion.var_type, sample_config.diffusion.loss_type) == ("learned_range", "hybrid")
+    validate_config(sample_config)
+    (learned / "scheduler_config.json").write_text(json.dumps(scheduler | {"variance_type": "learned"}))
+    with pytest.raises(ValueError, match=r"variance_type 'learned' has no equivalent here"):
+        run.load_pretrained(str(learned), get_config())
 
 
 def test_converted_cifar10_unet_matches_diffusers(tmp_path):

@@ -268,6 +268,13 @@ def diffusion_settings_from_scheduler(path_or_dir: str) -> dict | None:
         raise ValueError(f"{path}: prediction_type {prediction!r} is not one of {', '.join(_PREDICTIONS)}")
     settings = {"num_timesteps": int(scheduler.get("num_train_timesteps", 1000)),
                 "beta_schedule": _SCHEDULES[schedule], "mean_type": _PREDICTIONS[prediction]}
+    # A fixed variance is chosen when sampling (the weights do not depend on it); a learned one is the weights'.
+    variance = scheduler.get("variance_type", "fixed_small")
+    if variance == "learned_range":  # Nichol & Dhariwal's interpolation, as ours; trained with their hybrid loss
+        settings |= {"var_type": "learned_range", "loss_type": "hybrid"}
+    elif variance == "learned":  # diffusers reads that output as the variance itself, and ours as its log
+        raise ValueError(f"{path}: variance_type 'learned' has no equivalent here (diffusers takes the output as the "
+                         "variance; 'learned_range' has one)")
     if schedule != "squaredcos_cap_v2":  # the cosine schedule takes no betas
         settings |= {"beta_start": float(scheduler.get("beta_start", 1e-4)),
                      "beta_end": float(scheduler.get("beta_end", 0.02))}
