@@ -216,6 +216,7 @@ def draw_latent_samples(config, model, schedule, params, *, out_dir: str, tag: s
     return result
 
 
+MIN_FID_SAMPLES = 2048  # fewer give the 2048 Inception features a singular covariance (pytorch-fid's README)
 FID_SPLITS = ("train", "test")  # sample.py --fid_stats=SPLIT: statistics of the run's own data split
 
 
@@ -251,8 +252,7 @@ def load_fid_reference(config, fid_stats: str, *, inception_weights: str | None 
         path = os.path.join(out_dir, f"fid_stats_{d.dataset}_{d.image_size}px_{fid_stats}_inception{weights}.npz")
         if not os.path.exists(path):
             os.makedirs(out_dir, exist_ok=True)
-            inception.save_stats(path + ".tmp.npz", *data_fid_stats(config, fid_stats, variables, progress=progress))
-            os.replace(path + ".tmp.npz", path)
+            inception.save_stats(path, *data_fid_stats(config, fid_stats, variables, progress=progress))
     mu, sigma = inception.load_stats(path)
     if mu.shape != (2048,) or sigma.shape != (2048, 2048):
         raise ValueError(f"{path} holds statistics of {mu.shape} features, not of Inception's 2048 pool features")
@@ -391,6 +391,10 @@ def generate(config, model, schedule, params, *, out_dir: str, tag: str, traject
                 from ddpm_jax.metrics import inception_metrics
 
                 stats, variables = fid_reference
+                if len(samples) < MIN_FID_SAMPLES:
+                    say(f"warning: FID of {len(samples)} samples: below {MIN_FID_SAMPLES} their 2048-d covariance is "
+                        "singular, and FID lies far above its value at the 50,000 samples papers report (--num)",
+                        file=sys.stderr)
                 with progress_bar(total=len(samples), desc="Inception", unit="image", leave=False,
                                    disable=not progress) as bar:
                     result["metrics"].update(inception_metrics(samples, stats, variables, on_batch=bar.update))

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import re
+import threading
 import zipfile
 from collections.abc import Callable, Iterable
 from typing import BinaryIO
@@ -77,8 +78,9 @@ class FolderLock:
 def write_atomically(path: str, content: str | Callable[[BinaryIO], None]) -> None:
     """Write ``content`` (text, or a function writing to a binary file) to ``path`` through a temporary file beside
     it, synced to disk before the rename: a crash of the process or of the machine leaves the old file or the new
-    one. On an error the temporary file is deleted."""
-    temporary = path + ".tmp"
+    one. On an error the temporary file is deleted. The temporary file's name is the writer's (``path.PID-THREAD.tmp``):
+    two writers of one file shared it, and the second rename failed."""
+    temporary = f"{path}.{os.getpid()}-{threading.get_ident()}.tmp"
     try:
         with open(temporary, "wb") as f:
             if isinstance(content, str):
@@ -150,7 +152,8 @@ class Parts:
         """The file names of the pieces with this prefix on disk, and of any left half-written."""
         if not os.path.isdir(self.directory):
             return []
-        piece = re.compile(re.escape(self.prefix) + r"\d{5,}\.npz(\.tmp)?")  # not those of a longer prefix
+        # Not those of a longer prefix; temporary files by their writer's name (or .tmp, as before).
+        piece = re.compile(re.escape(self.prefix) + r"\d{5,}\.npz(\.(\d+-\d+\.)?tmp)?")
         return [name for name in os.listdir(self.directory) if piece.fullmatch(name)]
 
     def count(self) -> int:
@@ -191,8 +194,10 @@ class Parts:
     def remove(self, indices: Iterable[int] | None = None) -> None:
         """Delete this job's pieces (``indices``; default: all with this prefix), and the directory once empty:
         called when the job's result is written. Other jobs' pieces stay for their reruns."""
-        names = self._names() if indices is None else [
-            os.path.basename(self.path(i)) + suffix for i in indices for suffix in ("", ".tmp")]
+        names = self._names()
+        if indices is not None:
+            pieces = {os.path.basename(self.path(i)) for i in indices}
+            names = [name for name in names if name[: name.index(".npz") + 4] in pieces]  # and their temporary files
         for name in names:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(self.directory, name))

@@ -56,7 +56,7 @@ def direct_features(images: np.ndarray, variables: dict) -> dict[str, np.ndarray
 
 
 def test_fid_and_inception_score_of_every_sample_against_the_cached_data_statistics(
-    weights_file, monkeypatch, tmp_path
+    weights_file, monkeypatch, tmp_path, capsys
 ):
     config, model, schedule, params = tiny_unet()
     config = config.copy_and_resolve_references()
@@ -99,12 +99,16 @@ def test_fid_and_inception_score_of_every_sample_against_the_cached_data_statist
     )
     samples = np.load(result["npz"])["samples"]
     assert samples.shape == (NUM_IMAGES, 8, 8, 1)
+    assert f"warning: FID of {NUM_IMAGES} samples: below 2048 their 2048-d covariance is singular" \
+        in capsys.readouterr().err
     # One PNG per sample for external FID tools, holding the 8-bit levels the FID here scored.
     assert sorted(p.name for p in png_dir.iterdir()) == [f"{i:06d}.png" for i in range(NUM_IMAGES)] + ["notes.txt"]
     levels = np.clip(np.rint((samples.astype(np.float64) + 1) * 127.5), 0, 255)
     for i in (0, NUM_IMAGES - 1):
         np.testing.assert_array_equal(np.asarray(Image.open(png_dir / f"{i:06d}.png")), levels[i, ..., 0])
     features = direct_features(samples, variables)
+    with pytest.raises(ValueError, match="inception_forward takes float images in"):  # uint8 was clipped to white
+        inception.inception_forward(variables, levels.astype(np.uint8))
     metrics = result["metrics"]
     assert metrics["fid_samples"] == NUM_IMAGES
     # Every sample: FID from the network run here on all of them.

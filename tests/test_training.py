@@ -11,6 +11,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import threading
 import time
 from functools import partial
 
@@ -750,12 +751,39 @@ def test_kept_pieces_that_are_damaged_are_redone_and_none_are_left_behind(tmp_pa
 
     with pytest.raises(KeyboardInterrupt):
         write_atomically(parts.path(2), cut_short)
-    assert not os.path.exists(parts.path(2)) and not os.path.exists(parts.path(2) + ".tmp")
-    with open(parts.path(3) + ".tmp", "wb") as f:  # as a SIGKILL during a save leaves it
-        f.write(b"partial")
+    assert os.listdir(parts.directory) == []  # neither the piece nor its temporary file
+    for leftover in (f"{parts.path(3)}.123-456.tmp", f"{parts.path(5)}.tmp"):  # as a SIGKILL during a save leaves
+        with open(leftover, "wb") as f:  # them (the second as before temporary files took their writer's name)
+            f.write(b"partial")
     parts.save(4, samples=np.zeros(2))
-    parts.remove(range(5))
+    parts.remove(range(6))
     assert not os.path.exists(parts.directory)
+
+
+def test_two_writers_of_one_file_at_once_both_finish(tmp_path):
+    """Two jobs caching the same FID statistics (or drawing the same picture) shared one temporary file: the
+    second rename failed with FileNotFoundError."""
+    path, both_writing, errors = str(tmp_path / "stats.npz"), threading.Barrier(2, timeout=30), []
+
+    def write(content: bytes):
+        def slowly(f):
+            f.write(content)
+            both_writing.wait()
+
+        try:
+            write_atomically(path, slowly)
+        except Exception as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=write, args=(content,)) for content in (b"first", b"second")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    with open(path, "rb") as f:
+        assert f.read() in (b"first", b"second")
+    assert os.listdir(tmp_path) == ["stats.npz"]
 
 
 def test_a_job_is_computed_by_one_process_at_a_time_and_leaves_no_lock_behind(tmp_path):

@@ -170,7 +170,8 @@ def digits_metrics(
     samples: [N, 8|16, 8|16(, 1)] in [-1, 1]. reference_images: what samples are compared with (default:
     the 297 held-out digits). baseline_images: real images that play a perfect model (default: min(N, 1500)
     training-split digits in a fixed random order), so `frechet_data` has the same finite-sample bias as
-    `frechet`. Both Fréchet values are noisy below ~1,000 samples (64-d features, 297 references).
+    `frechet`. Both Fréchet values are noisy below ~1,000 samples (64-d features, 297 references); at 1,000 the
+    default draw gives 30.6, and 30 other draws of 1,000 gave 27.1 +- 1.8.
     Returns frechet, frechet_data, class_entropy, class_entropy_data (the reference's), confidence,
     confidence_data (mean max class probability) and num_samples.
     """

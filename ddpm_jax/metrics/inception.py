@@ -28,6 +28,7 @@ import scipy.special
 from ddpm_jax.data.images import to_uint8
 from ddpm_jax.metrics.distances import RunningGaussianStats, frechet_distance
 from ddpm_jax.models.conv import cpu_conv_compiler_options
+from ddpm_jax.parts import write_atomically
 
 __all__ = [
     "FID_WEIGHTS_URL",
@@ -251,8 +252,12 @@ def inception_forward(
     quantize rounds to 8-bit levels first, so samples are scored like the PNGs reference statistics come
     from; it rounds in float32, where a few values in a million land one level off the PNGs' (float64)
     levels, which `compute_features` and the statistics avoid by quantising on the host. resize=False skips
-    the 299x299 resize (tests run the network at small sizes).
+    the 299x299 resize (tests run the network at small sizes). Integer images are refused (`compute_features`
+    takes uint8).
     """
+    if not jnp.issubdtype(jnp.result_type(images), jnp.floating):  # 0..255 clipped to [-1, 1]: all but white
+        raise ValueError(f"inception_forward takes float images in [-1, 1], got {jnp.result_type(images)}; "
+                         "compute_features also takes uint8")
     return _jitted_forward(resize, quantize)(variables, images)
 
 
@@ -364,8 +369,8 @@ def _running_metrics(
 
 
 def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray) -> None:
-    """Write a pytorch-fid compatible statistics file (.npz with 'mu' and 'sigma')."""
-    np.savez(path, mu=mu, sigma=sigma)
+    """Write a pytorch-fid compatible statistics file (.npz with 'mu' and 'sigma'), atomically."""
+    write_atomically(path, lambda f: np.savez(f, mu=mu, sigma=sigma))
 
 
 def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
