@@ -255,7 +255,7 @@ def inception_forward(
     the 299x299 resize (tests run the network at small sizes). Integer images are refused (`compute_features`
     takes uint8).
     """
-    if not jnp.issubdtype(jnp.result_type(images), jnp.floating):  # 0..255 clipped to [-1, 1]: all but white
+    if not jnp.issubdtype(jnp.result_type(images), jnp.floating):  # 0..255 read as [-1, 1]: every pixel above 0 white
         raise ValueError(f"inception_forward takes float images in [-1, 1], got {jnp.result_type(images)}; "
                          "compute_features also takes uint8")
     return _jitted_forward(resize, quantize)(variables, images)
