@@ -153,6 +153,15 @@ def test_quadratic_ddim_timesteps_match_the_formula():
         dj.ddim_timesteps(1000, 10, "cosine")
 
 
+def test_linear_ddim_timesteps_are_rounded_even_steps():
+    """round(linspace(T-1, 0, n)), numbers written out: floor gave 499 for the middle of 3 steps of 1000."""
+    assert dj.ddim_timesteps(1000, 3).tolist() == [999, 500, 0]
+    assert dj.ddim_timesteps(1000, 7).tolist() == [999, 832, 666, 500, 333, 166, 0]
+    assert dj.ddim_timesteps(10, 4).tolist() == [9, 6, 3, 0]
+    taus = dj.ddim_timesteps(1000, 50)
+    assert taus[0] == 999 and taus[-1] == 0 and set(-np.diff(taus)) == {20, 21}  # 999 / 49 = 20.39
+
+
 SMALL_T = 20
 SMALL = dj.make_schedule("linear", SMALL_T, beta_start=1e-3, beta_end=0.3)
 
@@ -497,3 +506,37 @@ def test_ddim_vmaps_over_eta():
     for eta in (0.0, 0.5):
         central = (total(eta + 1e-2) - total(eta - 1e-2)) / 2e-2 if eta else (total(1e-2) - total(0.0)) / 1e-2
         np.testing.assert_allclose(jax.grad(total)(eta), central, rtol=0.05, atol=1e-3)
+
+
+def test_clipped_ddim_steps_use_the_eps_of_the_clipped_x0():
+    """With clip_denoised, each DDIM step is x_s = sqrt(abar_s) clip(x0_hat) + sqrt(1 - abar_s) eps, with eps
+    recomputed from the clipped x0_hat (Song et al. 2021, Eq. 12): a float64 loop over a model whose x0_hat
+    leaves [-1, 1] for most inputs."""
+    model_fn = lambda x, t: 1.5 * x + 0.5  # noqa: E731  (an x_0 prediction)
+    key, shape, num_steps = jax.random.PRNGKey(9), (8, 3), 5
+    x, traj = dj.ddim_sample(model_fn, SMALL, key, shape, num_steps, mean_type="x0", clip_denoised=True,
+                             trajectory_every=1)
+    abar = np.append(np.asarray(SMALL.alphas_cumprod, np.float64), 1.0)  # index T: the step to x_0
+    timesteps = dj.ddim_timesteps(SMALL_T, num_steps)
+    expected = np.asarray(jax.random.normal(dj.sampling.chain_keys(key)[0], shape), np.float64)
+    clipped = 0
+    for i, (t, s) in enumerate(zip(timesteps, [*timesteps[1:], SMALL_T], strict=True)):
+        x0_hat = np.clip(1.5 * expected + 0.5, -1.0, 1.0)
+        clipped += np.sum(np.abs(1.5 * expected + 0.5) > 1)
+        eps = (expected - np.sqrt(abar[t]) * x0_hat) / np.sqrt(1 - abar[t])
+        expected = np.sqrt(abar[s]) * x0_hat + np.sqrt(1 - abar[s]) * eps
+        np.testing.assert_allclose(traj.x[i], expected, rtol=1e-5, atol=1e-5, err_msg=f"step {i} (t={t})")
+    assert clipped > num_steps * x.size / 4
+    np.testing.assert_allclose(x, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_prior_term_matches_float64_closed_form():
+    """L_T = KL(N(sqrt(abar_T) x_0, 1 - abar_T) || N(0, 1)) / ln 2 per dim, on a 10-step schedule whose abar_T =
+    0.82 makes it large (at T = 1000 it is ~1e-5 bits/dim and hid a reversed KL or the wrong t)."""
+    schedule = dj.make_schedule("linear", 10)
+    x0 = np.random.default_rng(3).uniform(-1, 1, size=(4, 6)).astype(np.float32)
+    abar = np.cumprod(1 - np.asarray(schedule.betas, np.float64))[-1]
+    kl = 0.5 * (-1.0 - np.log1p(-abar) + (1 - abar) + abar * x0.astype(np.float64) ** 2)
+    got = dj.prior_bpd(schedule, jnp.asarray(x0))
+    np.testing.assert_allclose(np.asarray(got, np.float64), kl.mean(axis=1) / np.log(2), rtol=1e-5)
+    assert float(got.mean()) > 0.05

@@ -40,6 +40,7 @@ from ddpm_jax.parts import Parts, write_atomically
 from ddpm_jax.training import (
     TrainState,
     create_train_state,
+    ema_decay_at,
     global_batch,
     init_train_state,
     jit_train_step,
@@ -427,6 +428,36 @@ def test_an_eager_step_from_create_train_state_equals_the_jitted_one():
     np.testing.assert_allclose(eager_metrics["loss"], jitted_metrics["loss"], rtol=1e-5)
     jax.tree.map(partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-7), eager_state.ema_params,
                  jitted_state.ema_params)
+
+
+def test_ema_decay_warms_up_as_the_formula():
+    """min(decay, (1 + step) / (10 + step)) with warm-up, the constant decay without."""
+    for step, expected in [(0, 1 / 10), (1, 2 / 11), (5, 6 / 15), (100, 0.9)]:
+        assert float(ema_decay_at(step, 0.9, True)) == pytest.approx(expected, rel=1e-6)
+        assert float(ema_decay_at(step, 0.9, False)) == pytest.approx(0.9, rel=1e-6)
+
+
+def test_train_step_averages_the_new_weights_and_draws_every_t_alike():
+    """Each step: ema = decay ema + (1 - decay) params, from the params the step wrote (float64 oracle); and t is
+    uniform on {0, ..., T - 1}: with T = 4 each loss quartile is one t, counted over 8 steps of 256 examples."""
+    config = swissroll_config(training__ema_decay=0.9, training__batch_size=256, diffusion__num_timesteps=4)
+    model = build_model(config)
+    mesh = make_mesh(jax.devices()[:1])
+    step_fn = jit_train_step(make_train_step(config, model, schedule_from_config(config.diffusion)), mesh)
+    state = init_train_state(config, model, jax.random.PRNGKey(0), mesh)
+    states, counts, rng = [jax.device_get(state)], np.zeros(4), np.random.default_rng(0)
+    for _ in range(8):  # the step donates its input state: each is copied to the host first
+        state, metrics = step_fn(state, {"image": jnp.asarray(rng.normal(size=(1, 256, 2)), jnp.float32)})
+        states.append(jax.device_get(state))
+        counts += np.asarray(metrics["loss_by_t_count"]).sum(0)
+    for before, after in zip(states[:2], states[1:3], strict=True):
+        for ema, old_ema, params in zip(*(jax.tree.leaves(tree) for tree in (after.ema_params, before.ema_params,
+                                                                          after.params)), strict=True):
+            expected = 0.9 * np.asarray(old_ema, np.float64) + 0.1 * np.asarray(params, np.float64)
+            np.testing.assert_allclose(np.asarray(ema), expected, rtol=1e-6, atol=1e-7)
+    assert not np.allclose(jax.tree.leaves(states[2].ema_params)[0], jax.tree.leaves(states[2].params)[0])
+    # 2048 draws, 512 expected per t, binomial sd 19.6: within 6 sd of it each.
+    assert counts.sum() == 2048 and np.all(np.abs(counts - 512) < 6 * np.sqrt(2048 * 0.25 * 0.75)), counts
 
 
 def test_microbatches_give_the_update_of_the_whole_batch():
