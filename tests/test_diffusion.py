@@ -156,11 +156,21 @@ def test_learned_variances_of_a_bf16_output_are_computed_in_float32(var_type):
     np.testing.assert_array_equal(low.mean, full.mean)
 
 
-def test_clip_denoised_clips_pred_x0():
+def test_clip_denoised_clips_pred_x0_before_the_mean_is_formed():
+    """The posterior mean (Eq. 7) is formed from the clipped x_0, and an xprev model's x_0 (Eq. 7 inverted) is
+    clipped too: float64 against x_0 predictions far outside [-1, 1]."""
     x0, noise, t, x_t = _batch((4, 2))
     out = dj.p_mean_variance(SCHEDULE, 10 * noise + 3, x_t, t, mean_type="x0", clip_denoised=True)
-    assert float(jnp.max(jnp.abs(out.pred_x0))) <= 1.0
     assert float(jnp.max(jnp.abs(out.pred_x0))) == 1.0
+    coef1, coef2 = (np.asarray(getattr(SCHEDULE, name), np.float64)[np.asarray(t)][:, None]
+                    for name in ("posterior_mean_coef1", "posterior_mean_coef2"))
+    clipped = np.clip(10 * np.asarray(noise, np.float64) + 3, -1, 1)
+    np.testing.assert_allclose(out.mean, coef1 * clipped + coef2 * np.asarray(x_t, np.float64), rtol=1e-5, atol=1e-6)
+    prev = dj.p_mean_variance(SCHEDULE, 10 * noise + 3, x_t, t, mean_type="xprev", clip_denoised=True)
+    implied_x0 = (10 * np.asarray(noise, np.float64) + 3 - coef2 * np.asarray(x_t, np.float64)) / coef1
+    assert np.abs(implied_x0).max() > 1
+    np.testing.assert_allclose(prev.pred_x0, np.clip(implied_x0, -1, 1), rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(prev.mean, 10 * noise + 3)  # the mean is the model's own
 
 
 def test_p_sample_step_statistics_and_no_noise_at_t0():
@@ -223,6 +233,14 @@ def test_l1_and_huber_losses():
     huber = dj.training_losses(SCHEDULE, model_fn, x0, t, key, loss_type="huber")["loss"]
     np.testing.assert_allclose(l1, [0.0, 0.5, 3.0], atol=1e-5)
     np.testing.assert_allclose(huber, [0.0, 0.125, 2.5], atol=1e-5)
+    # Errors that differ within an example: the mean of the elementwise losses (not the loss of the mean error,
+    # nor a branch chosen per example).
+    offset = jnp.array([0.5, -3.0, 1.0, -0.2])
+    model_fn = lambda x, t: noise + offset  # noqa: E731
+    l1 = dj.training_losses(SCHEDULE, model_fn, x0, t, key, loss_type="l1")["loss"]
+    huber = dj.training_losses(SCHEDULE, model_fn, x0, t, key, loss_type="huber")["loss"]
+    np.testing.assert_allclose(l1, (0.5 + 3.0 + 1.0 + 0.2) / 4, rtol=1e-5)
+    np.testing.assert_allclose(huber, (0.125 + 2.5 + 0.5 + 0.02) / 4, rtol=1e-5)
 
 
 def test_kl_loss_zero_for_exact_mean_and_variance_and_decoder_at_t0():
@@ -269,6 +287,12 @@ def test_hybrid_loss_stops_mean_gradient_through_vb():
     assert float(g_mse["var"]) == 0.0
     assert abs(float(g_vb["var"])) > 0
     np.testing.assert_allclose(g_loss["var"], 0.001 * T * g_vb["var"], rtol=1e-4)
+    # The factor is the schedule's own T (here 100; the test above has T = 1000).
+    short = dj.make_schedule("linear", 100)
+    model_fn = lambda x, t: jnp.concatenate([0.7 * x, jnp.full_like(x, 0.1)], axis=-1)  # noqa: E731
+    terms = dj.training_losses(short, model_fn, x0, jnp.array([0, 3, 50, 99]), key, var_type="learned_range",
+                               loss_type="hybrid", vlb_weight=0.01)
+    np.testing.assert_allclose(terms["loss"] - terms["mse"], 0.01 * 100 * terms["vb"], rtol=1e-4)
 
 
 def test_composes_with_jit_vmap_grad():

@@ -525,6 +525,7 @@ def test_clipped_ddim_steps_use_the_eps_of_the_clipped_x0():
         clipped += np.sum(np.abs(1.5 * expected + 0.5) > 1)
         eps = (expected - np.sqrt(abar[t]) * x0_hat) / np.sqrt(1 - abar[t])
         expected = np.sqrt(abar[s]) * x0_hat + np.sqrt(1 - abar[s]) * eps
+        np.testing.assert_allclose(traj.pred_x0[i], x0_hat, rtol=1e-5, atol=1e-5, err_msg=f"x0_hat {i} (t={t})")
         np.testing.assert_allclose(traj.x[i], expected, rtol=1e-5, atol=1e-5, err_msg=f"step {i} (t={t})")
     assert clipped > num_steps * x.size / 4
     np.testing.assert_allclose(x, expected, rtol=1e-5, atol=1e-5)
@@ -540,3 +541,44 @@ def test_prior_term_matches_float64_closed_form():
     got = dj.prior_bpd(schedule, jnp.asarray(x0))
     np.testing.assert_allclose(np.asarray(got, np.float64), kl.mean(axis=1) / np.log(2), rtol=1e-5)
     assert float(got.mean()) > 0.05
+
+
+def test_bound_total_and_x0_errors_on_a_short_schedule():
+    """calc_bpd_loop on T = 10, where the prior term is not negligible: total = L_T + sum of the terms; term t draws
+    its eps from fold_in(key, t), so an x_0 model returning x_t has x0_mse[:, t] = (1 - abar_t) mean(eps_t^2); and
+    clip_denoised reaches the x_0 errors (a model predicting 3 is scored as predicting 1)."""
+    schedule = dj.make_schedule("linear", 10)
+    x0 = jnp.zeros((3, 4))
+    key = jax.random.PRNGKey(11)
+    bound = partial(dj.calc_bpd_loop, schedule, x0=x0, key=key, mean_type="x0", var_type="fixedsmall")
+    out = bound(lambda x, t: x, clip_denoised=False)
+    assert float(out.prior_bpd.mean()) > 0.1
+    np.testing.assert_allclose(out.total_bpd, out.prior_bpd + out.vb_terms.sum(axis=1), rtol=1e-6)
+    one_minus_abar = np.asarray(schedule.sqrt_one_minus_alphas_cumprod, np.float64) ** 2  # 1e-4 at t = 0
+    for t in (0, 4, 9):
+        eps = np.asarray(jax.random.normal(jax.random.fold_in(key, t), x0.shape), np.float64)
+        np.testing.assert_allclose(out.x0_mse[:, t], one_minus_abar[t] * np.mean(eps**2, axis=1), rtol=1e-5)
+    clipped = bound(lambda x, t: jnp.full_like(x, 3.0), clip_denoised=True)
+    np.testing.assert_allclose(clipped.x0_mse, 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("mean_type", ["eps", "xprev"])
+def test_respaced_chain_with_learned_range_variances(mean_type):
+    """A respaced ancestral chain takes learned_range (it interpolates within each longer step): at v = -1 it is the
+    respaced fixedsmall chain, for an eps model and for an xprev one, whose variance half is kept when its mean is
+    turned into x_0."""
+    eps_fn = optimal_eps_fn(SMALL, MU, S)
+    if mean_type == "eps":
+        mean_fn = eps_fn
+    else:
+        def mean_fn(x, t):
+            x0_hat = dj.predict_x0_from_eps(SMALL, x, t, eps_fn(x, t))
+            return dj.q_posterior_mean_variance(SMALL, x0_hat, x, t)[0]
+    with_variance = lambda x, t: jnp.concatenate([mean_fn(x, t), -jnp.ones_like(x)], axis=-1)  # noqa: E731
+    key, shape = jax.random.PRNGKey(12), (6, 3)
+    sample = partial(dj.ddpm_sample, schedule=SMALL, key=key, shape=shape, mean_type=mean_type, num_steps=5,
+                     clip_denoised=False)
+    learned = sample(with_variance, var_type="learned_range")
+    fixed = sample(mean_fn, var_type="fixedsmall")
+    np.testing.assert_allclose(learned, fixed, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(fixed, sample(mean_fn, var_type="fixedlarge"), atol=1e-3)

@@ -131,7 +131,8 @@ def test_respaced_schedule_keeps_alphas_cumprod_at_the_kept_steps():
     same = dj.respace_schedule(schedule, np.arange(1000))
     for name in ("betas", "alphas_cumprod", "posterior_variance", "posterior_mean_coef1", "posterior_mean_coef2"):
         np.testing.assert_allclose(getattr(same, name), getattr(schedule, name), rtol=1e-5, err_msg=name)
-    for bad in (np.array([5, 5]), np.array([3, 1]), np.array([0, 1000]), np.array([], int), np.array([0.0, 5.0])):
+    for bad in (np.array([5, 5]), np.array([3, 1]), np.array([0, 1000]), np.array([-1, 5]), np.array([], int),
+                np.array([0.0, 5.0])):
         with pytest.raises(ValueError, match="timesteps must be integers increasing strictly"):
             dj.respace_schedule(schedule, bad)
     with pytest.raises(ValueError, match="close over them instead of passing them through jit"):

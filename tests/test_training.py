@@ -902,6 +902,16 @@ def test_a_job_is_computed_by_one_process_at_a_time_and_leaves_no_lock_behind(tm
          r"diffusion.beta_start=0.3 is not used by the 'constant' schedule: leave it at 0.0001"),
         (digits.get_config, {"diffusion.loss_type": "kl", "diffusion.vlb_weight": 0.5}, 1,
          r"diffusion.vlb_weight=0.5 is not used by loss_type='kl' \(only 'hybrid'\): leave it at 0.001"),
+        # Rules a mutation run deleted or loosened unseen:
+        (digits.get_config, {"sampling.sampler": "ddim", "diffusion.mean_type": "xprev"}, 1,
+         r"sampler='ddim' needs diffusion.mean_type eps, x0 or v \(not xprev\)"),
+        (digits.get_config, {"diffusion.loss_type": "hybrid"}, 1,
+         r"loss_type='hybrid' needs diffusion.var_type 'learned' or 'learned_range'"),
+        (digits.get_config, {"sampling.num_steps": 1001}, 1, r"num_steps=1001 exceeds diffusion.num_timesteps=1000"),
+        (digits.get_config, {"model.attn_implementation": "cudnn"}, 1,
+         r"attn_implementation='cudnn' needs model.dtype='bfloat16'"),
+        (digits.get_config, {"training.grad_clip": 0.0}, 1, r"training.grad_clip=0.0 must be > 0"),
+        (mnist.get_config, {"model.name": "mlp"}, 1, r"data.dataset='mnist' holds images: use model.name='unet'"),
         # Infinite: every update was 0 (adam_eps), or the parameters NaN after one step (weight_decay).
         (digits.get_config, {"training.adam_eps": float("inf")}, 1, r"adam_eps=inf must be > 0 and finite"),
         (digits.get_config, {"training.optimizer": "adamw", "training.weight_decay": float("inf")}, 1,
