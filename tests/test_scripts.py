@@ -377,6 +377,9 @@ def test_sample_py_goes_on_from_the_chains_it_kept(killed_and_uninterrupted, mon
     other = generation.generate(config, model, schedule, other_params, out_dir=out_dir, tag="t")
     assert other["chains_drawn"] == 4 and len(calls) == 4 * num_steps
     other_samples = np.load(other["npz"])["samples"]
+    # So do the same parameters sampled with other variances (a process the kept chains were not drawn from).
+    other_process = apply_overrides(config.copy_and_resolve_references(), {"diffusion.var_type": "fixedlarge"})
+    assert generation.generate(other_process, model, schedule, params, out_dir=out_dir, tag="t")["chains_drawn"] == 4
 
     calls = interrupt_chains_at_step(monkeypatch, None)
     resumed = generation.generate(config, model, schedule, params, out_dir=out_dir, tag="t")
@@ -387,6 +390,10 @@ def test_sample_py_goes_on_from_the_chains_it_kept(killed_and_uninterrupted, mon
     np.testing.assert_array_equal(samples, np.load(uninterrupted["npz"])["samples"])
     assert not np.allclose(samples, other_samples, atol=1e-3)
     assert samples.shape == (50, 2) and not np.allclose(samples[:16], samples[16:32])  # each chain its own key
+    # Chain c's key is the seed's key folded with c, whatever the number of chains: 16 samples are the first 16.
+    config.sampling.num_samples = 16
+    alone = generation.generate(config, model, schedule, params, out_dir=str(tmp_path / "alone"), tag="t")
+    np.testing.assert_array_equal(np.load(alone["npz"])["samples"], samples[:16])
 
 
 def test_sigterm_stops_sample_py_like_ctrl_c_with_the_chains_kept(killed_and_uninterrupted, tmp_path):

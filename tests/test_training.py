@@ -450,6 +450,13 @@ def test_train_step_averages_the_new_weights_and_draws_every_t_alike():
         state, metrics = step_fn(state, {"image": jnp.asarray(rng.normal(size=(1, 256, 2)), jnp.float32)})
         states.append(jax.device_get(state))
         counts += np.asarray(metrics["loss_by_t_count"]).sum(0)
+    # Two steps in one call (a lax.scan over [2, B, ...]) are the two calls of one step.
+    scanned = init_train_state(config, model, jax.random.PRNGKey(0), mesh)
+    rng = np.random.default_rng(0)
+    batches = [np.asarray(rng.normal(size=(1, 256, 2)), np.float32) for _ in range(2)]
+    scanned, _ = step_fn(scanned, {"image": jnp.asarray(np.concatenate(batches))})
+    for got, want in zip(jax.tree.leaves(jax.device_get(scanned)), jax.tree.leaves(states[2]), strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-7)
     for before, after in zip(states[:2], states[1:3], strict=True):
         for ema, old_ema, params in zip(*(jax.tree.leaves(tree) for tree in (after.ema_params, before.ema_params,
                                                                           after.params)), strict=True):
@@ -488,6 +495,45 @@ def test_microbatches_give_the_update_of_the_whole_batch():
     for name in ("loss", "grad_norm", "loss_by_t_sum", "loss_by_t_count"):
         np.testing.assert_allclose(parts_metrics[name], whole_metrics[name], rtol=1e-5, err_msg=name)
     assert not np.allclose(jax.tree.leaves(parts.params)[0], jax.tree.leaves(state.params)[0])
+
+
+def test_a_finite_loss_with_a_nonfinite_gradient_skips_the_update():
+    """sqrt of a parameter times 0 adds 0 to the output and NaN to the gradient (0 * inf): the step is skipped as
+    for a non-finite loss, which alone did not show it."""
+    config = swissroll_config()
+    model = build_model(config)
+    mesh = make_mesh(jax.devices()[:1])
+    state = init_train_state(config, model, jax.random.PRNGKey(0), mesh)
+
+    def nan_gradient(variables, x, t, **kwargs):
+        bias = variables["params"]["hidden_0"]["bias"]
+        return model.apply(variables, x, t, **kwargs) + jnp.sqrt(jnp.abs(bias[0]) * 0.0)
+
+    step_fn = jit_train_step(make_train_step(config, model, schedule_from_config(config.diffusion)), mesh)
+    before = jax.device_get(state)
+    batch = {"image": jnp.asarray(np.random.default_rng(0).normal(size=(1, 64, 2)), jnp.float32)}
+    state, metrics = step_fn(state.replace(apply_fn=nan_gradient), batch)
+    after = jax.device_get(state)
+    assert np.isfinite(float(metrics["loss"][0])) and not np.isfinite(float(metrics["grad_norm"][0]))
+    assert not bool(metrics["finite"][0]) and int(after.num_skipped) == 1
+    for name in ("params", "opt_state", "ema_params"):
+        assert_trees_equal(getattr(after, name), getattr(before, name))
+
+
+def test_logged_means_leave_out_the_skipped_steps():
+    """A window of two calls, the second step of the first one skipped: its loss and gradient norm are not in
+    the means, and it is counted; the loss by quartile counts only finite steps' examples."""
+    window = [
+        {"loss": np.array([1.0, np.nan]), "grad_norm": np.array([2.0, np.inf]), "finite": np.array([True, False]),
+         "loss_by_t_sum": np.array([[1.0, 0, 0, 3.0], [0, 0, 0, 0]]),
+         "loss_by_t_count": np.array([[1, 0, 0, 1], [0, 0, 0, 0]])},
+        {"loss": np.array([3.0]), "grad_norm": np.array([4.0]), "finite": np.array([True]),
+         "loss_by_t_sum": np.array([[0, 2.0, 0, 1.0]]), "loss_by_t_count": np.array([[0, 1, 0, 1]])},
+    ]
+    summary = run._summarize(window)
+    assert (summary["loss"], summary["grad_norm"], summary["skipped"]) == (2.0, 3.0, 1)
+    assert (summary["loss_t_q0"], summary["loss_t_q1"], summary["loss_t_q3"]) == (1.0, 2.0, 2.0)
+    assert np.isnan(summary["loss_t_q2"])
 
 
 def test_nonfinite_batch_skips_the_update_and_is_counted():
@@ -647,11 +693,12 @@ def test_resume_off_the_grid_with_another_steps_per_call_keeps_logging_and_check
     # A run killed while writing leaves a torn last line; the resumed run drops it.
     with open(os.path.join(copy, "metrics.jsonl"), "a") as f:
         f.write('{"step": 30, "loss": 0.')
-    config = swissroll_config(training__num_steps=45, training__steps_per_call=2)
+    config = swissroll_config(training__num_steps=45, training__steps_per_call=2, training__keep_checkpoints=2)
     state = run.train_and_evaluate(config, copy, progress=False)
     assert int(state.step) == 45
     assert [line["step"] for line in training_lines(read_metrics(copy))] == [10, 20, 25, 31, 41, 45]
-    assert sorted(os.listdir(os.path.join(copy, "checkpoints")), key=int) == ["25", "41", "45"]
+    # Saved at 20, 25, 41 and 45; training.keep_checkpoints=2 (changed on resume) keeps the last two.
+    assert sorted(os.listdir(os.path.join(copy, "checkpoints")), key=int) == ["41", "45"]
 
 
 def test_compute_dtype_may_change_on_resume_but_not_the_optimizer(swissroll_run, tmp_path):
@@ -1028,6 +1075,8 @@ def test_a_saved_mlp_run_with_the_dropout_it_ignored_loads_resumes_and_validates
     run.restore_params(apply_overrides(config.copy_and_resolve_references(), unread), copy)
     with pytest.raises(ValueError, match=r"model.mlp_hidden: checkpoint 32 vs now 64"):
         run.restore_params(apply_overrides(config.copy_and_resolve_references(), {"model.mlp_hidden": 64}), copy)
+    with pytest.raises(ValueError, match=r"data.dataset: checkpoint swissroll vs now moons"):  # same shapes
+        run.restore_params(apply_overrides(config.copy_and_resolve_references(), {"data.dataset": "moons"}), copy)
 
 
 def test_a_schedule_that_ends_far_from_the_prior_is_warned_about():
