@@ -290,8 +290,9 @@ def test_hybrid_loss_stops_mean_gradient_through_vb():
     # The factor is the schedule's own T (here 100; the test above has T = 1000).
     short = dj.make_schedule("linear", 100)
     model_fn = lambda x, t: jnp.concatenate([0.7 * x, jnp.full_like(x, 0.1)], axis=-1)  # noqa: E731
-    terms = dj.training_losses(short, model_fn, x0, jnp.array([0, 3, 50, 99]), key, var_type="learned_range",
-                               loss_type="hybrid", vlb_weight=0.01)
+    hybrid = jax.jit(lambda x0, t: dj.training_losses(short, model_fn, x0, t, key, var_type="learned_range",
+                                                      loss_type="hybrid", vlb_weight=0.01))
+    terms = hybrid(x0, jnp.array([0, 3, 50, 99]))
     np.testing.assert_allclose(terms["loss"] - terms["mse"], 0.01 * 100 * terms["vb"], rtol=1e-4)
 
 
