@@ -487,7 +487,18 @@ def test_microbatches_give_the_update_of_the_whole_batch():
 
         jax.eval_shape(step, state.replace(apply_fn=recording_apply), batch)
         assert set(seen) == {(64 // microbatches, 2)}, (microbatches, seen)
-        results[microbatches] = jit_train_step(step, mesh)(jax.tree.map(jnp.copy, state), batch)
+        keys = []
+
+        def key_recording_apply(variables, x, t, rngs, keys=keys, **kwargs):
+            key = rngs["dropout"]
+            data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+            jax.debug.callback(lambda k: keys.append(tuple(np.asarray(k).ravel())), data)
+            return model.apply(variables, x, t, rngs=rngs, **kwargs)
+
+        results[microbatches] = jit_train_step(step, mesh)(
+            jax.tree.map(jnp.copy, state).replace(apply_fn=key_recording_apply), batch)
+        jax.effects_barrier()
+        assert len(keys) == microbatches and len(set(keys)) == microbatches  # each part its own dropout masks
     (whole, whole_metrics), (parts, parts_metrics) = results[1], results[4]
     for name in ("params", "opt_state", "ema_params"):
         for got, want in zip(*(jax.tree.leaves(getattr(s, name)) for s in (parts, whole)), strict=True):
