@@ -531,6 +531,25 @@ def test_a_finite_loss_with_a_nonfinite_gradient_skips_the_update():
         assert_trees_equal(getattr(after, name), getattr(before, name))
 
 
+def test_logged_gradient_norm_is_the_global_norm_of_the_gradient():
+    """A "model" that outputs one of its biases, c, as the x_0 of every example: the loss is mean((x_0 - c)^2), whose
+    gradient is -2 mean(x_0 - c) in c and 0 elsewhere, so the global norm is 2 |mean(x_0) - c| (float64)."""
+    config = swissroll_config(diffusion__mean_type="x0")
+    model = build_model(config)
+    mesh = make_mesh(jax.devices()[:1])
+    state = init_train_state(config, model, jax.random.PRNGKey(0), mesh)
+    c = float(jax.device_get(state.params)["hidden_0"]["bias"][0])
+
+    def one_bias(variables, x, t, **kwargs):
+        return jnp.broadcast_to(variables["params"]["hidden_0"]["bias"][0], x.shape)
+
+    x0 = np.random.default_rng(1).normal(0.5, 1.0, size=(1, 64, 2)).astype(np.float32)
+    step_fn = jit_train_step(make_train_step(config, model, schedule_from_config(config.diffusion)), mesh)
+    _, metrics = step_fn(state.replace(apply_fn=one_bias), {"image": jnp.asarray(x0)})
+    expected = 2 * abs(np.mean(x0.astype(np.float64)) - c)
+    assert float(metrics["grad_norm"][0]) == pytest.approx(expected, rel=1e-5)
+
+
 def test_logged_means_leave_out_the_skipped_steps():
     """A window of two calls, the second step of the first one skipped: its loss and gradient norm are not in
     the means, and it is counted; the loss by quartile counts only finite steps' examples."""
